@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import save as safetensors_save
 from transformers import PreTrainedModel
 
 ADAPTER_NAME = "default"
@@ -128,11 +127,6 @@ def flatten(adapter: Adapter) -> dict[str, torch.Tensor]:
         flat[f"{name}.lora_A"] = adapter[name].A
         flat[f"{name}.lora_B"] = adapter[name].B
     return flat
-
-
-def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """Return the size in bytes of ``tensors`` serialized as safetensors (what crosses the wire)."""
-    return len(safetensors_save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def peft_state_dict(handles: LoraHandles, adapter: Adapter) -> dict[str, torch.Tensor]:

@@ -1,0 +1,167 @@
+"""The ``privlora`` command line: one function per subcommand, wiring only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from privlora.errors import ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded
+
+def _quiet_libraries() -> None:
+    """Silence dp-accounting's per-order RDP convergence warnings (the order is just skipped)."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+_quiet_libraries()
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Private federated LoRA fine-tuning of causal language models.")
+privacy_def _quiet_libraries() -> None:
+    """Silence dp-accounting's per-order RDP convergence warnings (the order is just skipped)."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+_quiet_libraries()
+
+app = typer.Typer(no_args_is_help=True, help="Epsilon, calibration and run plans.")
+app.add_typer(privacy_app, name="privacy")
+
+_USER_ERRORS = (ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded)
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Option(help="Run config TOML file.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override: key=value (repeatable).")] = [],  # noqa: B006
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<time>).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Shortcut for --set model.name=...")] = None,
+) -> None:
+    """Run a federated LoRA fine-tune and write the run directory."""
+    from privlora.config import load_config
+
+    overrides = list(set_)
+    if data:
+        overrides.append(f"data.path={json.dumps(data)}")
+    if model:
+        overrides.append(f"model.name={json.dumps(model)}")
+    try:
+        cfg = load_config(config, overrides)
+        out_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        from privlora.progress import RichProgress
+        from privlora.server import run as run_federation
+
+        with RichProgress(cfg) as progress:
+            summary = run_federation(cfg, out_dir, progress)
+    except _USER_ERRORS as err:
+        _fail(err)
+    from privlora.progress import print_summary
+
+    print_summary(summary, out_dir)
+
+
+@app.command("eval")
+def eval_(
+    adapter: Annotated[Path, typer.Option(help="Adapter directory saved by `privlora run`.")],
+    data: Annotated[Optional[str], typer.Option(help="JSONL to score (default: the run's eval split).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model (default: the run's).")] = None,
+) -> None:
+    """Evaluate a saved adapter (stock PEFT loading) on the run's eval split or a JSONL file."""
+    from privlora.evaluate_adapter import evaluate_adapter
+
+    try:
+        result = evaluate_adapter(adapter, data, model)
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@privacy_app.command("epsilon")
+def privacy_epsilon(
+    noise_multiplier: Annotated[float, typer.Option(help="sigma = noise std / sensitivity")],
+    sample_rate: Annotated[float, typer.Option(help="Poisson sampling rate q in (0, 1]")],
+    steps: Annotated[int, typer.Option(help="number of composed steps")],
+    delta: Annotated[float, typer.Option()],
+    accountant: Annotated[str, typer.Option(help="pld or rdp")] = "pld",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print epsilon of T Poisson-subsampled Gaussian steps."""
+    from privlora.privacy import accounting
+
+    try:
+        _check_accountant(accountant)
+        accounting.validate_sample_rate(sample_rate, "--sample-rate")
+        accounting.validate_noise_multiplier(noise_multiplier, "--noise-multiplier")
+        event = accounting.sample_mode_event(sample_rate, noise_multiplier, steps)
+        eps = accounting.epsilon(event, delta, accountant)
+    except _USER_ERRORS as err:
+        _fail(err)
+    result = {"epsilon": eps, "delta": delta, "accountant": accountant}
+    typer.echo(json.dumps(result) if as_json else f"epsilon = {eps:.4f} at delta = {delta} ({accountant})")
+
+
+@privacy_app.command("calibrate")
+def privacy_calibrate(
+    target_epsilon: Annotated[float, typer.Option()],
+    delta: Annotated[float, typer.Option()],
+    sample_rate: Annotated[float, typer.Option()],
+    steps: Annotated[int, typer.Option()],
+    accountant: Annotated[str, typer.Option(help="pld or rdp")] = "pld",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print the smallest noise multiplier whose epsilon is <= the target (within 2%)."""
+    from privlora.privacy import accounting
+
+    try:
+        _check_accountant(accountant)
+        accounting.validate_sample_rate(sample_rate, "--sample-rate")
+        if target_epsilon <= 0:
+            raise ConfigError(f"--target-epsilon = {target_epsilon} must be > 0")
+        if not 0 < delta < 1:
+            raise ConfigError(f"--delta = {delta} must be in (0, 1)")
+        sigma, eps = accounting.calibrate_noise_multiplier(
+            lambda s: accounting.sample_mode_event(sample_rate, s, steps), target_epsilon, delta,
+            accountant)
+    except _USER_ERRORS as err:
+        _fail(err)
+    result = {"noise_multiplier": sigma, "epsilon": eps}
+    typer.echo(json.dumps(result) if as_json else f"noise_multiplier = {sigma:.4f} (epsilon = {eps:.4f})")
+
+
+@privacy_app.command("plan")
+def privacy_plan(
+    config: Annotated[Path, typer.Option(help="Run config TOML file.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override: key=value.")] = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print a run's privacy plan: events, sigma, epsilon, and the local-mode noise variance."""
+    from privlora.privacy.report import plan_report
+
+    try:
+        report = plan_report(config, list(set_))
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(json.dumps(report, indent=2, default=str) if as_json else report["text"])
+
+
+def _check_accountant(name: str) -> None:
+    if name not in ("pld", "rdp"):
+        raise ConfigError(f"--accountant = {name!r}; choose pld or rdp")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

@@ -1,0 +1,258 @@
+"""One frozen, validated run configuration; loaded from TOML plus ``--set key=value`` overrides.
+
+Every error names the field, the bad value and the fix, so a malformed config never starts a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from privlora.errors import ConfigError
+
+PrivacyMode = Literal["none", "sample", "client", "local"]
+Aggregation = Literal["fedavg", "ffa", "exact"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "builtin"  # 'builtin', 'tiny-random', a .gguf file, an HF directory or a hub id
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    client_ranks: tuple[int, ...] = ()  # heterogeneous ranks, cycled over client ids; () = all `rank`
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "builtin"  # 'builtin' (generated ticket-routing task) or a JSONL file
+    kind: Literal["auto", "classification", "generation"] = "auto"
+    eval_fraction: float = 0.2
+    max_eval: int = 200
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = 0.5
+    max_length: int = 128
+    builtin_examples: int = 1200
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_clients: int = 4
+    rounds: int = 5
+    clients_per_round: int = 0  # 0 = every client every round (expected count in client DP mode)
+    aggregation: Aggregation = "fedavg"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = 12
+    batch_size: int = 8
+    lr: float = 3e-3
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    mode: PrivacyMode = "none"
+    noise_multiplier: float | None = None  # sigma: noise std = sigma * sensitivity
+    target_epsilon: float | None = None  # calibrate sigma before training instead
+    delta: float = 1e-5
+    clip: float = 1.0
+    sample_rate: float | None = None  # sample mode: Poisson rate of examples per step
+    accountant: Literal["pld", "rdp"] = "pld"
+    secure_rng: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+
+def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a TOML file (or the defaults), apply ``key=value`` overrides, validate, return it."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file; give a TOML file path")
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"--config {path}: not valid TOML ({err}); fix the syntax") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _build(RunConfig, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set federation.rounds=3")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word such as sample or q_proj is taken as a string
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table (section), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {names}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
+    values = {}
+    for name in names:
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.")
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(get_args(hint))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in get_args(hint) if a is not type(None)][0]
+        return _coerce(inner, value, key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r} must be a list, e.g. {key} = [...]")
+        inner = get_args(hint)[0]
+        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (
+        not isinstance(value, hint) or (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(
+            f"{key} = {value!r} has type {type(value).__name__}; it must be {hint.__name__}"
+        )
+    return value
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(c: RunConfig) -> None:
+    """Check value ranges and mode/field consistency; raise ConfigError naming the field."""
+    _require(c.lora.rank >= 1, f"lora.rank = {c.lora.rank} must be >= 1")
+    _require(c.lora.alpha > 0, f"lora.alpha = {c.lora.alpha} must be > 0")
+    _require(0 <= c.lora.dropout < 1, f"lora.dropout = {c.lora.dropout} must be in [0, 1)")
+    _require(bool(c.lora.target_modules), "lora.target_modules is empty; name at least one module")
+    for r in c.lora.client_ranks:
+        _require(1 <= r <= c.lora.rank, f"lora.client_ranks has {r}; each must be in [1, lora.rank]")
+    _require(0 < c.data.eval_fraction < 1, f"data.eval_fraction = {c.data.eval_fraction} not in (0,1)")
+    _require(c.data.max_eval >= 1, f"data.max_eval = {c.data.max_eval} must be >= 1")
+    _require(c.data.dirichlet_alpha > 0, f"data.dirichlet_alpha = {c.data.dirichlet_alpha} must be > 0")
+    _require(c.data.max_length >= 16, f"data.max_length = {c.data.max_length} must be >= 16")
+    _require(c.data.builtin_examples >= 20, "data.builtin_examples must be >= 20")
+    f = c.federation
+    _require(f.num_clients >= 1, f"federation.num_clients = {f.num_clients} must be >= 1")
+    _require(f.rounds >= 1, f"federation.rounds = {f.rounds} must be >= 1")
+    _require(
+        0 <= f.clients_per_round <= f.num_clients,
+        f"federation.clients_per_round = {f.clients_per_round} must be in [0, num_clients]",
+    )
+    _require(c.train.local_steps >= 1, f"train.local_steps = {c.train.local_steps} must be >= 1")
+    _require(c.train.batch_size >= 1, f"train.batch_size = {c.train.batch_size} must be >= 1")
+    _require(c.train.lr > 0, f"train.lr = {c.train.lr} must be > 0")
+    if c.lora.client_ranks and f.aggregation == "fedavg":
+        raise ConfigError(
+            "lora.client_ranks (heterogeneous ranks) cannot be used with federation.aggregation = "
+            "'fedavg': averaging factors of different ranks is undefined; use aggregation = 'exact'"
+        )
+    if c.lora.client_ranks and f.aggregation == "ffa":
+        raise ConfigError("lora.client_ranks needs federation.aggregation = 'exact', not 'ffa'")
+    _validate_privacy(c.privacy)
+
+
+def _validate_privacy(p: PrivacyConfig) -> None:
+    if p.mode == "none":
+        for name in ("noise_multiplier", "target_epsilon", "sample_rate"):
+            _require(
+                getattr(p, name) is None,
+                f"privacy.{name} is set but privacy.mode = 'none'; "
+                "set privacy.mode to 'sample', 'client' or 'local', or remove the field",
+            )
+        return
+    _require(
+        p.noise_multiplier is not None or p.target_epsilon is not None,
+        f"privacy.mode = {p.mode!r} needs privacy.noise_multiplier or privacy.target_epsilon "
+        "(with both, target_epsilon is the budget the run must fit)",
+    )
+    if p.noise_multiplier is not None:
+        _require(p.noise_multiplier > 0, f"privacy.noise_multiplier = {p.noise_multiplier} must be > 0")
+    if p.target_epsilon is not None:
+        _require(p.target_epsilon > 0, f"privacy.target_epsilon = {p.target_epsilon} must be > 0")
+    _require(p.clip > 0, f"privacy.clip = {p.clip} must be > 0 (an L2 bound on the update)")
+    _require(0 < p.delta < 1, f"privacy.delta = {p.delta} must be in (0, 1), e.g. 1e-5")
+    if p.sample_rate is not None:
+        _require(p.mode == "sample", "privacy.sample_rate applies to privacy.mode = 'sample' only")
+        _require(0 < p.sample_rate <= 1, f"privacy.sample_rate = {p.sample_rate} not in (0, 1]")
+
+
+def to_toml(config: RunConfig) -> str:
+    """Render the resolved config as TOML (None fields are omitted)."""
+    lines = [f"seed = {config.seed}"]
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        lines.append(f"\n[{section.name}]")
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is not None:
+                lines.append(f"{f.name} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)

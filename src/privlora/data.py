@@ -1,0 +1,210 @@
+"""Tasks -> prompts -> token ids; train/eval split; partitions across clients (flwr-datasets).
+
+A task is either classification (JSONL rows with ``text`` and ``label``; labels discovered from
+the data; the target is the label word) or generation (rows with ``question`` and ``answer``).
+Loss and scoring use only the answer tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+from transformers import PreTrainedTokenizerBase
+
+from privlora import builtin_task
+from privlora.config import DataConfig
+from privlora.errors import DataError
+
+TaskKind = Literal["classification", "generation"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: its kind, instruction, label words (classification) and raw rows."""
+
+    name: str
+    kind: TaskKind
+    instruction: str
+    labels: tuple[str, ...]
+    rows: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized example: prompt ids, answer ids (label/answer + end of turn), gold label."""
+
+    prompt: tuple[int, ...]
+    answer: tuple[int, ...]
+    label: str | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A right-padded batch; ``target_mask[b, t]`` marks positions whose next token is an answer."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    target_mask: torch.Tensor  # (B, T) bool
+    targets: torch.Tensor  # (B, T) next-token ids (valid where target_mask)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSONL file; a missing, empty or malformed file raises DataError naming the line."""
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; give a JSONL path or 'builtin'")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); fix that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"data file {path} is empty; it needs one JSON object per line")
+    return rows
+
+
+def load_task(config: DataConfig, seed: int) -> Task:
+    """Build the task named by ``data.path``: the generated built-in task or a JSONL file."""
+    if config.path == "builtin":
+        rows = builtin_task.generate(config.builtin_examples, seed)
+        labels = tuple(sorted({r["label"] for r in rows}))
+        return Task("builtin-ticket-routing", "classification", builtin_task.INSTRUCTION, labels,
+                    tuple(rows))
+    path = Path(config.path)
+    rows = read_jsonl(path)
+    kind = _detect_kind(rows[0], config.kind, path)
+    fields = ("text", "label") if kind == "classification" else ("question", "answer")
+    for number, row in enumerate(rows, start=1):
+        missing = [f for f in fields if f not in row or row[f] in (None, "")]
+        if missing:
+            raise DataError(f"{path}: row {number} lacks {missing}; every {kind} row needs {fields}")
+    if kind == "generation":
+        return Task(path.stem, kind, "", (), tuple(rows))
+    labels = tuple(sorted({str(r["label"]) for r in rows}))
+    if len(labels) < 2:
+        raise DataError(f"{path}: only one label {labels}; classification needs at least two")
+    instruction = f"Classify the text. Answer with one word: {', '.join(labels)}."
+    rows = [{**r, "label": str(r["label"])} for r in rows]
+    return Task(path.stem, kind, instruction, labels, tuple(rows))
+
+
+def _detect_kind(row: dict, kind: str, path: Path) -> TaskKind:
+    if kind != "auto":
+        return kind  # type: ignore[return-value]
+    if "text" in row and "label" in row:
+        return "classification"
+    if "question" in row and "answer" in row:
+        return "generation"
+    raise DataError(
+        f"{path}:1 has fields {sorted(row)}; classification needs 'text' and 'label', "
+        "generation needs 'question' and 'answer'"
+    )
+
+
+def split(task: Task, eval_fraction: float, max_eval: int, seed: int) -> tuple[list, list]:
+    """Shuffle with ``seed`` and split rows into (train, eval); eval capped at ``max_eval``."""
+    rows = list(task.rows)
+    random.Random(seed).shuffle(rows)
+    n_eval = min(max_eval, max(1, round(len(rows) * eval_fraction)))
+    if len(rows) - n_eval < 1:
+        raise DataError(f"{task.name}: {len(rows)} rows leave nothing to train on; add data")
+    return rows[n_eval:], rows[:n_eval]
+
+
+def partition(rows: list[dict], config: DataConfig, num_clients: int, seed: int) -> list[list[dict]]:
+    """Split training rows across clients: IID or Dirichlet(alpha) over labels (flwr-datasets)."""
+    if len(rows) < num_clients:
+        raise DataError(
+            f"{len(rows)} training examples cannot feed federation.num_clients = {num_clients}; "
+            "use fewer clients or more data"
+        )
+    dataset = Dataset.from_list([{"index": i, "label": str(r.get("label", ""))}
+                                 for i, r in enumerate(rows)])
+    if config.partition == "iid":
+        partitioner = IidPartitioner(num_partitions=num_clients)
+    else:
+        if "label" not in rows[0]:
+            raise DataError("data.partition = 'dirichlet' needs a 'label' field; use 'iid'")
+        partitioner = DirichletPartitioner(
+            num_partitions=num_clients, partition_by="label", alpha=config.dirichlet_alpha,
+            min_partition_size=1, self_balancing=False, shuffle=True, seed=seed,
+        )
+    partitioner.dataset = dataset
+    parts = [[rows[i] for i in partitioner.load_partition(k)["index"]] for k in range(num_clients)]
+    empty = [k for k, p in enumerate(parts) if not p]
+    if empty:
+        raise DataError(f"clients {empty} got no examples; raise data.dirichlet_alpha or add data")
+    return parts
+
+
+def tokenize(rows: list[dict], task: Task, tokenizer: PreTrainedTokenizerBase,
+             max_length: int) -> list[Example]:
+    """Render rows as chat prompts and tokenize; long texts are cut so the answer always fits."""
+    end = tokenizer.eos_token_id
+    examples = []
+    for row in rows:
+        if task.kind == "classification":
+            text, answer, label = row["text"], row["label"], row["label"]
+        else:
+            text, answer, label = row["question"], row["answer"], None
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][: max_length // 2]
+        budget = max_length - len(answer_ids) - 1 - _prompt_overhead(task, tokenizer)
+        text_ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+        if len(text_ids) > budget:
+            text = tokenizer.decode(text_ids[: max(budget, 1)])
+        prompt = render_prompt(task, str(text), tokenizer)
+        examples.append(Example(tuple(prompt), tuple(answer_ids) + (end,), label))
+    return examples
+
+
+def render_prompt(task: Task, text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Return the chat-formatted prompt ids, ending where the assistant's answer begins."""
+    content = f"{task.instruction}\n\n{text}" if task.instruction else text
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(f"{content}\nAnswer: ", add_special_tokens=False)["input_ids"]
+
+
+def _prompt_overhead(task: Task, tokenizer: PreTrainedTokenizerBase) -> int:
+    return len(render_prompt(task, "", tokenizer))
+
+
+PAD_MULTIPLE = 32
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad prompt+answer sequences and mark the positions that predict answer tokens.
+
+    Widths are rounded up to a multiple of 32: oneDNN compiles a bf16 kernel per new shape
+    (seconds each on CPU), so a few fixed widths are much faster than one width per batch.
+    """
+    seqs = [list(e.prompt) + list(e.answer) for e in examples]
+    longest = max(len(s) for s in seqs)
+    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    target_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    targets = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, (e, seq) in enumerate(zip(examples, seqs)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention[b, : len(seq)] = 1
+        start = len(e.prompt) - 1  # the last prompt position predicts the first answer token
+        target_mask[b, start : start + len(e.answer)] = True
+        targets[b, start : start + len(e.answer)] = torch.tensor(e.answer)
+    return Batch(input_ids, attention, target_mask, targets)

@@ -1,0 +1,61 @@
+"""Evaluate an adapter saved by ``privlora run``, loaded with stock ``PeftModel.from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from peft import PeftModel
+
+from privlora import data
+from privlora.config import load_config
+from privlora.errors import ConfigError, DataError
+from privlora.evaluate import evaluate
+from privlora.models import load_model, load_tokenizer
+
+
+def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str | None) -> dict:
+    """Score the adapter on ``data_path`` (every row) or, by default, its run's eval split."""
+    meta_file = adapter_dir / "task.json"
+    if not (adapter_dir / "adapter_config.json").is_file() or not meta_file.is_file():
+        raise ConfigError(f"--adapter {adapter_dir}: not an adapter saved by `privlora run` "
+                          "(needs adapter_config.json and task.json); give a run's adapter/ dir")
+    meta = json.loads(meta_file.read_text())
+    run_config = adapter_dir.parent / "config.toml"
+    config = load_config(run_config if run_config.is_file() else None)
+    if data_path is None:
+        if not run_config.is_file():
+            raise ConfigError(f"no {run_config} to rebuild the eval split from; pass --data PATH")
+        task = data.load_task(config.data, config.seed)
+        _, rows = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
+        source = f"eval split of {config.data.path}"
+    else:
+        rows = _checked_rows(Path(data_path), meta)
+        source = data_path
+    task = data.Task(meta["task"], meta["kind"], meta["instruction"], tuple(meta["labels"]),
+                     tuple(rows))
+    name = model_name or meta["model"]
+    tokenizer = load_tokenizer(name)
+    base = load_model(name, config.model.dtype)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    examples = data.tokenize(list(rows), task, tokenizer, meta["max_length"])
+    result = evaluate(model, examples, task, tokenizer)
+    return {"data": source, **asdict(result)}
+
+
+def _checked_rows(path: Path, meta: dict) -> list[dict]:
+    rows = data.read_jsonl(path)
+    fields = ("text", "label") if meta["kind"] == "classification" else ("question", "answer")
+    for number, row in enumerate(rows, start=1):
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise DataError(f"{path}: row {number} lacks {missing}; this adapter needs {fields}")
+        if meta["kind"] == "classification" and str(row["label"]) not in meta["labels"]:
+            raise DataError(
+                f"{path}: row {number} has label {row['label']!r}, unknown to this adapter "
+                f"(trained on {meta['labels']}); remove it or map it to a known label"
+            )
+    if meta["kind"] == "classification":
+        rows = [{**r, "label": str(r["label"])} for r in rows]
+    return rows

@@ -1,0 +1,55 @@
+"""Answer-only forward passes: run the decoder, apply the LM head only where answers are scored.
+
+Why: the 49k-token vocabulary head on every position is most of the waste for short answers;
+computing logits only at answer positions keeps the loss identical and the cost small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from privlora.data import Batch
+
+
+def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """Return the underlying causal LM (with any LoRA layers injected) of a PEFT or HF model."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def autocast_for(model: PreTrainedModel | PeftModel) -> contextlib.AbstractContextManager:
+    """Return bf16 CPU autocast when the base weights are bf16 (AMX matmuls), else a no-op."""
+    dtype = causal_lm(model).get_input_embeddings().weight.dtype
+    if dtype == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def hidden_states(model: PreTrainedModel | PeftModel, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run the decoder stack only: (B, T) ids -> (B, T, H) final hidden states."""
+    decoder = causal_lm(model).get_decoder()
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+
+def answer_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
+    """Return float32 logits at the positions marked by ``batch.target_mask``: (N, V)."""
+    with autocast_for(model):
+        hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+        head = causal_lm(model).get_output_embeddings()
+        logits = head(hidden[batch.target_mask])  # (N, H) @ (H, V) -> (N, V)
+    return logits.float()
+
+
+def per_example_loss(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
+    """Return each example's mean cross-entropy over its answer tokens: (B,)."""
+    logits = answer_logits(model, batch)
+    token_loss = F.cross_entropy(logits, batch.targets[batch.target_mask], reduction="none")
+    rows = batch.target_mask.nonzero()[:, 0]  # which example each answer token belongs to
+    sums = torch.zeros(batch.input_ids.shape[0]).index_add(0, rows, token_loss)
+    counts = batch.target_mask.sum(dim=1).clamp(min=1)
+    return sums / counts

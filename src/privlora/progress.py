@@ -1,0 +1,82 @@
+"""Progress display over rounds and clients (rich), and the end-of-run summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from privlora.config import RunConfig
+
+console = Console(stderr=True)
+
+
+class RichProgress:
+    """A two-bar display: rounds, and clients within the round; logs one line per round."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                            console=console, transient=True)
+
+    def __enter__(self) -> RichProgress:
+        self.bar.__enter__()
+        self.rounds = self.bar.add_task("rounds", total=self.config.federation.rounds)
+        self.client_task = self.bar.add_task("clients", total=0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def clients(self, round_: int, ids: list[int]):
+        self.bar.reset(self.client_task, total=len(ids), description=f"round {round_} clients")
+        for cid in ids:
+            yield cid
+            self.bar.advance(self.client_task)
+
+    def round_done(self, round_: int, result, epsilon: float | None) -> None:
+        self.bar.advance(self.rounds)
+        acc = f"acc {100 * result.accuracy:5.1f}%  " if result.accuracy is not None else ""
+        eps = f"  epsilon {epsilon:.3f}" if epsilon is not None else ""
+        console.log(f"round {round_}: {acc}loss {result.loss:.4f}  "
+                    f"[{self.config.federation.aggregation}]{eps}")
+
+
+def print_summary(summary: dict, out_dir: Path) -> None:
+    """Print zero-shot vs final metrics, epsilon and communication as a table."""
+    table = Table(title=f"privlora run: {summary['task']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    z, f = summary["zero_shot"], summary["final"]
+    if f["accuracy"] is not None:
+        table.add_row("zero-shot accuracy", f"{100 * z['accuracy']:.1f}%")
+        table.add_row("federated accuracy", f"{100 * f['accuracy']:.1f}%")
+    table.add_row("eval loss (zero-shot -> final)", f"{z['loss']:.3f} -> {f['loss']:.3f}")
+    if summary["privacy"]:
+        p = summary["privacy"]
+        table.add_row("privacy mode", f"{p['mode']} ({p['neighbouring']})")
+        table.add_row("noise multiplier", f"{p['noise_multiplier']:.4f}")
+        table.add_row("epsilon spent (PLD / RDP)",
+                      f"{_num(p['epsilon_spent_pld'])} / {_num(p['epsilon_spent_rdp'])} "
+                      f"at delta {p['delta']}")
+    c = summary["communication"]
+    table.add_row("uploaded (all clients)", _mb(c["bytes_up_total"]))
+    table.add_row("downloaded (all clients)", _mb(c["bytes_down_total"]))
+    table.add_row("full fine-tuning would upload", _mb(c["full_finetune_bytes_up_total"]))
+    if c["ratio_up_vs_full"]:
+        table.add_row("upload vs full fine-tuning", f"{c['ratio_up_vs_full']:.5f}x "
+                      f"({1 / c['ratio_up_vs_full']:.0f}x less)")
+    table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
+    table.add_row("run directory", str(out_dir))
+    Console().print(table)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _num(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)

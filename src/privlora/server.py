@@ -1,0 +1,243 @@
+"""The in-process simulation: one base model shared by every simulated client; the round loop.
+
+Only LoRA tensors are per client (loaded into the shared PEFT model before a client's update,
+read out after), so memory does not grow with the number of clients.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from privlora import aggregation, client, data
+from privlora.communication import full_finetune_bytes, payload_bytes
+from privlora.config import RunConfig
+from privlora.errors import PrivacyBudgetExceeded
+from privlora.evaluate import EvalResult, evaluate
+from privlora.lora import Adapter, Factors, LoraHandles, LoraSpec, attach, flatten, read_adapter
+from privlora.lora import write_adapter
+from privlora.models import load_model, load_tokenizer
+from privlora.privacy.accounting import PrivacyLedger
+from privlora.privacy.central import noisy_mean
+from privlora.privacy.mechanisms import seeded_generator
+from privlora.privacy.plan import PrivacyPlan, make_plan
+from privlora.run_dir import RunDir
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built once from the config."""
+
+    config: RunConfig
+    handles: LoraHandles
+    tokenizer: PreTrainedTokenizerBase
+    task: data.Task
+    clients: list[list[data.Example]]
+    eval_examples: list[data.Example]
+    plan: PrivacyPlan | None
+    full_model_bytes: int
+
+
+def lora_spec(config: RunConfig) -> LoraSpec:
+    """Return the LoRA hyper-parameters of ``config``."""
+    c = config.lora
+    return LoraSpec(c.rank, c.alpha, c.dropout, tuple(c.target_modules))
+
+
+def prepare(config: RunConfig) -> Federation:
+    """Load data, model and LoRA; partition clients; plan privacy (refusing an overspend)."""
+    task = data.load_task(config.data, config.seed)
+    train_rows, eval_rows = data.split(task, config.data.eval_fraction, config.data.max_eval,
+                                       config.seed)
+    parts = data.partition(train_rows, config.data, config.federation.num_clients, config.seed)
+    plan = make_plan(config, [len(p) for p in parts])  # before loading the model: fail fast
+    tokenizer = load_tokenizer(config.model.name)
+    clients = [data.tokenize(p, task, tokenizer, config.data.max_length) for p in parts]
+    eval_examples = data.tokenize(eval_rows, task, tokenizer, config.data.max_length)
+    model = load_model(config.model.name, config.model.dtype)
+    full_bytes = full_finetune_bytes(model)
+    handles = attach(model, lora_spec(config), seed=config.seed)
+    return Federation(config, handles, tokenizer, task, clients, eval_examples, plan, full_bytes)
+
+
+def sample_clients(config: RunConfig, plan: PrivacyPlan | None, round_: int) -> list[int]:
+    """Choose this round's clients from a generator seeded by (seed, round)."""
+    fed = config.federation
+    rng = seeded_generator(config.seed, round_, "clients")
+    if plan is not None and plan.mode == "client":
+        # Poisson sampling at rate q, as the accountant's amplification-by-sampling assumes.
+        picked = torch.rand(fed.num_clients, generator=rng) < plan.sample_rate
+        return picked.nonzero()[:, 0].tolist()
+    if fed.clients_per_round in (0, fed.num_clients):
+        return list(range(fed.num_clients))
+    return sorted(torch.randperm(fed.num_clients, generator=rng)[: fed.clients_per_round].tolist())
+
+
+def client_rank(config: RunConfig, client_id: int) -> int | None:
+    """Return a client's LoRA rank when ranks are heterogeneous (cycled), else None."""
+    ranks = config.lora.client_ranks
+    return ranks[client_id % len(ranks)] if ranks else None
+
+
+def local_spec(config: RunConfig, plan: PrivacyPlan | None, client_id: int) -> client.LocalSpec:
+    """Build what one client does this round from the config and the privacy plan."""
+    t, p = config.train, config.privacy
+    sample_dp = local_dp = None
+    if plan is not None and plan.mode == "sample":
+        sample_dp = client.SampleDP(p.clip, plan.noise_multiplier, plan.sample_rate, p.secure_rng)
+    if plan is not None and plan.mode == "local":
+        local_dp = client.LocalDP(p.clip, plan.noise_multiplier, p.secure_rng)
+    return client.LocalSpec(
+        steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
+        weight_decay=t.weight_decay, train_a=config.federation.aggregation != "ffa",
+        rank=client_rank(config, client_id), sample_dp=sample_dp, local_dp=local_dp,
+    )
+
+
+def downlink(config: RunConfig, global_adapter: Adapter, client_id: int) -> dict[str, torch.Tensor]:
+    """Return the tensors the server sends a client (FFA: B only; A comes from the shared seed)."""
+    rank = client_rank(config, client_id)
+    adapter = global_adapter if rank is None else aggregation.truncate_rank(global_adapter, rank)
+    flat = flatten(adapter)
+    if config.federation.aggregation == "ffa":
+        return {k: v for k, v in flat.items() if k.endswith(".lora_B")}
+    return flat
+
+
+def apply_delta(global_adapter: Adapter, delta: dict[str, torch.Tensor]) -> Adapter:
+    """Return global + delta per factor (factors absent from ``delta`` are kept, as FFA's A)."""
+    return {
+        name: Factors(
+            A=f.A + delta.get(f"{name}.lora_A", torch.zeros_like(f.A)),
+            B=f.B + delta.get(f"{name}.lora_B", torch.zeros_like(f.B)),
+        )
+        for name, f in global_adapter.items()
+    }
+
+
+def aggregate_round(fed: Federation, global_adapter: Adapter, updates: list[client.ClientUpdate],
+                    round_: int) -> tuple[Adapter, dict[str, float]]:
+    """Aggregate this round's updates by the configured rule (central DP noise in client mode)."""
+    config, plan = fed.config, fed.plan
+    rule, spec = config.federation.aggregation, lora_spec(config)
+    if plan is not None and plan.mode == "client":
+        return _central_dp_round(fed, global_adapter, updates, round_)
+    if not updates:
+        return global_adapter, {}
+    private = plan is not None and plan.mode == "local"
+    # Example counts are data-dependent: under local DP the server does not get to use them.
+    weights = [1.0 if private else float(u.num_examples) for u in updates]
+    adapters = [apply_delta(global_adapter, u.delta) for u in updates]
+    return aggregation.aggregate(rule, adapters, weights, spec.rank, spec.scale)
+
+
+def _central_dp_round(fed: Federation, global_adapter: Adapter,
+                      updates: list[client.ClientUpdate], round_: int) -> tuple[Adapter, dict]:
+    """DP-FedAvg (McMahan et al. 2018): clip each update, noise the sum, divide by q * N."""
+    config, plan = fed.config, fed.plan
+    assert plan is not None
+    spec = lora_spec(config)
+    expected = plan.sample_rate * config.federation.num_clients
+    rng = seeded_generator(config.seed, round_, "server", "noise")
+    if config.federation.aggregation != "exact":
+        deltas = [u.delta for u in updates]
+        template = {k: v for k, v in flatten(global_adapter).items()
+                    if config.federation.aggregation != "ffa" or k.endswith(".lora_B")}
+        mean = noisy_mean(deltas, template, plan.clip, plan.noise_std, expected, rng,
+                          config.privacy.secure_rng)
+        return apply_delta(global_adapter, mean), {}
+    # exact: what is clipped and noised is each client's change of the product scale * B A.
+    base = aggregation.mean_products([global_adapter], [1.0], [spec.scale])
+    deltas = []
+    for u in updates:
+        product = aggregation.mean_products([apply_delta(global_adapter, u.delta)], [1.0],
+                                            [spec.scale])
+        deltas.append({k: product[k] - base[k] for k in base})
+    mean = noisy_mean(deltas, base, plan.clip, plan.noise_std, expected, rng,
+                      config.privacy.secure_rng)
+    return aggregation.refactorize({k: base[k] + mean[k] for k in base}, spec.rank, spec.scale)
+
+
+def run(config: RunConfig, out: Path, progress=None) -> dict:
+    """Run the whole federated fine-tune; write the run directory; return the summary."""
+    started = time.time()
+    fed = prepare(config)
+    run_dir = RunDir.create(out, config, fed)
+    ledger = _ledger(fed.plan)
+    global_adapter = read_adapter(fed.handles)
+    zero_shot = _evaluate(fed, global_adapter)
+    run_dir.log_round(0, zero_shot, [], 0, 0, 0.0, ledger, fed, {})
+    for round_ in range(1, config.federation.rounds + 1):
+        t0 = time.time()
+        ids = sample_clients(config, fed.plan, round_)
+        _check_budget(fed, ledger, ids)
+        updates, up, down = [], 0, 0
+        for cid in (progress.clients(round_, ids) if progress else ids):
+            down += payload_bytes(downlink(config, global_adapter, cid))
+            update = client.local_update(
+                fed.handles, _client_start(config, global_adapter, cid), fed.clients[cid],
+                local_spec(config, fed.plan, cid), cid,
+                seeded_generator(config.seed, round_, cid, "batches"),
+                seeded_generator(config.seed, round_, cid, "noise"), fed.tokenizer.pad_token_id)
+            up += payload_bytes(update.delta)
+            updates.append(update)
+        global_adapter, diagnostics = aggregate_round(fed, global_adapter, updates, round_)
+        _record(fed, ledger, updates)
+        result = _evaluate(fed, global_adapter)
+        run_dir.log_round(round_, result, updates, up, down, time.time() - t0, ledger, fed,
+                          diagnostics)
+        run_dir.checkpoint(round_, fed, global_adapter, ledger)
+        if progress:
+            progress.round_done(round_, result, ledger.epsilon() if ledger else None)
+    return run_dir.finish(fed, global_adapter, ledger, zero_shot, result, time.time() - started)
+
+
+def _client_start(config: RunConfig, global_adapter: Adapter, client_id: int) -> Adapter:
+    rank = client_rank(config, client_id)
+    return global_adapter if rank is None else aggregation.truncate_rank(global_adapter, rank)
+
+
+def _evaluate(fed: Federation, adapter: Adapter) -> EvalResult:
+    write_adapter(fed.handles, adapter)
+    return evaluate(fed.handles.model, fed.eval_examples, fed.task, fed.tokenizer)
+
+
+def _ledger(plan: PrivacyPlan | None) -> PrivacyLedger | None:
+    return None if plan is None else PrivacyLedger(plan.delta, plan.neighbouring)
+
+
+def _record(fed: Federation, ledger: PrivacyLedger | None, updates: list) -> None:
+    """Add this round's privacy events: per client (sample, local) or global (client mode)."""
+    if ledger is None or fed.plan is None:
+        return
+    if fed.plan.mode == "client":
+        ledger.record("global", fed.plan.event(1))
+        return
+    for u in updates:
+        for event in u.events:
+            ledger.record(f"client-{u.client_id}", event)
+
+
+def _check_budget(fed: Federation, ledger: PrivacyLedger | None, ids: list[int]) -> None:
+    """Refuse a round whose events would take any party past privacy.target_epsilon."""
+    plan = fed.plan
+    if ledger is None or plan is None or plan.target_epsilon is None:
+        return
+    steps = fed.config.train.local_steps if plan.mode == "sample" else 1
+    parties = ["global"] if plan.mode == "client" else [f"client-{i}" for i in ids]
+    for party in parties:
+        if ledger.would_exceed(party, plan.event(steps), plan.target_epsilon, plan.accountant):
+            raise PrivacyBudgetExceeded(
+                f"round would take {party} past privacy.target_epsilon = {plan.target_epsilon}; "
+                "stop here, or start a new run with a larger budget"
+            )
+
+
+def summary_json(summary: dict) -> str:
+    """Render a summary as indented JSON (inf written as a string)."""
+    return json.dumps(summary, indent=2, default=str)

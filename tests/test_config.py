@@ -1,0 +1,64 @@
+"""Config loading: defaults, overrides, and one-line errors that name the field."""
+
+import pytest
+
+from privlora.config import RunConfig, load_config, to_toml
+from privlora.errors import ConfigError
+
+
+def test_defaults_and_overrides():
+    config = load_config(None, ["federation.rounds=3", "privacy.mode=sample",
+                                "privacy.target_epsilon=8", "lora.target_modules=q_proj"])
+    assert config.federation.rounds == 3
+    assert config.privacy.mode == "sample" and config.privacy.target_epsilon == 8.0
+    assert config.lora.target_modules == ("q_proj",)
+    assert load_config(None) == RunConfig()
+
+
+def test_toml_round_trip(tmp_path):
+    config = load_config(None, ["privacy.mode=local", "privacy.noise_multiplier=1.5",
+                                "lora.client_ranks=[2, 4]", "federation.aggregation=exact"])
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("override, words", [
+    ("federation.round=3", ["unknown config key", "federation.round", "federation.rounds"]),
+    ("federation.rounds='x'", ["federation.rounds", "int"]),
+    ("privacy.mode=foo", ["privacy.mode", "sample"]),
+    ("train.lr=-1", ["train.lr"]),
+    ("lora.rank=0", ["lora.rank"]),
+    ("privacy.sample_rate=0.1", ["privacy.sample_rate", "privacy.mode"]),
+    ("nonsense", ["key=value"]),
+])
+def test_bad_values_name_the_field(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["privacy.mode=sample", "privacy.target_epsilon=0"], "privacy.target_epsilon"),
+    (["privacy.mode=sample", "privacy.target_epsilon=-1"], "privacy.target_epsilon"),
+    (["privacy.mode=client", "privacy.noise_multiplier=1", "privacy.clip=0"], "privacy.clip"),
+    (["privacy.mode=client", "privacy.noise_multiplier=1", "privacy.delta=1"], "privacy.delta"),
+    (["privacy.mode=sample"], "privacy.noise_multiplier"),
+    (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.sample_rate=1.5"],
+     "privacy.sample_rate"),
+    (["privacy.noise_multiplier=1"], "privacy.mode"),
+    (["lora.client_ranks=[2, 4]"], "exact"),
+])
+def test_privacy_field_errors(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_missing_and_malformed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = 2")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,96 @@
+"""Tasks, splits, partitions (flwr-datasets) and answer-only batches."""
+
+import json
+
+import pytest
+
+from privlora import builtin_task
+from privlora.config import DataConfig
+from privlora.data import collate, load_task, partition, read_jsonl, split, tokenize
+from privlora.errors import DataError
+
+
+def test_builtin_task_is_balanced_distinct_and_seeded():
+    rows = builtin_task.generate(400, seed=3)
+    assert rows == builtin_task.generate(400, seed=3)
+    assert rows != builtin_task.generate(400, seed=4)
+    assert len({r["text"] for r in rows}) == 400
+    counts = {label: sum(r["label"] == label for r in rows) for label in builtin_task.TEAMS.values()}
+    assert set(counts.values()) == {100}
+
+
+def test_builtin_task_varies_beyond_templates():
+    rows = builtin_task.generate(2000, seed=0)
+    # Far more distinct tickets than intent templates: slot values, openings and asides vary.
+    templates = sum(len(v) for v in builtin_task._INTENTS.values())
+    assert len({r["text"] for r in rows}) > 50 * templates
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_classification_task_discovers_labels(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": ["a", "b", "c"][i % 3]}
+                                         for i in range(30)])
+    task = load_task(DataConfig(path=str(path)), seed=0)
+    assert task.kind == "classification" and task.labels == ("a", "b", "c")
+    train, evaluation = split(task, 0.2, 100, seed=0)
+    assert len(train) == 24 and len(evaluation) == 6
+    assert not {r["text"] for r in train} & {r["text"] for r in evaluation}
+
+
+def test_generation_task(tmp_path):
+    path = _write(tmp_path / "g.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)])
+    assert load_task(DataConfig(path=str(path)), seed=0).kind == "generation"
+
+
+def test_partitions_iid_and_dirichlet():
+    rows = builtin_task.generate(400, seed=0)
+    iid = partition(rows, DataConfig(partition="iid"), 4, seed=0)
+    assert sorted(len(p) for p in iid) == [100] * 4
+    assert sorted(r["text"] for p in iid for r in p) == sorted(r["text"] for r in rows)
+    skewed = partition(rows, DataConfig(partition="dirichlet", dirichlet_alpha=0.1), 4, seed=0)
+    assert sum(len(p) for p in skewed) == 400
+    shares = [max(sum(r["label"] == lab for r in p) for lab in "red blue green amber".split())
+              / len(p) for p in skewed]
+    assert max(shares) > 0.5  # alpha = 0.1 concentrates labels; IID would give ~0.25
+
+
+def test_bad_data_files_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        read_jsonl(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        read_jsonl(tmp_path / "bad.jsonl")
+    path = _write(tmp_path / "nolabel.jsonl", [{"text": "a", "label": "x"}, {"text": "b"}])
+    with pytest.raises(DataError, match="row 2"):
+        load_task(DataConfig(path=str(path)), seed=0)
+
+
+def test_fewer_examples_than_clients():
+    with pytest.raises(DataError, match="num_clients"):
+        partition(builtin_task.generate(20, 0)[:3], DataConfig(), 4, seed=0)
+
+
+def test_batches_mark_only_answer_positions(tokenizer):
+    task = load_task(DataConfig(builtin_examples=40), seed=0)
+    examples = tokenize(list(task.rows[:4]), task, tokenizer, max_length=128)
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert batch.input_ids.shape[1] % 32 == 0
+    for b, e in enumerate(examples):
+        # positions marked predict exactly the answer tokens (label word + end of turn)
+        assert batch.targets[b][batch.target_mask[b]].tolist() == list(e.answer)
+        assert tokenizer.decode(e.answer[:-1]) == e.label
+
+
+def test_long_texts_are_cut_to_fit(tokenizer):
+    task = load_task(DataConfig(builtin_examples=20), seed=0)
+    rows = [{"text": "word " * 500, "label": "red"}]
+    (example,) = tokenize(rows, task, tokenizer, max_length=64)
+    assert len(example.prompt) + len(example.answer) <= 64 + 2
+    assert example.answer[-1] == tokenizer.eos_token_id
