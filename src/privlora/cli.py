@@ -23,16 +23,7 @@ _quiet_libraries()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Private federated LoRA fine-tuning of causal language models.")
-privacy_def _quiet_libraries() -> None:
-    """Silence dp-accounting's per-order RDP convergence warnings (the order is just skipped)."""
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
-_quiet_libraries()
-
-app = typer.Typer(no_args_is_help=True, help="Epsilon, calibration and run plans.")
+privacy_app = typer.Typer(no_args_is_help=True, help="Epsilon, calibration and run plans.")
 app.add_typer(privacy_app, name="privacy")
 
 _USER_ERRORS = (ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded)

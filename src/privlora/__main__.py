@@ -1,0 +1,5 @@
+"""Allow ``python -m privlora``."""
+
+from privlora.cli import app
+
+app(prog_name="privlora")

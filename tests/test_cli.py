@@ -1,0 +1,105 @@
+"""The command line: subcommands work, and bad input gives one line, exit code 2, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from privlora.cli import app
+from privlora.privacy import accounting
+
+runner = CliRunner()
+TINY = ["--model", "tiny-random", "--set", "model.dtype=float32", "--set",
+        "data.builtin_examples=80", "--set", "data.max_eval=8", "--set", "federation.rounds=1",
+        "--set", "train.local_steps=1", "--set", "train.batch_size=2"]
+
+
+def cli(*args):
+    """Run the real console script in a subprocess: exit code, stdout, stderr."""
+    done = subprocess.run([sys.executable, "-m", "privlora", *args], capture_output=True,
+                          text=True, timeout=600)
+    return done.returncode, done.stdout, done.stderr
+
+
+def assert_one_line_error(code, stderr, *words):
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_run_and_eval_round_trip(tmp_path):
+    code, out, err = cli("run", *TINY, "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    code, out, err = cli("eval", "--adapter", str(tmp_path / "r" / "adapter"))
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] == summary["final"]["accuracy"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "federation.roundz=2"], ["federation.roundz", "federation.rounds"]),
+    (["--set", "federation.rounds=\"two\""], ["federation.rounds", "int"]),
+    (["--set", "privacy.mode=sample", "--set", "privacy.target_epsilon=-1"],
+     ["privacy.target_epsilon"]),
+    (["--set", "federation.num_clients=200"], ["num_clients"]),
+    (["--data", "/nonexistent/data.jsonl"], ["/nonexistent/data.jsonl", "does not exist"]),
+])
+def test_run_bad_input(args, words):
+    code, _, err = cli("run", *TINY, *args)
+    assert_one_line_error(code, err, *words)
+
+
+def test_run_bad_data_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = cli("run", *TINY, "--data", str(empty))
+    assert_one_line_error(code, err, "empty")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\nnot json\n')
+    code, _, err = cli("run", *TINY, "--data", str(bad))
+    assert_one_line_error(code, err, "bad.jsonl:3")
+
+
+def test_eval_unknown_label(tmp_path):
+    code, _, err = cli("run", *TINY, "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    data = tmp_path / "new.jsonl"
+    data.write_text('{"text": "my bill is wrong", "label": "green"}\n'
+                    '{"text": "parcel lost", "label": "purple"}\n')
+    code, _, err = cli("eval", "--adapter", str(tmp_path / "r" / "adapter"), "--data", str(data))
+    assert_one_line_error(code, err, "purple", "row 2")
+
+
+def test_privacy_epsilon_and_calibrate_json():
+    result = runner.invoke(app, ["privacy", "epsilon", "--noise-multiplier", "1.0",
+                                 "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    expected = accounting.epsilon(accounting.sample_mode_event(0.01, 1.0, 1000), 1e-5, "pld")
+    assert got == {"epsilon": pytest.approx(expected), "delta": 1e-5, "accountant": "pld"}
+    result = runner.invoke(app, ["privacy", "calibrate", "--target-epsilon", str(got["epsilon"]),
+                                 "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "1000",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    calibrated = json.loads(result.output)
+    assert calibrated["noise_multiplier"] == pytest.approx(1.0, rel=0.03)
+    assert 0.98 * got["epsilon"] <= calibrated["epsilon"] <= got["epsilon"]
+
+
+@pytest.mark.parametrize("args, word", [
+    (["epsilon", "--noise-multiplier", "1", "--sample-rate", "1.5", "--steps", "10",
+      "--delta", "1e-5"], "--sample-rate"),
+    (["epsilon", "--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "10",
+      "--delta", "1e-5", "--accountant", "xyz"], "--accountant"),
+    (["calibrate", "--target-epsilon", "0", "--delta", "1e-5", "--sample-rate", "0.1",
+      "--steps", "10"], "--target-epsilon"),
+])
+def test_privacy_cli_bad_input(args, word):
+    code, _, err = cli("privacy", *args)
+    assert_one_line_error(code, err, word)
