@@ -18,7 +18,7 @@ TINY = ["--model", "tiny-random", "--set", "model.dtype=float32", "--set",
 
 def cli(*args):
     """Run the real console script in a subprocess: exit code, stdout, stderr."""
-    done = subprocess.run([sys.executable, "-m", "privlora", *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "privlora", *args], check=False, capture_output=True,
                           text=True, timeout=600)
     return done.returncode, done.stdout, done.stderr
 
@@ -103,3 +103,17 @@ def test_privacy_epsilon_and_calibrate_json():
 def test_privacy_cli_bad_input(args, word):
     code, _, err = cli("privacy", *args)
     assert_one_line_error(code, err, word)
+
+
+def test_privacy_plan_reports_local_variance(tmp_path):
+    config = tmp_path / "local.toml"
+    config.write_text('[model]\nname = "tiny-random"\n[data]\nbuiltin_examples = 120\n'
+                      '[privacy]\nmode = "local"\ntarget_epsilon = 8.0\nclip = 0.5\n')
+    result = runner.invoke(app, ["privacy", "plan", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["sensitivity"] == 1.0 and report["mode"] == "local"
+    assert 0.98 * 8 <= report["epsilon_pld"] <= 8
+    v = report["variance"]
+    assert v["expected_sq_frobenius"] > v["cross_term"] > 0
+    assert "unbiased" in report["text"] and "2 x clip" in report["text"]

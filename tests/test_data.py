@@ -53,7 +53,7 @@ def test_partitions_iid_and_dirichlet():
     assert sorted(r["text"] for p in iid for r in p) == sorted(r["text"] for r in rows)
     skewed = partition(rows, DataConfig(partition="dirichlet", dirichlet_alpha=0.1), 4, seed=0)
     assert sum(len(p) for p in skewed) == 400
-    shares = [max(sum(r["label"] == lab for r in p) for lab in "red blue green amber".split())
+    shares = [max(sum(r["label"] == lab for r in p) for lab in ["red", "blue", "green", "amber"])
               / len(p) for p in skewed]
     assert max(shares) > 0.5  # alpha = 0.1 concentrates labels; IID would give ~0.25
 

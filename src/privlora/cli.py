@@ -6,11 +6,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from privlora.errors import ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded
+
 
 def _quiet_libraries() -> None:
     """Silence dp-accounting's per-order RDP convergence warnings (the order is just skipped)."""
@@ -36,11 +37,11 @@ def _fail(err: Exception) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Optional[Path], typer.Option(help="Run config TOML file.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Run config TOML file.")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Override: key=value (repeatable).")] = [],  # noqa: B006
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<time>).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Shortcut for --set model.name=...")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
+    data: Annotated[str | None, typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
+    model: Annotated[str | None, typer.Option(help="Shortcut for --set model.name=...")] = None,
 ) -> None:
     """Run a federated LoRA fine-tune and write the run directory."""
     from privlora.config import load_config
@@ -68,8 +69,8 @@ def run(
 @app.command("eval")
 def eval_(
     adapter: Annotated[Path, typer.Option(help="Adapter directory saved by `privlora run`.")],
-    data: Annotated[Optional[str], typer.Option(help="JSONL to score (default: the run's eval split).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base model (default: the run's).")] = None,
+    data: Annotated[str | None, typer.Option(help="JSONL to score (default: the run's eval split).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the run's).")] = None,
 ) -> None:
     """Evaluate a saved adapter (stock PEFT loading) on the run's eval split or a JSONL file."""
     from privlora.evaluate_adapter import evaluate_adapter

@@ -15,8 +15,16 @@ import torch
 
 from privlora.data import Example, collate
 from privlora.lm import per_example_loss
-from privlora.lora import Adapter, Factors, LoraHandles, flatten, lora_linears, read_adapter
-from privlora.lora import set_trainable, write_adapter
+from privlora.lora import (
+    Adapter,
+    Factors,
+    LoraHandles,
+    flatten,
+    lora_linears,
+    read_adapter,
+    set_trainable,
+    write_adapter,
+)
 from privlora.privacy import accounting
 from privlora.privacy.mechanisms import add_noise, clip, clip_per_example
 
@@ -90,13 +98,13 @@ def local_update(handles: LoraHandles, global_adapter: Adapter, examples: list[E
             write_adapter(handles, _mask_rank(read_adapter(handles), spec.rank))
         losses.append(loss.item())
     handles.model.eval()
-    delta = _delta(read_adapter(handles), start, spec.train_a)
+    delta = _delta(read_adapter(handles), start, spec.train_a, spec.rank)
     events: list[dp_accounting.DpEvent] = []
     if spec.sample_dp is not None:
         dp = spec.sample_dp
         events.append(accounting.sample_mode_event(dp.sample_rate, dp.noise_multiplier, spec.steps))
     if spec.local_dp is not None:
-        delta, norm = clip(delta, spec.local_dp.clip)
+        delta, _norm = clip(delta, spec.local_dp.clip)
         std = spec.local_dp.noise_multiplier * 2 * spec.local_dp.clip  # sensitivity 2C
         delta = add_noise(delta, std, noise_rng, secure=spec.local_dp.secure)
         events.append(accounting.local_mode_event(spec.local_dp.noise_multiplier, 1))
@@ -162,11 +170,17 @@ def _mask_rank(adapter: Adapter, rank: int) -> Adapter:
     return masked
 
 
-def _delta(after: Adapter, before: Adapter, train_a: bool) -> dict[str, torch.Tensor]:
-    """Return the flat factor update after - before (B only when A is frozen)."""
+def _delta(after: Adapter, before: Adapter, train_a: bool,
+           rank: int | None) -> dict[str, torch.Tensor]:
+    """Return the flat factor update after - before, as sent: B only when A is frozen, and only
+    the client's own ``rank`` components (rows of A, columns of B) when ranks differ."""
     flat_after, flat_before = flatten(after), flatten(before)
-    return {
-        name: flat_after[name] - flat_before[name]
-        for name in flat_after
-        if train_a or name.endswith(".lora_B")
-    }
+    delta = {}
+    for name in flat_after:
+        if not train_a and not name.endswith(".lora_B"):
+            continue
+        change = flat_after[name] - flat_before[name]
+        if rank is not None:
+            change = change[:rank] if name.endswith(".lora_A") else change[:, :rank]
+        delta[name] = change.contiguous()
+    return delta

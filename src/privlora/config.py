@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+
+import tomllib
 
 from privlora.errors import ConfigError
 
@@ -150,7 +151,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
-        inner = [a for a in get_args(hint) if a is not type(None)][0]
+        inner = next(a for a in get_args(hint) if a is not type(None))
         return _coerce(inner, value, key)
     if origin is tuple:
         if isinstance(value, str):

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typing_extensions import Self
 
 from privlora.config import RunConfig
 
@@ -22,7 +23,7 @@ class RichProgress:
                             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                             console=console, transient=True)
 
-    def __enter__(self) -> RichProgress:
+    def __enter__(self) -> Self:
         self.bar.__enter__()
         self.rounds = self.bar.add_task("rounds", total=self.config.federation.rounds)
         self.client_task = self.bar.add_task("clients", total=0)

@@ -19,8 +19,16 @@ from privlora.communication import full_finetune_bytes, payload_bytes
 from privlora.config import RunConfig
 from privlora.errors import PrivacyBudgetExceeded
 from privlora.evaluate import EvalResult, evaluate
-from privlora.lora import Adapter, Factors, LoraHandles, LoraSpec, attach, flatten, read_adapter
-from privlora.lora import write_adapter
+from privlora.lora import (
+    Adapter,
+    Factors,
+    LoraHandles,
+    LoraSpec,
+    attach,
+    flatten,
+    read_adapter,
+    write_adapter,
+)
 from privlora.models import load_model, load_tokenizer
 from privlora.privacy.accounting import PrivacyLedger
 from privlora.privacy.central import noisy_mean
@@ -102,22 +110,34 @@ def local_spec(config: RunConfig, plan: PrivacyPlan | None, client_id: int) -> c
 def downlink(config: RunConfig, global_adapter: Adapter, client_id: int) -> dict[str, torch.Tensor]:
     """Return the tensors the server sends a client (FFA: B only; A comes from the shared seed)."""
     rank = client_rank(config, client_id)
-    adapter = global_adapter if rank is None else aggregation.truncate_rank(global_adapter, rank)
-    flat = flatten(adapter)
+    flat = flatten(global_adapter)
+    if rank is not None:  # a rank-r client receives the top r components of the SVD-ordered global
+        flat = {k: (v[:rank] if k.endswith(".lora_A") else v[:, :rank]).contiguous()
+                for k, v in flat.items()}
     if config.federation.aggregation == "ffa":
         return {k: v for k, v in flat.items() if k.endswith(".lora_B")}
     return flat
 
 
 def apply_delta(global_adapter: Adapter, delta: dict[str, torch.Tensor]) -> Adapter:
-    """Return global + delta per factor (factors absent from ``delta`` are kept, as FFA's A)."""
-    return {
-        name: Factors(
-            A=f.A + delta.get(f"{name}.lora_A", torch.zeros_like(f.A)),
-            B=f.B + delta.get(f"{name}.lora_B", torch.zeros_like(f.B)),
-        )
-        for name, f in global_adapter.items()
-    }
+    """Return a client's factors: its global start plus its delta.
+
+    Factors absent from ``delta`` are kept (FFA's frozen A). A rank-r client's delta covers its
+    first r components; its start had the rest zeroed, so they stay zero.
+    """
+    adapter = {}
+    for name, f in global_adapter.items():
+        a_delta, b_delta = delta.get(f"{name}.lora_A"), delta.get(f"{name}.lora_B")
+        rank = (a_delta.shape[0] if a_delta is not None else
+                b_delta.shape[1] if b_delta is not None else f.A.shape[0])
+        a, b = f.A.clone(), f.B.clone()
+        a[rank:], b[:, rank:] = 0, 0
+        if a_delta is not None:
+            a[:rank] += a_delta
+        if b_delta is not None:
+            b[:, :rank] += b_delta
+        adapter[name] = Factors(A=a, B=b)
+    return adapter
 
 
 def aggregate_round(fed: Federation, global_adapter: Adapter, updates: list[client.ClientUpdate],

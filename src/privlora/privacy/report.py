@@ -24,12 +24,11 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
     lines = [
         f"mode: {plan.mode}   neighbouring: {plan.neighbouring}",
         f"events: {plan.releases} x "
-        + ("PoissonSampled(q={:.4g}, Gaussian(sigma={:.4f}))".format(plan.sample_rate,
-                                                                     plan.noise_multiplier)
+        + (f"PoissonSampled(q={plan.sample_rate:.4g}, Gaussian(sigma={plan.noise_multiplier:.4f}))"
            if plan.mode != "local" else f"Gaussian(sigma={plan.noise_multiplier:.4f})")
         + (" per client (worst case: every round)" if plan.mode != "client" else " (global)"),
-        f"noise std = sigma x sensitivity = {plan.noise_multiplier:.4f} x {plan.sensitivity:g} "
-        f"= {plan.noise_std:.4f}",
+        (f"noise std = sigma x sensitivity = {plan.noise_multiplier:.4f} x {plan.sensitivity:g} "
+        f"= {plan.noise_std:.4f}"),
         f"epsilon at delta={plan.delta:g}: PLD {plan.epsilon_pld:.4f}  RDP {plan.epsilon_rdp:.4f}"
         + (f"  (target {plan.target_epsilon})" if plan.target_epsilon else ""),
     ]

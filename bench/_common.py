@@ -1,0 +1,63 @@
+"""Shared bits for benchmarks: write JSON under bench/results/ and print a table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save(name: str, payload: dict) -> Path:
+    """Write ``payload`` (plus machine info) to bench/results/<name>.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "machine": {"platform": platform.platform(),
+                                      "processor": platform.processor(),
+                                      "cpus": __import__("os").cpu_count()},
+               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """Render a Markdown table (the README pastes these)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_variant(overrides: list[str], out: Path) -> dict:
+    """Run one federated fine-tune in-process and return the numbers a table needs."""
+    from privlora.config import load_config
+    from privlora.server import run
+
+    started = time.time()
+    summary = run(load_config(None, overrides), out)
+    rounds = summary["rounds"]
+    privacy = summary["privacy"] or {}
+    comm = summary["communication"]
+    return {
+        "overrides": overrides,
+        "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
+        "accuracy": summary["final"]["accuracy"],
+        "loss": summary["final"]["loss"],
+        "epsilon_pld": privacy.get("epsilon_spent_pld"),
+        "epsilon_rdp": privacy.get("epsilon_spent_rdp"),
+        "noise_multiplier": privacy.get("noise_multiplier"),
+        "bytes_up_per_round": comm["bytes_up_total"] / rounds,
+        "bytes_down_per_round": comm["bytes_down_total"] / rounds,
+        "full_finetune_bytes_per_round": comm["full_finetune_bytes_up_total"] / rounds,
+        "seconds": round(time.time() - started, 1),
+        "run_dir": str(out),
+    }
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def eps(x) -> str:
+    return "inf" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))

@@ -1,0 +1,52 @@
+"""Aggregation rules side by side: fedavg vs ffa vs exact, without DP and at epsilon = 2.
+
+Tasks: the built-in task and Financial PhraseBank (../shared/data, all-agree subset).
+Usage: .venv/bin/python bench/aggregation_table.py [--rounds 4 --local-steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from _common import RESULTS, eps, pct, run_variant, save, table
+
+FPB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "financial_phrasebank" \
+    / "fpb_sentences_allagree.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--max-eval", type=int, default=100)
+    parser.add_argument("--privacy", default="sample", choices=["sample", "client", "local"])
+    parser.add_argument("--tasks", default="builtin,fpb")
+    args = parser.parse_args()
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    base = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
+            f"data.max_eval={args.max_eval}"]
+    tasks = {"builtin": "builtin", "fpb": str(FPB.resolve())}
+    rows = []
+    for task in args.tasks.split(","):
+        for rule in ("fedavg", "ffa", "exact"):
+            for target in (None, 2.0):
+                extra = [f"data.path=\"{tasks[task]}\"", f"federation.aggregation={rule}"]
+                if target is not None:
+                    extra += [f"privacy.mode={args.privacy}", f"privacy.target_epsilon={target}"]
+                out = RESULTS / "runs" / f"agg_{task}_{rule}_{target or 'inf'}"
+                result = run_variant(base + extra, out)
+                rows.append({"task": task, "rule": rule, "target_epsilon": target, **result})
+                print(f"{task} {rule} eps={target}: acc {pct(result['accuracy'])}", flush=True)
+    save("aggregation_table", {"args": vars(args), "rows": rows})
+    print(table(["task", "rule", "epsilon", "zero-shot acc", "final acc", "bytes up / round",
+                 "bytes down / round", "full FT bytes / round"],
+                [[r["task"], r["rule"], eps(r["epsilon_pld"]), pct(r["zero_shot_accuracy"]),
+                  pct(r["accuracy"]), f"{r['bytes_up_per_round']:,.0f}",
+                  f"{r['bytes_down_per_round']:,.0f}",
+                  f"{r['full_finetune_bytes_per_round']:,.0f}"] for r in rows]))
+
+
+if __name__ == "__main__":
+    main()
