@@ -27,6 +27,7 @@ from privlora.lora import (
 )
 from privlora.privacy import accounting
 from privlora.privacy.mechanisms import add_noise, clip, clip_per_example
+from privlora.privacy.per_example import PerExampleGrads
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,6 @@ def _dp_sgd_gradients(handles: LoraHandles, examples: list[Example], spec: Local
                       named: dict[str, torch.nn.Parameter], batch_rng: torch.Generator,
                       noise_rng: torch.Generator, pad_id: int) -> torch.Tensor:
     """Set ``.grad`` to one DP-SGD gradient (Abadi et al. 2016, Alg. 1); return the batch loss."""
-    from privlora.privacy.per_example import PerExampleGrads
-
     dp = spec.sample_dp
     assert dp is not None
     # Poisson sampling: each example joins independently with probability q (the accountant's

@@ -60,7 +60,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(name: str = BUILTIN) -> PreTrainedTokenizerBase:
     """Load the tokenizer for a model name (tiny-random shares the built-in tokenizer)."""
-    source = _local_source(BUILTIN if name == TINY_RANDOM else name)
+    source = local_source(BUILTIN if name == TINY_RANDOM else name)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -72,7 +72,7 @@ def load_model(name: str = BUILTIN, dtype: str = "bfloat16") -> PreTrainedModel:
     if name == TINY_RANDOM:
         model = tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN)))
     else:
-        model = AutoModelForCausalLM.from_pretrained(_local_source(name), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(local_source(name), dtype=torch.float32)
     model = model.to(torch_dtype(dtype))
     model.requires_grad_(False)
     model.eval()
@@ -98,8 +98,8 @@ def tiny_random_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def _local_source(name: str) -> str:
-    """Return a directory (or hub id) that ``from_pretrained`` can read without a GGUF detour."""
+def local_source(name: str) -> str:
+    """Return a directory (or hub id) that ``from_pretrained`` reads; GGUF files are cached first."""
     if name == BUILTIN:
         return str(_cached_gguf(builtin_gguf_path()))
     path = Path(name).expanduser()

@@ -6,7 +6,6 @@ read out after), so memory does not grow with the number of clients.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,8 +255,3 @@ def _check_budget(fed: Federation, ledger: PrivacyLedger | None, ids: list[int])
                 f"round would take {party} past privacy.target_epsilon = {plan.target_epsilon}; "
                 "stop here, or start a new run with a larger budget"
             )
-
-
-def summary_json(summary: dict) -> str:
-    """Render a summary as indented JSON (inf written as a string)."""
-    return json.dumps(summary, indent=2, default=str)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
+from typing import Self
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import Self
 
 from privlora.lora import LoraHandles, lora_linears
 

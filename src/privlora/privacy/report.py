@@ -59,7 +59,7 @@ def _local_variance(config, noise_std: float) -> dict:
     if name == models.TINY_RANDOM:
         model = models.tiny_random_llama(len(models.load_tokenizer(name)))
     else:
-        hf_config = AutoConfig.from_pretrained(models._local_source(name))
+        hf_config = AutoConfig.from_pretrained(models.local_source(name))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
         model = model.to_empty(device="cpu")
