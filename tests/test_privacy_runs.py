@@ -112,3 +112,22 @@ def test_secure_rng_is_not_reproducible_but_seeded_noise_is(tmp_path):
     secure = [adapter(tmp_path / f"c{i}", "privacy.secure_rng=true") for i in range(2)]
     assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in seeded[0])
     assert not all(torch.equal(secure[0][k], secure[1][k]) for k in secure[0])
+
+
+@pytest.mark.parametrize("mode", ["sample", "local", "client"])
+def test_private_modes_release_nothing_unnoised(mode, tmp_path):
+    summary = run(tiny_config(f"privacy.mode={mode}", "privacy.noise_multiplier=1.0",
+                              "federation.rounds=1"), tmp_path)
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["train_loss"] is None  # client losses are data-dependent and not noised
+    if mode == "client":  # Poisson participation is what amplification hides
+        assert row["clients"] is None and row["bytes_up"] is None
+        assert summary["communication"]["participations_are_expected_values"]
+    assert "seeded" in summary["privacy"]["noise_source"]
+
+
+def test_sample_rate_that_gives_huge_batches_is_refused():
+    config = tiny_config("privacy.mode=sample", "privacy.noise_multiplier=1.0",
+                         "data.partition=dirichlet", "data.dirichlet_alpha=0.05")
+    with pytest.raises(ConfigError, match="privacy.sample_rate"):
+        make_plan(config, [2, 30, 30, 30])

@@ -138,3 +138,20 @@ def test_rejects_bad_arguments(std, clients, match):
 def test_rejects_mismatched_rank():
     with pytest.raises(ConfigError, match="same r"):
         local_noise_variance({"w": Factors(A=torch.ones(2, 3), B=torch.ones(4, 5))}, 1.0, 1, 1.0)
+
+
+def test_exact_rule_averages_noisy_products_with_a_larger_cross_term():
+    # 'exact' averages each client's own noisy product: (1/n) sum_k (B + beta_k)(A + alpha_k).
+    factors = _adapter()["layers.0.q_proj"]
+    g = torch.Generator().manual_seed(7)
+    A, B = factors.A.double(), factors.B.double()
+    beta = torch.randn(N_CLIENTS, DRAWS, OUT, RANK, generator=g, dtype=torch.float64) * NOISE_STD
+    alpha = torch.randn(N_CLIENTS, DRAWS, RANK, IN, generator=g, dtype=torch.float64) * NOISE_STD
+    # (n, D, out, r) @ (n, D, r, in) -> (n, D, out, in), then the server's mean over clients
+    samples = (SCALE * (B + beta) @ (A + alpha)).mean(dim=0)
+    empirical = (samples - SCALE * B @ A).pow(2).sum(dim=(1, 2)).mean().item()
+    (row,) = local_noise_variance({"q": factors}, NOISE_STD, N_CLIENTS, SCALE,
+                                  products_averaged=True)
+    assert row.expected_sq_frobenius == pytest.approx(empirical, rel=0.03)
+    (factor_avg,) = local_noise_variance({"q": factors}, NOISE_STD, N_CLIENTS, SCALE)
+    assert row.cross_term == pytest.approx(N_CLIENTS * factor_avg.cross_term)

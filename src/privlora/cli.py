@@ -57,6 +57,10 @@ def run(
         from privlora.progress import RichProgress
         from privlora.server import run as run_federation
 
+        if cfg.privacy.mode != "none" and not cfg.privacy.secure_rng:
+            typer.echo("warning: DP noise is seeded from the run seed (reproducible, for research);"
+                       " set privacy.secure_rng = true when the epsilon must hold against anyone "
+                       "who can read config.toml", err=True)
         with RichProgress(cfg) as progress:
             summary = run_federation(cfg, out_dir, progress)
     except _USER_ERRORS as err:

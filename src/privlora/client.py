@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import dp_accounting
 import torch
 
+from privlora.aggregation import truncate_rank
 from privlora.data import Example, collate
 from privlora.lm import per_example_loss
 from privlora.lora import (
     Adapter,
-    Factors,
     LoraHandles,
     flatten,
     lora_linears,
@@ -26,7 +26,7 @@ from privlora.lora import (
     write_adapter,
 )
 from privlora.privacy import accounting
-from privlora.privacy.mechanisms import add_noise, clip, clip_per_example
+from privlora.privacy.mechanisms import add_noise, clip, clip_per_example, uniform
 from privlora.privacy.per_example import PerExampleGrads
 
 
@@ -79,25 +79,17 @@ def local_update(handles: LoraHandles, global_adapter: Adapter, examples: list[E
                  spec: LocalSpec, client_id: int, batch_rng: torch.Generator,
                  noise_rng: torch.Generator, pad_id: int) -> ClientUpdate:
     """Train from ``global_adapter`` for ``spec.steps`` steps; return the update to send."""
-    start = global_adapter if spec.rank is None else _mask_rank(global_adapter, spec.rank)
+    start = global_adapter if spec.rank is None else truncate_rank(global_adapter, spec.rank)
     write_adapter(handles, start)
     params = set_trainable(handles, train_a=spec.train_a)
     optimizer = _optimizer(params, spec)
     named = _named_params(handles, spec.train_a)
     handles.model.train()
-    losses = []
-    for _ in range(spec.steps):
-        if spec.sample_dp is None:
-            batch = _uniform_batch(examples, spec.batch_size, batch_rng)
-            loss = per_example_loss(handles.model, collate(batch, pad_id)).mean()
-            loss.backward()
-        else:
-            loss = _dp_sgd_gradients(handles, examples, spec, named, batch_rng, noise_rng, pad_id)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if spec.rank is not None:  # keep components beyond the client's rank at zero
-            write_adapter(handles, _mask_rank(read_adapter(handles), spec.rank))
-        losses.append(loss.item())
+    # Why: LoRA dropout draws from the global RNG; seed it from this client's stream so that
+    # runs stay bit-identical, without disturbing the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=batch_rng)))
+        losses = _train(handles, examples, spec, named, batch_rng, noise_rng, optimizer, pad_id)
     handles.model.eval()
     delta = _delta(read_adapter(handles), start, spec.train_a, spec.rank)
     events: list[dp_accounting.DpEvent] = []
@@ -109,8 +101,32 @@ def local_update(handles: LoraHandles, global_adapter: Adapter, examples: list[E
         std = spec.local_dp.noise_multiplier * 2 * spec.local_dp.clip  # sensitivity 2C
         delta = add_noise(delta, std, noise_rng, secure=spec.local_dp.secure)
         events.append(accounting.local_mode_event(spec.local_dp.noise_multiplier, 1))
+    if spec.sample_dp is not None or spec.local_dp is not None:
+        # Under DP only the noised update leaves the client: no loss, no example count.
+        return ClientUpdate(client_id, delta, 0, {}, events)
     metrics = {"train_loss": sum(losses) / len(losses)}
     return ClientUpdate(client_id, delta, len(examples), metrics, events)
+
+
+def _train(handles: LoraHandles, examples: list[Example], spec: LocalSpec,
+           named: dict[str, torch.nn.Parameter], batch_rng: torch.Generator,
+           noise_rng: torch.Generator, optimizer: torch.optim.Optimizer,
+           pad_id: int) -> list[float]:
+    """Run the local steps (the training loop); return each step's batch loss."""
+    losses = []
+    for _ in range(spec.steps):
+        if spec.sample_dp is None:
+            batch = _uniform_batch(examples, spec.batch_size, batch_rng)
+            loss = per_example_loss(handles.model, collate(batch, pad_id)).mean()
+            loss.backward()
+        else:
+            loss = _dp_sgd_gradients(handles, examples, spec, named, batch_rng, noise_rng, pad_id)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if spec.rank is not None:  # keep components beyond the client's rank at zero
+            write_adapter(handles, truncate_rank(read_adapter(handles), spec.rank))
+        losses.append(loss.item())
+    return losses
 
 
 def _dp_sgd_gradients(handles: LoraHandles, examples: list[Example], spec: LocalSpec,
@@ -118,10 +134,12 @@ def _dp_sgd_gradients(handles: LoraHandles, examples: list[Example], spec: Local
                       noise_rng: torch.Generator, pad_id: int) -> torch.Tensor:
     """Set ``.grad`` to one DP-SGD gradient (Abadi et al. 2016, Alg. 1); return the batch loss."""
     dp = spec.sample_dp
-    assert dp is not None
+    if dp is None:
+        raise ValueError("DP-SGD gradients need LocalSpec.sample_dp")
     # Poisson sampling: each example joins independently with probability q (the accountant's
     # PoissonSampled event assumes exactly this; the batch size is random and may be 0).
-    chosen = (torch.rand(len(examples), generator=batch_rng) < dp.sample_rate).nonzero()[:, 0]
+    draws = uniform(len(examples), batch_rng, secure=dp.secure)
+    chosen = (draws < dp.sample_rate).nonzero()[:, 0]
     summed = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
     loss = torch.tensor(0.0)
     if len(chosen):
@@ -156,17 +174,6 @@ def _optimizer(params: list[torch.nn.Parameter], spec: LocalSpec) -> torch.optim
 def _uniform_batch(examples: list[Example], size: int, rng: torch.Generator) -> list[Example]:
     picks = torch.randperm(len(examples), generator=rng)[: min(size, len(examples))]
     return [examples[i] for i in picks.tolist()]
-
-
-def _mask_rank(adapter: Adapter, rank: int) -> Adapter:
-    """Zero LoRA components beyond ``rank`` (rows of A, columns of B): a rank-``rank`` client."""
-    masked = {}
-    for name, f in adapter.items():
-        a, b = f.A.clone(), f.B.clone()
-        a[rank:] = 0
-        b[:, rank:] = 0
-        masked[name] = Factors(A=a, B=b)
-    return masked
 
 
 def _delta(after: Adapter, before: Adapter, train_a: bool,

@@ -51,20 +51,27 @@ class RunDir:
     def log_round(self, round_: int, result: EvalResult, updates: list, up: int, down: int,
                   seconds: float, ledger: PrivacyLedger | None, fed: Federation,
                   diagnostics: dict[str, float]) -> dict:
-        """Append one line to metrics.jsonl (and keep it for the summary)."""
+        """Append one line to metrics.jsonl (and keep it for the summary).
+
+        Under client-level DP, who took part (and so the round's byte totals) is what Poisson
+        sampling hides: those fields are written as null; per-client payload sizes stay.
+        """
+        hide = fed.plan is not None and fed.plan.mode == "client"
         row = {
             "round": round_,
             "accuracy": result.accuracy,
             "loss": result.loss,
             "perplexity": result.perplexity,
-            "clients": [u.client_id for u in updates],
-            "bytes_up": up,
-            "bytes_down": down,
+            "clients": None if hide else [u.client_id for u in updates],
+            "bytes_up": None if hide else up,
+            "bytes_down": None if hide else down,
+            "bytes_up_per_client": up / len(updates) if updates else None,
+            "bytes_down_per_client": down / len(updates) if updates else None,
             "seconds": round(seconds, 3),
             "epsilon": _finite(ledger.epsilon(accountant=fed.plan.accountant)) if ledger else None,
             "aggregation": fed.config.federation.aggregation,
             "train_loss": (sum(u.metrics["train_loss"] for u in updates) / len(updates)
-                           if updates else None),
+                           if updates and fed.plan is None else None),
         }
         if diagnostics:
             key = "svd_residual" if fed.config.federation.aggregation == "exact" else "factor_gap"
@@ -106,9 +113,16 @@ class RunDir:
     def _summary(self, fed: Federation, ledger: PrivacyLedger | None, zero_shot: EvalResult,
                  final: EvalResult, wall: float) -> dict:
         rounds = [r for r in self.rows if r["round"] > 0]
-        up = sum(r["bytes_up"] for r in rounds)
-        down = sum(r["bytes_down"] for r in rounds)
-        participations = sum(len(r["clients"]) for r in rounds)
+        plan = fed.plan
+        if plan is not None and plan.mode == "client":  # participation is hidden: expected values
+            participations = plan.sample_rate * fed.config.federation.num_clients * len(rounds)
+            per_up = max((r["bytes_up_per_client"] or 0) for r in rounds)
+            per_down = max((r["bytes_down_per_client"] or 0) for r in rounds)
+            up, down = per_up * participations, per_down * participations
+        else:
+            participations = sum(len(r["clients"]) for r in rounds)
+            up = sum(r["bytes_up"] for r in rounds)
+            down = sum(r["bytes_down"] for r in rounds)
         full = fed.full_model_bytes * participations
         privacy = None
         if fed.plan is not None and ledger is not None:
@@ -131,6 +145,7 @@ class RunDir:
                 "bytes_up_total": up,
                 "bytes_down_total": down,
                 "client_participations": participations,
+                "participations_are_expected_values": plan is not None and plan.mode == "client",
                 "full_finetune_bytes_per_transfer": fed.full_model_bytes,
                 "full_finetune_bytes_up_total": full,
                 "full_finetune_bytes_down_total": full,

@@ -31,7 +31,7 @@ from privlora.lora import (
 from privlora.models import load_model, load_tokenizer
 from privlora.privacy.accounting import PrivacyLedger
 from privlora.privacy.central import noisy_mean
-from privlora.privacy.mechanisms import seeded_generator
+from privlora.privacy.mechanisms import seeded_generator, uniform
 from privlora.privacy.plan import PrivacyPlan, make_plan
 from privlora.run_dir import RunDir
 
@@ -78,8 +78,8 @@ def sample_clients(config: RunConfig, plan: PrivacyPlan | None, round_: int) -> 
     rng = seeded_generator(config.seed, round_, "clients")
     if plan is not None and plan.mode == "client":
         # Poisson sampling at rate q, as the accountant's amplification-by-sampling assumes.
-        picked = torch.rand(fed.num_clients, generator=rng) < plan.sample_rate
-        return picked.nonzero()[:, 0].tolist()
+        draws = uniform(fed.num_clients, rng, secure=config.privacy.secure_rng)
+        return (draws < plan.sample_rate).nonzero()[:, 0].tolist()
     if fed.clients_per_round in (0, fed.num_clients):
         return list(range(fed.num_clients))
     return sorted(torch.randperm(fed.num_clients, generator=rng)[: fed.clients_per_round].tolist())
@@ -148,9 +148,8 @@ def aggregate_round(fed: Federation, global_adapter: Adapter, updates: list[clie
         return _central_dp_round(fed, global_adapter, updates, round_)
     if not updates:
         return global_adapter, {}
-    private = plan is not None and plan.mode == "local"
-    # Example counts are data-dependent: under local DP the server does not get to use them.
-    weights = [1.0 if private else float(u.num_examples) for u in updates]
+    # Example counts are data-dependent: under any DP mode they are not released (equal weights).
+    weights = [1.0 if plan is not None else float(u.num_examples) for u in updates]
     adapters = [apply_delta(global_adapter, u.delta) for u in updates]
     return aggregation.aggregate(rule, adapters, weights, spec.rank, spec.scale)
 
@@ -159,7 +158,8 @@ def _central_dp_round(fed: Federation, global_adapter: Adapter,
                       updates: list[client.ClientUpdate], round_: int) -> tuple[Adapter, dict]:
     """DP-FedAvg (McMahan et al. 2018): clip each update, noise the sum, divide by q * N."""
     config, plan = fed.config, fed.plan
-    assert plan is not None
+    if plan is None:
+        raise ValueError("central DP aggregation needs a privacy plan")
     spec = lora_spec(config)
     expected = plan.sample_rate * config.federation.num_clients
     rng = seeded_generator(config.seed, round_, "server", "noise")
@@ -170,13 +170,15 @@ def _central_dp_round(fed: Federation, global_adapter: Adapter,
         mean = noisy_mean(deltas, template, plan.clip, plan.noise_std, expected, rng,
                           config.privacy.secure_rng)
         return apply_delta(global_adapter, mean), {}
-    # exact: what is clipped and noised is each client's change of the product scale * B A.
+    # exact: what is clipped and noised is each client's change of the product scale * B A,
+    # measured from that client's own start (its rank's share of the global adapter).
     base = aggregation.mean_products([global_adapter], [1.0], [spec.scale])
     deltas = []
     for u in updates:
-        product = aggregation.mean_products([apply_delta(global_adapter, u.delta)], [1.0],
-                                            [spec.scale])
-        deltas.append({k: product[k] - base[k] for k in base})
+        start = _client_start(config, global_adapter, u.client_id)
+        before = aggregation.mean_products([start], [1.0], [spec.scale])
+        after = aggregation.mean_products([apply_delta(start, u.delta)], [1.0], [spec.scale])
+        deltas.append({k: after[k] - before[k] for k in base})
     mean = noisy_mean(deltas, base, plan.clip, plan.noise_std, expected, rng,
                       config.privacy.secure_rng)
     return aggregation.refactorize({k: base[k] + mean[k] for k in base}, spec.rank, spec.scale)

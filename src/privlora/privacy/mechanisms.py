@@ -163,6 +163,23 @@ def _clip_factor(norms: Tensor, clip_norm: float) -> Tensor:
     return torch.where(norms > clip_norm, clipped, torch.ones_like(norms))
 
 
+def secure_uniform(count: int) -> Tensor:
+    """Draw ``count`` uniform doubles in (0, 1) from the OS CSPRNG (os.urandom)."""
+    bits = np.frombuffer(os.urandom(8 * count), dtype=np.uint64)
+    return torch.from_numpy(((bits >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53)
+
+
+def uniform(count: int, generator: torch.Generator, secure: bool = False) -> Tensor:
+    """Draw ``count`` uniforms for a privacy-relevant choice (Poisson sampling).
+
+    Why: with a seeded generator, anyone holding the run seed can replay who was sampled, which
+    voids amplification by sampling; ``secure`` draws from the OS CSPRNG instead.
+    """
+    if secure:
+        return secure_uniform(count)
+    return torch.rand(count, generator=generator, dtype=torch.float64)
+
+
 def _secure_standard_normal(count: int) -> Tensor:
     """Draw ``count`` N(0, 1) float32 values from os.urandom via Box-Muller (1958)."""
     pairs = (count + 1) // 2

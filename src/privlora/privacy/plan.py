@@ -22,6 +22,24 @@ NEIGHBOURING = {
 }
 
 
+SECURE = "os-csprng: noise and privacy sampling drawn from os.urandom"
+SEEDED = (
+    "seeded: reproducible, so anyone holding the run seed (config.toml) can regenerate the noise "
+    "and the sampling; set privacy.secure_rng = true for a deployment"
+)
+
+
+def _check_batch(q: float, largest: int, batch_size: int) -> None:
+    """Refuse a sample rate that would give the largest client batches far above batch_size."""
+    if q * largest > 4 * batch_size:
+        raise ConfigError(
+            f"privacy.sample_rate = {q:.4g} gives the largest client ({largest} examples) an "
+            f"expected batch of {q * largest:.0f}, over 4 x train.batch_size = {4 * batch_size}; "
+            "set privacy.sample_rate explicitly (e.g. train.batch_size / typical client size) "
+            "or partition the data more evenly"
+        )
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
     """Everything a privacy mode needs, decided before the first round."""
@@ -39,6 +57,7 @@ class PrivacyPlan:
     epsilon_pld: float
     epsilon_rdp: float
     target_epsilon: float | None
+    noise_source: str
 
     def event(self, releases: int | None = None) -> dp_accounting.DpEvent:
         """Return the composed event for ``releases`` (default: the whole planned run)."""
@@ -68,19 +87,20 @@ def make_plan(config: RunConfig, client_sizes: list[int]) -> PrivacyPlan | None:
         return None
     match p.mode:
         case "sample":
-            smallest = min(client_sizes)
-            q = p.sample_rate or min(1.0, config.train.batch_size / smallest)
+            q = p.sample_rate or min(1.0, config.train.batch_size / min(client_sizes))
             releases = fed.rounds * config.train.local_steps
-            accounting.validate_delta(p.delta, smallest, "privacy.delta (smallest client's examples)")
+            accounting.validate_delta(p.delta, max(client_sizes),
+                                      "privacy.delta (largest client's examples)")
+            _check_batch(q, max(client_sizes), config.train.batch_size)
         case "client":
             q = (fed.clients_per_round or fed.num_clients) / fed.num_clients
             releases = fed.rounds
             accounting.validate_delta(p.delta, fed.num_clients, "privacy.delta (clients)")
         case _:
             q, releases = 1.0, fed.rounds
+            accounting.validate_delta(p.delta, fed.num_clients, "privacy.delta (clients)")
     sigma = p.noise_multiplier
     if sigma is None:
-        assert p.target_epsilon is not None
         sigma, _ = accounting.calibrate_noise_multiplier(
             lambda s: _event(p.mode, q, s, releases), p.target_epsilon, p.delta, p.accountant
         )
@@ -93,6 +113,7 @@ def make_plan(config: RunConfig, client_sizes: list[int]) -> PrivacyPlan | None:
         epsilon_pld=accounting.epsilon(event, p.delta, "pld"),
         epsilon_rdp=accounting.epsilon(event, p.delta, "rdp"),
         target_epsilon=p.target_epsilon,
+        noise_source=SECURE if p.secure_rng else SEEDED,
     )
     if p.target_epsilon is not None and plan.epsilon > p.target_epsilon * (1 + 1e-9):
         raise PrivacyBudgetExceeded(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from privlora import data
 from privlora.config import load_config
-from privlora.lora import Factors
 from privlora.privacy.plan import make_plan
 from privlora.privacy.variance import local_noise_variance, summarize
 
@@ -31,6 +30,7 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
         f"= {plan.noise_std:.4f}"),
         f"epsilon at delta={plan.delta:g}: PLD {plan.epsilon_pld:.4f}  RDP {plan.epsilon_rdp:.4f}"
         + (f"  (target {plan.target_epsilon})" if plan.target_epsilon else ""),
+        f"noise source: {plan.noise_source}",
     ]
     report = {**asdict(plan)}
     if plan.mode == "local":
@@ -66,8 +66,8 @@ def _local_variance(config, noise_std: float) -> dict:
     handles = attach(model, lora_spec(config), config.seed)
     adapter = read_adapter(handles)
     n = config.federation.clients_per_round or config.federation.num_clients
-    # B starts at zero; a round in, B is whatever training made it. Report B at the clip scale.
-    adapter = {k: Factors(f.A, f.B) for k, f in adapter.items()}
+    # At initialisation B = 0, so the B-alpha term is 0; later rounds use the trained factors.
+    rule = config.federation.aggregation
     rows = local_noise_variance(adapter, noise_std, n, lora_spec(config).scale,
-                                noise_a=config.federation.aggregation != "ffa")
+                                noise_a=rule != "ffa", products_averaged=rule == "exact")
     return {**summarize(rows), "layers": [asdict(r) for r in rows[:4]]}

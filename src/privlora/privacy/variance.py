@@ -46,11 +46,15 @@ def local_noise_variance(
     n_clients: int,
     scale: float,
     noise_a: bool = True,
+    products_averaged: bool = False,
 ) -> list[LayerNoiseVariance]:
     """Return, per layer, the expected noise in c (B + beta)(A + alpha) by equation (*).
 
     ``adapter`` holds the aggregated noise-free factors; ``noise_std`` is s, each client's
     per-coordinate noise; ``noise_a`` False is FFA-LoRA (only B is noised).
+    ``products_averaged`` is the 'exact' rule: the server averages each client's own noisy
+    product, so the cross term is (1/n) sum_k beta_k alpha_k with variance r s^4 / n per entry
+    instead of r (s^2/n)^2 (n times larger); the first-order terms are unchanged.
     """
     if not (math.isfinite(noise_std) and noise_std >= 0):
         raise ConfigError(f"noise_std = {noise_std!r} must be finite and >= 0")
@@ -74,7 +78,8 @@ def local_noise_variance(
         beta_a = variance * shape_out * a_sq
         if noise_a:
             b_alpha = variance * shape_in * b_sq
-            cross = variance**2 * rank * shape_out * shape_in
+            per_client = noise_std**4 / n_clients if products_averaged else variance**2
+            cross = per_client * rank * shape_out * shape_in
         else:
             b_alpha, cross = 0.0, 0.0
         total = scale**2 * (beta_a + b_alpha + cross)
