@@ -1,0 +1,35 @@
+"""Model loading: the built-in SmolLM2 from its GGUF (cached as safetensors), sources, errors."""
+
+import pytest
+import torch
+
+from privlora.errors import ConfigError
+from privlora.models import builtin_gguf_path, load_model, local_source
+
+
+def test_builtin_gguf_is_found_through_package_metadata():
+    path = builtin_gguf_path()
+    assert path.suffix == ".gguf" and path.is_file()
+
+
+def test_bad_model_names(tmp_path):
+    with pytest.raises(ConfigError, match="no such GGUF"):
+        local_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ConfigError, match="config.json"):
+        local_source(str(tmp_path))
+    assert local_source("some-org/some-model") == "some-org/some-model"  # a hub id, untouched
+
+
+@pytest.mark.slow
+def test_builtin_model_answers_a_chat_prompt(tokenizer):
+    model = load_model("builtin", "float32")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0][ids.shape[1]:])
+    # the cache is a plain HF directory: safetensors weights + config + tokenizer
+    cached = local_source("builtin")
+    assert (__import__("pathlib").Path(cached) / "model.safetensors").is_file()
