@@ -49,6 +49,8 @@ def test_bad_values_name_the_field(override, words):
      "privacy.sample_rate"),
     (["privacy.noise_multiplier=1"], "privacy.mode"),
     (["lora.client_ranks=[2, 4]"], "exact"),
+    (["federation.client_fraction=1.5"], "federation.client_fraction"),
+    (["federation.client_fraction=0.5", "federation.clients_per_round=2"], "not both"),
 ])
 def test_privacy_field_errors(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

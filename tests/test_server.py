@@ -84,3 +84,8 @@ def test_client_subsampling_is_seeded(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["clients"]) == 2 for r in rows[1:])
     assert summary["communication"]["client_participations"] == 4
+
+
+def test_client_fraction_picks_that_share_of_clients(tmp_path):
+    summary = run(tiny_config("federation.client_fraction=0.5", "federation.rounds=1"), tmp_path)
+    assert summary["communication"]["client_participations"] == 2

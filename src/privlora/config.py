@@ -52,6 +52,14 @@ class FederationConfig:
     num_clients: int = 4
     rounds: int = 5
     clients_per_round: int = 0  # 0 = every client every round (expected count in client DP mode)
+    client_fraction: float = 0.0  # or a fraction of num_clients per round (0 = use the count)
+
+    @property
+    def per_round(self) -> int:
+        """Return how many clients take part in a round (expected number in client DP mode)."""
+        if self.client_fraction > 0:
+            return max(1, round(self.client_fraction * self.num_clients))
+        return self.clients_per_round or self.num_clients
     aggregation: Aggregation = "fedavg"
 
 
@@ -195,6 +203,10 @@ def validate(c: RunConfig) -> None:
         0 <= f.clients_per_round <= f.num_clients,
         f"federation.clients_per_round = {f.clients_per_round} must be in [0, num_clients]",
     )
+    _require(0 <= f.client_fraction <= 1,
+             f"federation.client_fraction = {f.client_fraction} must be in [0, 1]")
+    _require(not (f.client_fraction and f.clients_per_round),
+             "set federation.clients_per_round or federation.client_fraction, not both")
     _require(c.train.local_steps >= 1, f"train.local_steps = {c.train.local_steps} must be >= 1")
     _require(c.train.batch_size >= 1, f"train.batch_size = {c.train.batch_size} must be >= 1")
     _require(c.train.lr > 0, f"train.lr = {c.train.lr} must be > 0")

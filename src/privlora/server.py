@@ -80,9 +80,9 @@ def sample_clients(config: RunConfig, plan: PrivacyPlan | None, round_: int) -> 
         # Poisson sampling at rate q, as the accountant's amplification-by-sampling assumes.
         draws = uniform(fed.num_clients, rng, secure=config.privacy.secure_rng)
         return (draws < plan.sample_rate).nonzero()[:, 0].tolist()
-    if fed.clients_per_round in (0, fed.num_clients):
+    if fed.per_round == fed.num_clients:
         return list(range(fed.num_clients))
-    return sorted(torch.randperm(fed.num_clients, generator=rng)[: fed.clients_per_round].tolist())
+    return sorted(torch.randperm(fed.num_clients, generator=rng)[: fed.per_round].tolist())
 
 
 def client_rank(config: RunConfig, client_id: int) -> int | None:

@@ -131,7 +131,7 @@ def client_mode_event(sample_rate: float, noise_multiplier: float, rounds: int) 
     each client update to norm C and adds N(0, (sigma C)^2) noise to the sum. The accounting is
     that of DP-SGD with clients in place of examples.
     """
-    validate_sample_rate(sample_rate, "client sample rate (clients_per_round / num_clients)")
+    validate_sample_rate(sample_rate, "client sample rate (clients per round / federation.num_clients)")
     validate_noise_multiplier(noise_multiplier, "privacy.noise_multiplier")
     _validate_count(rounds, "federation.rounds")
     return _repeat(_poisson_gaussian(sample_rate, noise_multiplier), rounds)

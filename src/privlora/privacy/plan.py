@@ -93,7 +93,7 @@ def make_plan(config: RunConfig, client_sizes: list[int]) -> PrivacyPlan | None:
                                       "privacy.delta (largest client's examples)")
             _check_batch(q, max(client_sizes), config.train.batch_size)
         case "client":
-            q = (fed.clients_per_round or fed.num_clients) / fed.num_clients
+            q = fed.per_round / fed.num_clients
             releases = fed.rounds
             accounting.validate_delta(p.delta, fed.num_clients, "privacy.delta (clients)")
         case _:

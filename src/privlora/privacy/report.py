@@ -65,7 +65,7 @@ def _local_variance(config, noise_std: float) -> dict:
         model = model.to_empty(device="cpu")
     handles = attach(model, lora_spec(config), config.seed)
     adapter = read_adapter(handles)
-    n = config.federation.clients_per_round or config.federation.num_clients
+    n = config.federation.per_round
     # At initialisation B = 0, so the B-alpha term is 0; later rounds use the trained factors.
     rule = config.federation.aggregation
     rows = local_noise_variance(adapter, noise_std, n, lora_spec(config).scale,
