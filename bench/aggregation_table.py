@@ -39,7 +39,7 @@ def main() -> None:
                 result = run_variant(base + extra, out)
                 rows.append({"task": task, "rule": rule, "target_epsilon": target, **result})
                 print(f"{task} {rule} eps={target}: acc {pct(result['accuracy'])}", flush=True)
-    save("aggregation_table", {"args": vars(args), "rows": rows})
+                save("aggregation_table", {"args": vars(args), "rows": rows})  # after every cell
     print(table(["task", "rule", "epsilon", "zero-shot acc", "final acc", "bytes up / round",
                  "bytes down / round", "full FT bytes / round"],
                 [[r["task"], r["rule"], eps(r["epsilon_pld"]), pct(r["zero_shot_accuracy"]),
