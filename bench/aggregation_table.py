@@ -29,17 +29,19 @@ def main() -> None:
             f"data.max_eval={args.max_eval}"]
     tasks = {"builtin": "builtin", "fpb": str(FPB.resolve())}
     rows = []
-    for task in args.tasks.split(","):
-        for rule in ("fedavg", "ffa", "exact"):
-            for target in (None, 2.0):
-                extra = [f"data.path=\"{tasks[task]}\"", f"federation.aggregation={rule}"]
-                if target is not None:
-                    extra += [f"privacy.mode={args.privacy}", f"privacy.target_epsilon={target}"]
-                out = RESULTS / "runs" / f"agg_{task}_{rule}_{target or 'inf'}"
-                result = run_variant(base + extra, out)
-                rows.append({"task": task, "rule": rule, "target_epsilon": target, **result})
-                print(f"{task} {rule} eps={target}: acc {pct(result['accuracy'])}", flush=True)
-                save("aggregation_table", {"args": vars(args), "rows": rows})  # after every cell
+    # Non-private cells first (both tasks), then the DP cells: the most informative cells land
+    # first, and the JSON is rewritten after every cell.
+    cells = [(task, rule, target) for target in (None, 2.0)
+             for task in args.tasks.split(",") for rule in ("fedavg", "ffa", "exact")]
+    for task, rule, target in cells:
+        extra = [f"data.path=\"{tasks[task]}\"", f"federation.aggregation={rule}"]
+        if target is not None:
+            extra += [f"privacy.mode={args.privacy}", f"privacy.target_epsilon={target}"]
+        out = RESULTS / "runs" / f"agg_{task}_{rule}_{target or 'inf'}"
+        result = run_variant(base + extra, out)
+        rows.append({"task": task, "rule": rule, "target_epsilon": target, **result})
+        print(f"{task} {rule} eps={target}: acc {pct(result['accuracy'])}", flush=True)
+        save("aggregation_table", {"args": vars(args), "rows": rows})  # after every cell
     print(table(["task", "rule", "epsilon", "zero-shot acc", "final acc", "bytes up / round",
                  "bytes down / round", "full FT bytes / round"],
                 [[r["task"], r["rule"], eps(r["epsilon_pld"]), pct(r["zero_shot_accuracy"]),
