@@ -7,6 +7,7 @@ Usage: .venv/bin/python bench/aggregation_table.py [--rounds 4 --local-steps 10]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,12 @@ def main() -> None:
     parser.add_argument("--max-eval", type=int, default=100)
     parser.add_argument("--privacy", default="sample", choices=["sample", "client", "local"])
     parser.add_argument("--tasks", default="builtin,fpb")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table from bench/results/aggregation_table.json")
     args = parser.parse_args()
+    if args.report:
+        print_table(json.loads((RESULTS / "aggregation_table.json").read_text())["rows"])
+        return
     logging.getLogger("absl").setLevel(logging.ERROR)
     base = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
             f"data.max_eval={args.max_eval}"]
@@ -42,6 +48,11 @@ def main() -> None:
         rows.append({"task": task, "rule": rule, "target_epsilon": target, **result})
         print(f"{task} {rule} eps={target}: acc {pct(result['accuracy'])}", flush=True)
         save("aggregation_table", {"args": vars(args), "rows": rows})  # after every cell
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print the cells measured so far as a Markdown table."""
     print(table(["task", "rule", "epsilon", "zero-shot acc", "final acc", "bytes up / round",
                  "bytes down / round", "full FT bytes / round"],
                 [[r["task"], r["rule"], eps(r["epsilon_pld"]), pct(r["zero_shot_accuracy"]),
