@@ -19,6 +19,7 @@ from privlora.lm import per_example_loss
 from privlora.lora import (
     Adapter,
     LoraHandles,
+    first_components,
     flatten,
     lora_linears,
     read_adapter,
@@ -181,12 +182,9 @@ def _delta(after: Adapter, before: Adapter, train_a: bool,
     """Return the flat factor update after - before, as sent: B only when A is frozen, and only
     the client's own ``rank`` components (rows of A, columns of B) when ranks differ."""
     flat_after, flat_before = flatten(after), flatten(before)
-    delta = {}
-    for name in flat_after:
-        if not train_a and not name.endswith(".lora_B"):
-            continue
-        change = flat_after[name] - flat_before[name]
-        if rank is not None:
-            change = change[:rank] if name.endswith(".lora_A") else change[:, :rank]
-        delta[name] = change.contiguous()
-    return delta
+    delta = {
+        name: flat_after[name] - flat_before[name]
+        for name in flat_after
+        if train_a or name.endswith(".lora_B")
+    }
+    return delta if rank is None else first_components(delta, rank)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
@@ -129,22 +129,15 @@ def flatten(adapter: Adapter) -> dict[str, torch.Tensor]:
     return flat
 
 
-def peft_state_dict(handles: LoraHandles, adapter: Adapter) -> dict[str, torch.Tensor]:
-    """Map an adapter to the key names stock PEFT expects in ``adapter_model.safetensors``."""
-    state = {}
-    for name, factors in adapter.items():
-        prefix = f"base_model.model.{name}"
-        state[f"{prefix}.lora_A.weight"] = factors.A.contiguous()
-        state[f"{prefix}.lora_B.weight"] = factors.B.contiguous()
-    return state
-
-
 def save_peft(handles: LoraHandles, adapter: Adapter, out_dir: Path) -> None:
     """Save ``adapter`` as adapter_config.json + adapter_model.safetensors that PeftModel loads."""
     write_adapter(handles, adapter)
     handles.model.save_pretrained(str(out_dir))
 
 
-def load_peft_state(handles: LoraHandles, state: dict[str, torch.Tensor]) -> None:
-    """Load a PEFT-format state dict (as saved by ``save_peft``) into the wrapped model."""
-    set_peft_model_state_dict(handles.model, state)
+def first_components(flat: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Keep the first ``rank`` components of flat factors: rows of A, columns of B (wire format)."""
+    return {
+        name: (t[:rank] if name.endswith(".lora_A") else t[:, :rank]).contiguous()
+        for name, t in flat.items()
+    }

@@ -24,6 +24,7 @@ from privlora.lora import (
     LoraHandles,
     LoraSpec,
     attach,
+    first_components,
     flatten,
     read_adapter,
     write_adapter,
@@ -111,8 +112,7 @@ def downlink(config: RunConfig, global_adapter: Adapter, client_id: int) -> dict
     rank = client_rank(config, client_id)
     flat = flatten(global_adapter)
     if rank is not None:  # a rank-r client receives the top r components of the SVD-ordered global
-        flat = {k: (v[:rank] if k.endswith(".lora_A") else v[:, :rank]).contiguous()
-                for k, v in flat.items()}
+        flat = first_components(flat, rank)
     if config.federation.aggregation == "ffa":
         return {k: v for k, v in flat.items() if k.endswith(".lora_B")}
     return flat
