@@ -1,7 +1,7 @@
 """Aggregation rules side by side: fedavg vs ffa vs exact, without DP and at epsilon = 2.
 
 Tasks: the built-in task and Financial PhraseBank (../shared/data, all-agree subset).
-Usage: .venv/bin/python bench/aggregation_table.py [--rounds 4 --local-steps 10]
+Usage: .venv/bin/python bench/aggregation_table.py [--rounds 4 --local-steps 10] [--resume]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="builtin,fpb")
     parser.add_argument("--report", action="store_true",
                         help="only print the table from bench/results/aggregation_table.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cells already in the JSON (same settings) and run the rest")
     args = parser.parse_args()
     if args.report:
         print_table(json.loads((RESULTS / "aggregation_table.json").read_text())["rows"])
@@ -34,12 +36,15 @@ def main() -> None:
     base = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
             f"data.max_eval={args.max_eval}"]
     tasks = {"builtin": "builtin", "fpb": str(FPB.resolve())}
-    rows = []
+    rows = finished_rows(args) if args.resume else []
+    done = {(r["task"], r["rule"], r["target_epsilon"]) for r in rows}
     # Non-private cells first (both tasks), then the DP cells: the most informative cells land
     # first, and the JSON is rewritten after every cell.
     cells = [(task, rule, target) for target in (None, 2.0)
              for task in args.tasks.split(",") for rule in ("fedavg", "ffa", "exact")]
     for task, rule, target in cells:
+        if (task, rule, target) in done:
+            continue
         extra = [f"data.path=\"{tasks[task]}\"", f"federation.aggregation={rule}"]
         if target is not None:
             extra += [f"privacy.mode={args.privacy}", f"privacy.target_epsilon={target}"]
@@ -49,6 +54,19 @@ def main() -> None:
         print(f"{task} {rule} eps={target}: acc {pct(result['accuracy'])}", flush=True)
         save("aggregation_table", {"args": vars(args), "rows": rows})  # after every cell
     print_table(rows)
+
+
+def finished_rows(args: argparse.Namespace) -> list[dict]:
+    """Cells saved by an earlier run with the same settings, for --resume."""
+    path = RESULTS / "aggregation_table.json"
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    settings = ("rounds", "local_steps", "max_eval", "privacy")
+    if any(saved["args"].get(k) != getattr(args, k) for k in settings):
+        raise SystemExit(f"{path} was measured with other settings ({saved['args']}); "
+                         "rerun without --resume to start over")
+    return saved["rows"]
 
 
 def print_table(rows: list[dict]) -> None:

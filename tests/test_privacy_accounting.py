@@ -20,19 +20,17 @@ from scipy.stats import norm
 from privlora.errors import ConfigError
 from privlora.privacy.accounting import (
     RDP_ORDERS,
-    PrivacyLedger,
     calibrate_noise_multiplier,
     client_mode_event,
     compose,
     epsilon,
-    event_from_dict,
-    event_to_dict,
     local_mode_event,
     sample_mode_event,
     validate_delta,
     validate_noise_multiplier,
     validate_sample_rate,
 )
+from privlora.privacy.ledger import PrivacyLedger, event_from_dict, event_to_dict
 
 # (q, sigma, steps, delta, PRV eps_error). Measured on dp-accounting 0.6.0 / opacus 1.6.0:
 #   q      sigma steps delta | PLD     RDP     RDP/PLD | RDP vs opacus RDP | PLD vs PRV

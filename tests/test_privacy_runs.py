@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from privlora.config import load_config
 from privlora.errors import ConfigError, PrivacyBudgetExceeded
-from privlora.privacy.accounting import PrivacyLedger
+from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.plan import make_plan
 from privlora.server import prepare, run
 

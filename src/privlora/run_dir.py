@@ -20,7 +20,7 @@ from privlora.lora import Adapter, flatten, save_peft
 
 if TYPE_CHECKING:
     from privlora.evaluate import EvalResult
-    from privlora.privacy.accounting import PrivacyLedger
+    from privlora.privacy.ledger import PrivacyLedger
     from privlora.server import Federation
 
 _PACKAGES = ("privlora", "torch", "transformers", "peft", "dp-accounting", "flwr", "safetensors")

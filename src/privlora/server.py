@@ -30,8 +30,8 @@ from privlora.lora import (
     write_adapter,
 )
 from privlora.models import load_model, load_tokenizer
-from privlora.privacy.accounting import PrivacyLedger
 from privlora.privacy.central import noisy_mean
+from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator, uniform
 from privlora.privacy.plan import PrivacyPlan, make_plan
 from privlora.run_dir import RunDir

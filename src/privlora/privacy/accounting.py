@@ -1,11 +1,11 @@
-"""Privacy accounting: DpEvents per mode -> a ledger per party -> epsilon; calibrate sigma.
+"""Privacy accounting: DpEvents per mode -> epsilon; calibrate sigma from a target epsilon.
 
 A thin layer over Google's dp-accounting. Every privacy-relevant step is an immutable
 `dp_accounting.DpEvent`; the library's PLD accountant (the headline number) and RDP accountant
 (a looser bound reported beside it) turn a composition of events into epsilon at a given delta.
 No privacy formula is written here.
 
-All functions are pure except `PrivacyLedger`, which records which events each party spent.
+All functions are pure; `privlora.privacy.ledger` records which events each party spent.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import dp_accounting
-from dp_accounting import dp_event as dp_event_module
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
@@ -46,7 +45,6 @@ _PLD_TARGET_RESOLUTION = 2000.0
 _SIGMA_MIN = 2.0**-4
 _SIGMA_MAX = 2.0**20
 _CALIBRATION_TOLERANCE = 0.98
-_WOULD_EXCEED_SLACK = 1e-9
 
 
 def validate_sample_rate(q: float, field: str = "privacy.sample_rate") -> None:
@@ -93,7 +91,7 @@ def _validate_count(n: int, field: str) -> None:
         raise ConfigError(f"{field} = {n!r} must be an integer >= 0")
 
 
-def _validate_probability(p: float, field: str) -> None:
+def validate_probability(p: float, field: str) -> None:
     """Raise ConfigError unless 0 < p < 1 (used for delta where no population is known)."""
     if not (isinstance(p, numbers.Real) and 0.0 < p < 1.0):
         raise ConfigError(f"{field} = {p!r} must be in (0, 1), e.g. 1e-5")
@@ -213,7 +211,7 @@ def epsilon(event: DpEvent, delta: float, accountant: Accountant = "pld") -> flo
     """
     if not isinstance(event, DpEvent):
         raise TypeError(f"event = {event!r} must be a dp_accounting.DpEvent")
-    _validate_probability(delta, "privacy.delta")
+    validate_probability(delta, "privacy.delta")
     if isinstance(event, dp_accounting.NoOpDpEvent):
         return 0.0
     match accountant:
@@ -242,7 +240,7 @@ def calibrate_noise_multiplier(
             f"privacy.target_epsilon = {target_epsilon!r} is unreachable: it must be a finite "
             "number > 0, e.g. 8.0"
         )
-    _validate_probability(delta, "privacy.delta")
+    validate_probability(delta, "privacy.delta")
 
     def eps_at(sigma: float) -> float:
         return epsilon(make_event(sigma), delta, accountant)
@@ -284,127 +282,3 @@ def _bracket_sigma(eps_at: Callable[[float], float], target: float) -> tuple[flo
             )
         prev_eps, sigma, eps = eps, sigma / 2.0, eps_at(sigma / 2.0)
     return sigma, 2.0 * sigma, prev_eps
-
-
-def event_to_dict(event: DpEvent) -> dict[str, Any]:
-    """Return a JSON-serialisable dict of `event`: {"type": class name, **fields}, recursively."""
-    return _tuple_to_json(event.to_named_tuple())
-
-
-def _tuple_to_json(value: Any) -> Any:
-    """Convert dp-accounting's NamedTuple form (nested events, lists) to plain JSON values."""
-    if isinstance(value, dp_event_module.DpEventNamedTuple):
-        fields = [f for f in value._fields if f not in ("module_name", "class_name")]
-        return {"type": value.class_name, **{f: _tuple_to_json(getattr(value, f)) for f in fields}}
-    if isinstance(value, list | tuple):
-        return [_tuple_to_json(v) for v in value]
-    return value
-
-
-def event_from_dict(data: dict[str, Any]) -> DpEvent:
-    """Return the DpEvent that `event_to_dict` produced `data` from."""
-    name = data.get("type") if isinstance(data, dict) else None
-    cls = getattr(dp_event_module, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, DpEvent)):
-        raise ConfigError(
-            f"ledger event type = {name!r} is not a dp_accounting DpEvent class; "
-            "the ledger file is corrupt or from an incompatible dp-accounting version"
-        )
-    kwargs = {k: _json_to_value(v) for k, v in data.items() if k != "type"}
-    return cls(**kwargs)
-
-
-def _json_to_value(value: Any) -> Any:
-    """Invert `_tuple_to_json` for one field value."""
-    if isinstance(value, list):
-        return [_json_to_value(v) for v in value]
-    return event_from_dict(value) if isinstance(value, dict) else value
-
-
-def _json_number(x: float) -> float | str:
-    """Return `x`, or the string "inf" (strict JSON has no infinity)."""
-    return x if math.isfinite(x) else "inf"
-
-
-class PrivacyLedger:
-    """Record the DpEvents each party (a client id, or "global") has spent; report epsilon.
-
-    The ledger is the only state in privacy accounting: epsilon is always recomputed from the
-    recorded events (with a per-instance cache keyed on the number of events recorded).
-    """
-
-    def __init__(self, delta: float, neighbouring: str) -> None:
-        """Start an empty ledger at `delta` under the `neighbouring` relation (human text)."""
-        _validate_probability(delta, "privacy.delta")
-        if not isinstance(neighbouring, str) or not neighbouring.strip():
-            raise ConfigError(
-                f"neighbouring = {neighbouring!r} must describe the neighbouring relation, "
-                "e.g. 'add/remove one example' or 'add/remove one client'"
-            )
-        self.delta = float(delta)
-        self.neighbouring = neighbouring
-        self._events: dict[str, list[DpEvent]] = {}
-        self._cache: dict[tuple[str, str], tuple[int, float]] = {}
-
-    def record(self, party: str, event: DpEvent) -> None:
-        """Append `event` to what `party` has spent."""
-        if not isinstance(party, str) or not party:
-            raise ConfigError(f"party = {party!r} must be a non-empty client id or 'global'")
-        if not isinstance(event, DpEvent):
-            raise TypeError(f"event = {event!r} must be a dp_accounting.DpEvent")
-        self._events.setdefault(party, []).append(event)
-
-    def parties(self) -> list[str]:
-        """Return the parties that have recorded events, in first-seen order."""
-        return list(self._events)
-
-    def events(self, party: str) -> list[DpEvent]:
-        """Return a copy of the events `party` has spent (empty if none)."""
-        return list(self._events.get(party, []))
-
-    def epsilon(self, party: str | None = None, accountant: Accountant = "pld") -> float:
-        """Return epsilon spent by `party`, or the max over parties when None (0.0 if none)."""
-        if party is None:
-            return max((self.epsilon(p, accountant) for p in self._events), default=0.0)
-        events = self._events.get(party, [])
-        cached = self._cache.get((party, accountant))
-        if cached is not None and cached[0] == len(events):
-            return cached[1]
-        eps = epsilon(compose(events), self.delta, accountant)
-        self._cache[(party, accountant)] = (len(events), eps)
-        return eps
-
-    def would_exceed(
-        self, party: str, event: DpEvent, target_epsilon: float, accountant: Accountant = "pld"
-    ) -> bool:
-        """Return whether recording `event` for `party` would take epsilon past the target."""
-        eps = epsilon(compose([*self._events.get(party, []), event]), self.delta, accountant)
-        return eps > target_epsilon * (1.0 + _WOULD_EXCEED_SLACK)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict: delta, relation, events per party, epsilon summary."""
-        summary: dict[str, Any] = {}
-        for acc in ("pld", "rdp"):
-            per_party = {p: _json_number(self.epsilon(p, acc)) for p in self._events}
-            summary[acc] = {"max": _json_number(self.epsilon(None, acc)), "per_party": per_party}
-        return {
-            "delta": self.delta,
-            "neighbouring": self.neighbouring,
-            "events": {p: [event_to_dict(e) for e in evs] for p, evs in self._events.items()},
-            "epsilon": summary,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
-        """Return the ledger that `to_dict` produced `data` from (the summary is recomputed)."""
-        try:
-            ledger = cls(delta=data["delta"], neighbouring=data["neighbouring"])
-            parties = data["events"]
-        except (KeyError, TypeError) as err:
-            raise ConfigError(
-                f"ledger is missing field {err}; expected keys delta, neighbouring, events"
-            ) from err
-        for party, events in parties.items():
-            for event in events:
-                ledger.record(party, event_from_dict(event))
-        return ledger
