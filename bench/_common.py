@@ -41,6 +41,7 @@ def run_variant(overrides: list[str], out: Path) -> dict:
     comm = summary["communication"]
     return {
         "overrides": overrides,
+        "majority_accuracy": summary["majority_class_accuracy"],
         "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
         "accuracy": summary["final"]["accuracy"],
         "loss": summary["final"]["loss"],
@@ -61,3 +62,20 @@ def pct(x: float | None) -> str:
 
 def eps(x) -> str:
     return "inf" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))
+
+
+def majority_accuracy(row: dict) -> float | None:
+    """The row's always-the-most-common-label accuracy; recomputed from its overrides if absent.
+
+    Rows measured before summaries carried it get it from the same seeded split of the same data.
+    """
+    if "majority_accuracy" in row:
+        return row["majority_accuracy"]
+    from privlora import data
+    from privlora.config import load_config
+    from privlora.evaluate import majority_share
+
+    config = load_config(None, row["overrides"])
+    task = data.load_task(config.data, config.seed)
+    _, eval_rows = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
+    return majority_share([r.get("label") for r in eval_rows])

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from _common import RESULTS, eps, pct, run_variant, save, table
+from _common import RESULTS, eps, majority_accuracy, pct, run_variant, save, table
 
 FPB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "financial_phrasebank" \
     / "fpb_sentences_allagree.jsonl"
@@ -71,10 +71,11 @@ def finished_rows(args: argparse.Namespace) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     """Print the cells measured so far as a Markdown table."""
-    print(table(["task", "rule", "epsilon", "zero-shot acc", "final acc", "bytes up / round",
-                 "bytes down / round", "full FT bytes / round"],
-                [[r["task"], r["rule"], eps(r["epsilon_pld"]), pct(r["zero_shot_accuracy"]),
-                  pct(r["accuracy"]), f"{r['bytes_up_per_round']:,.0f}",
+    print(table(["task", "rule", "epsilon", "majority class", "zero-shot acc", "final acc",
+                 "bytes up / round", "bytes down / round", "full FT bytes / round"],
+                [[r["task"], r["rule"], eps(r["epsilon_pld"]), pct(majority_accuracy(r)),
+                  pct(r["zero_shot_accuracy"]), pct(r["accuracy"]),
+                  f"{r['bytes_up_per_round']:,.0f}",
                   f"{r['bytes_down_per_round']:,.0f}",
                   f"{r['full_finetune_bytes_per_round']:,.0f}"] for r in rows]))
 

@@ -1,16 +1,17 @@
 """Privacy/utility smoke table: accuracy at epsilon = inf, 8, 2 for each privacy mode.
 
 Runs every cell on the built-in task (SmolLM2, 4 clients) one after another in one process.
-Usage: .venv/bin/python bench/privacy_utility.py [--rounds 4 --local-steps 10]
+Usage: .venv/bin/python bench/privacy_utility.py [--rounds 4 --local-steps 10] [--report]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
-from _common import RESULTS, eps, pct, run_variant, save, table
+from _common import RESULTS, eps, majority_accuracy, pct, run_variant, save, table
 
 
 def main() -> None:
@@ -18,7 +19,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--max-eval", type=int, default=100)
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table from bench/results/privacy_utility.json")
     args = parser.parse_args()
+    if args.report:
+        print_table(json.loads((RESULTS / "privacy_utility.json").read_text())["rows"])
+        return
     logging.getLogger("absl").setLevel(logging.ERROR)
     base = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
             f"data.max_eval={args.max_eval}"]
@@ -31,13 +37,18 @@ def main() -> None:
         rows.append({"mode": mode, "target_epsilon": target, **result})
         print(f"{mode} eps={target}: acc {pct(result['accuracy'])}", flush=True)
     save("privacy_utility", {"args": vars(args), "rows": rows})
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print the cells as a Markdown table."""
     print(table(["mode", "target epsilon", "epsilon spent (PLD / RDP)", "sigma",
-                 "zero-shot acc", "final acc"],
+                 "majority class", "zero-shot acc", "final acc"],
                 [[r["mode"], eps(r["target_epsilon"]),
                   f"{eps(r['epsilon_pld'])} / {eps(r['epsilon_rdp'])}",
                   "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}",
-                  pct(r["zero_shot_accuracy"]), pct(r["accuracy"])] for r in rows]))
-
+                  pct(majority_accuracy(r)), pct(r["zero_shot_accuracy"]), pct(r["accuracy"])]
+                 for r in rows]))
 
 if __name__ == "__main__":
     main()

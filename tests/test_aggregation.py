@@ -15,8 +15,10 @@ from privlora.aggregation import (
     ffa,
     mean_products,
     normalise_weights,
+    product_change,
     refactorize,
     truncate_rank,
+    weighted_sum,
 )
 from privlora.errors import ConfigError, InvalidUpdate
 from privlora.lora import Adapter, Factors
@@ -296,3 +298,34 @@ def test_unknown_rule_names_config_field():
 def test_bad_rank_is_config_error():
     with pytest.raises(ConfigError, match="lora.rank"):
         exact([scalar(1, 1)], [1], rank=0)
+
+
+# --- product changes (exact with mixed ranks, and client-mode exact) -------------------------
+
+
+def test_product_change_is_scaled_difference_of_products():
+    gen = torch.Generator().manual_seed(7)
+    start, end = rand_adapter(gen, 3), rand_adapter(gen, 3)
+    change = product_change(start, end, scale=2.0)
+    for name in start:
+        expected = 2.0 * (product(end[name]) - product(start[name]))
+        assert torch.allclose(change[name], expected, atol=1e-5)
+
+
+def test_product_change_of_a_client_that_learned_nothing_is_zero_at_any_rank():
+    gen = torch.Generator().manual_seed(8)
+    start = truncate_rank(rand_adapter(gen, 4), 2)
+    change = product_change(start, start, scale=1.0)
+    assert all(torch.count_nonzero(t) == 0 for t in change.values())
+
+
+def test_weighted_sum_streams_a_generator_and_matches_hand_sum():
+    updates = [{"x": torch.tensor([1.0, 2.0])}, {"x": torch.tensor([3.0, -1.0])}]
+    total = weighted_sum((u for u in updates), [0.25, 0.75])
+    assert torch.equal(total["x"], torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * 2 - 0.75]))
+
+
+@pytest.mark.parametrize("updates", [[], [{"x": torch.ones(2)}, {"y": torch.ones(2)}]])
+def test_weighted_sum_rejects_empty_or_mismatched(updates):
+    with pytest.raises(InvalidUpdate):
+        weighted_sum(updates, [1.0] * len(updates))

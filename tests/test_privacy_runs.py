@@ -121,8 +121,17 @@ def test_private_modes_release_nothing_unnoised(mode, tmp_path):
     row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][1]
     assert row["train_loss"] is None  # client losses are data-dependent and not noised
     if mode == "client":  # Poisson participation is what amplification hides
-        assert row["clients"] is None and row["bytes_up"] is None
-        assert summary["communication"]["participations_are_expected_values"]
+        hidden = ["clients", "bytes_up", "bytes_down", "bytes_up_per_client",
+                  "bytes_down_per_client", "ratio_up_vs_full", "seconds"]
+        assert all(row[k] is None for k in hidden)
+        comm = summary["communication"]
+        assert comm["participations_are_expected_values"]
+        plan = summary["privacy"]
+        expected = plan["sample_rate"] * 4 * 1  # q * num_clients * rounds
+        assert comm["client_participations"] == pytest.approx(expected)
+        assert comm["bytes_up_total"] > 0 and comm["bytes_up_total"] == comm["bytes_down_total"]
+    else:
+        assert row["bytes_up"] > 0 and row["ratio_up_vs_full"] < 1
     assert "seeded" in summary["privacy"]["noise_source"]
 
 

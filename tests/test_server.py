@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from privlora.config import load_config
+from privlora.evaluate import majority_share
 from privlora.evaluate_adapter import evaluate_adapter
 from privlora.server import run
 
@@ -38,6 +39,14 @@ def test_run_directory_contract(fedavg_run):
     assert rows[1]["clients"] == [0, 1, 2, 3]
     assert rows[0]["accuracy"] == summary["zero_shot"]["accuracy"]
     assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
+    # the floor to beat: 16 eval examples over 4 colours, so at least a quarter share one label
+    assert 0.25 <= summary["majority_class_accuracy"] <= 1.0
+
+
+def test_majority_share_is_the_most_common_labels_fraction():
+    assert majority_share(["a", "b", "a", "c"]) == 0.5
+    assert majority_share(["a", None, "a"]) == 1.0  # unlabelled (generation) rows are skipped
+    assert majority_share([None, None]) is None
 
 
 def test_communication_is_measured_from_payloads(fedavg_run):

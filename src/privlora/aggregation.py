@@ -6,7 +6,9 @@ Three rules, chosen by ``federation.aggregation``:
   inexact: mean(B) @ mean(A) != mean(B @ A) in general (``factor_product_gap`` measures by how much).
 - ``ffa``: FFA-LoRA keeps A frozen and shared, so averaging B alone is exact.
 - ``exact``: average the products B @ A, then refactorize with a truncated SVD (FlexLoRA-style);
-  exact whenever the averaged update has rank <= r, and it accepts clients of different ranks.
+  exact whenever the averaged update has rank <= r. With clients of different ranks the server
+  adds the weighted mean of each client's change of its product (``product_change``) to the
+  global product instead, so a low-rank client moves the global update only by what it learned.
 
 Math runs in float32; the SVD runs in float64 (the matrices are at most hidden x hidden).
 """
@@ -14,7 +16,7 @@ Math runs in float32; the SVD runs in float64 (the matrices are at most hidden x
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -165,6 +167,43 @@ def mean_products(
         terms = [a[name].B.float() @ a[name].A.float() for a in adapters]
         products[name] = _weighted_mean(terms, [wk * sk for wk, sk in zip(w, s, strict=True)])
     return products
+
+
+def product_change(start: Adapter, end: Adapter, scale: float) -> dict[str, torch.Tensor]:
+    """Return per layer scale * (B_end @ A_end - B_start @ A_start): a client's update, (out, in).
+
+    Measured from the client's own start, so it is the same quantity whatever the client's rank.
+    """
+    before = mean_products([start], [1.0], [scale])
+    after = mean_products([end], [1.0], [scale])
+    if set(before) != set(after):
+        raise InvalidUpdate(
+            f"client adapter layers {sorted(after)[:3]} differ from its start's "
+            f"{sorted(before)[:3]}; a client must return factors for the layers it received"
+        )
+    return {name: after[name] - before[name] for name in before}
+
+
+def weighted_sum(
+    updates: Iterable[dict[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Return sum_k w_k * u_k over flat tensor dicts, consuming ``updates`` one at a time.
+
+    ``updates`` may be a generator, so only one client's tensors need be held besides the sum.
+    ``weights`` are used as given (normalise them first for a mean).
+    """
+    total: dict[str, torch.Tensor] | None = None
+    for k, (update, w) in enumerate(zip(updates, weights, strict=True)):
+        if total is None:
+            total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in update.items()}
+        if set(update) != set(total):
+            raise InvalidUpdate(
+                f"update {k} has tensors {sorted(update)[:3]}, expected {sorted(total)[:3]}"
+            )
+        total = {name: t + w * update[name].float() for name, t in total.items()}
+    if total is None:
+        raise InvalidUpdate("no client updates to sum; at least one client must report")
+    return total
 
 
 def _check_rank(rank: int) -> None:

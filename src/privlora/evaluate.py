@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,18 @@ class EvalResult:
     loss: float
     perplexity: float
     examples: int
+
+
+def majority_share(labels: Sequence[str | None]) -> float | None:
+    """Return the accuracy of always answering the most common gold label (None without labels).
+
+    The floor a classifier must beat: a model that has learned only the label format, or the
+    class prior, scores this much.
+    """
+    known = [label for label in labels if label is not None]
+    if not known:
+        return None
+    return Counter(known).most_common(1)[0][1] / len(known)
 
 
 def label_token_ids(labels: tuple[str, ...], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:

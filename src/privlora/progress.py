@@ -55,6 +55,7 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     if f["accuracy"] is not None:
         table.add_row("zero-shot accuracy", f"{100 * z['accuracy']:.1f}%")
         table.add_row("federated accuracy", f"{100 * f['accuracy']:.1f}%")
+        table.add_row("always the most common label", f"{100 * summary['majority_class_accuracy']:.1f}%")
     table.add_row("eval loss (zero-shot -> final)", f"{z['loss']:.3f} -> {f['loss']:.3f}")
     if summary["privacy"]:
         p = summary["privacy"]

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from safetensors.torch import save_file
 
 from privlora.config import RunConfig, to_toml
+from privlora.evaluate import EvalResult, majority_share
 from privlora.lora import Adapter, flatten, save_peft
 
 if TYPE_CHECKING:
-    from privlora.evaluate import EvalResult
     from privlora.privacy.ledger import PrivacyLedger
     from privlora.server import Federation
 
@@ -53,10 +53,12 @@ class RunDir:
                   diagnostics: dict[str, float]) -> dict:
         """Append one line to metrics.jsonl (and keep it for the summary).
 
-        Under client-level DP, who took part (and so the round's byte totals) is what Poisson
-        sampling hides: those fields are written as null; per-client payload sizes stay.
+        Under client-level DP, who took part is what Poisson sampling hides, so every field that
+        depends on it (the clients, byte totals and per-client means, the round's seconds) is
+        written as null; the summary reports expected totals from data-independent payload sizes.
         """
         hide = fed.plan is not None and fed.plan.mode == "client"
+        per_up = None if hide or not updates else up / len(updates)
         row = {
             "round": round_,
             "accuracy": result.accuracy,
@@ -65,9 +67,11 @@ class RunDir:
             "clients": None if hide else [u.client_id for u in updates],
             "bytes_up": None if hide else up,
             "bytes_down": None if hide else down,
-            "bytes_up_per_client": up / len(updates) if updates else None,
-            "bytes_down_per_client": down / len(updates) if updates else None,
-            "seconds": round(seconds, 3),
+            "bytes_up_per_client": per_up,
+            "bytes_down_per_client": None if hide or not updates else down / len(updates),
+            "full_finetune_bytes_per_client": fed.full_model_bytes,
+            "ratio_up_vs_full": None if per_up is None else per_up / fed.full_model_bytes,
+            "seconds": None if hide else round(seconds, 3),
             "epsilon": _finite(ledger.epsilon(accountant=fed.plan.accountant)) if ledger else None,
             "aggregation": fed.config.federation.aggregation,
             "train_loss": (sum(u.metrics["train_loss"] for u in updates) / len(updates)
@@ -116,9 +120,9 @@ class RunDir:
         plan = fed.plan
         if plan is not None and plan.mode == "client":  # participation is hidden: expected values
             participations = plan.sample_rate * fed.config.federation.num_clients * len(rounds)
-            per_up = max((r["bytes_up_per_client"] or 0) for r in rounds)
-            per_down = max((r["bytes_down_per_client"] or 0) for r in rounds)
-            up, down = per_up * participations, per_down * participations
+            # a client's uplink carries exactly its downlink's tensors (server.check_uplink)
+            per_client = sum(fed.payload_bytes) / len(fed.payload_bytes)
+            up = down = per_client * participations
         else:
             participations = sum(len(r["clients"]) for r in rounds)
             up = sum(r["bytes_up"] for r in rounds)
@@ -136,6 +140,7 @@ class RunDir:
             "task": fed.task.name,
             "labels": list(fed.task.labels),
             "model": fed.config.model.name,
+            "majority_class_accuracy": majority_share([e.label for e in fed.eval_examples]),
             "zero_shot": asdict(zero_shot),
             "final": asdict(final),
             "rounds": fed.config.federation.rounds,

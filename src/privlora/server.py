@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from privlora import aggregation, client, data
 from privlora.communication import full_finetune_bytes, payload_bytes
 from privlora.config import RunConfig
-from privlora.errors import PrivacyBudgetExceeded
+from privlora.errors import InvalidUpdate, PrivacyBudgetExceeded
 from privlora.evaluate import EvalResult, evaluate
 from privlora.lora import (
     Adapter,
@@ -49,6 +49,7 @@ class Federation:
     eval_examples: list[data.Example]
     plan: PrivacyPlan | None
     full_model_bytes: int
+    payload_bytes: list[int]  # per client: its downlink, and so its uplink (same tensors); by shape
 
 
 def lora_spec(config: RunConfig) -> LoraSpec:
@@ -70,7 +71,11 @@ def prepare(config: RunConfig) -> Federation:
     model = load_model(config.model.name, config.model.dtype)
     full_bytes = full_finetune_bytes(model)
     handles = attach(model, lora_spec(config), seed=config.seed)
-    return Federation(config, handles, tokenizer, task, clients, eval_examples, plan, full_bytes)
+    start = read_adapter(handles)
+    payloads = [payload_bytes(downlink(config, start, cid))
+                for cid in range(config.federation.num_clients)]
+    return Federation(config, handles, tokenizer, task, clients, eval_examples, plan, full_bytes,
+                      payloads)
 
 
 def sample_clients(config: RunConfig, plan: PrivacyPlan | None, round_: int) -> list[int]:
@@ -118,6 +123,19 @@ def downlink(config: RunConfig, global_adapter: Adapter, client_id: int) -> dict
     return flat
 
 
+def check_uplink(update: client.ClientUpdate, sent: dict[str, torch.Tensor]) -> None:
+    """Refuse an update whose tensors are not those the client received (names and shapes)."""
+    got = {k: tuple(v.shape) for k, v in update.delta.items()}
+    want = {k: tuple(v.shape) for k, v in sent.items()}
+    if got != want:
+        wrong = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise InvalidUpdate(
+            f"client {update.client_id} sent tensors that differ from what it received "
+            f"(first differences, name and shape: {wrong}); a client must return an update for "
+            "exactly the LoRA tensors of its downlink"
+        )
+
+
 def apply_delta(global_adapter: Adapter, delta: dict[str, torch.Tensor]) -> Adapter:
     """Return a client's factors: its global start plus its delta.
 
@@ -144,44 +162,67 @@ def aggregate_round(fed: Federation, global_adapter: Adapter, updates: list[clie
     """Aggregate this round's updates by the configured rule (central DP noise in client mode)."""
     config, plan = fed.config, fed.plan
     rule, spec = config.federation.aggregation, lora_spec(config)
-    if plan is not None and plan.mode == "client":
-        return _central_dp_round(fed, global_adapter, updates, round_)
-    if not updates:
+    central = plan is not None and plan.mode == "client"
+    if not updates and not central:  # client mode noises even an empty round
         return global_adapter, {}
+    if rule == "exact":
+        return _exact_round(fed, global_adapter, updates, round_)
+    if central:
+        return _central_factor_round(fed, global_adapter, updates, round_), {}
     # Example counts are data-dependent: under any DP mode they are not released (equal weights).
-    weights = [1.0 if plan is not None else float(u.num_examples) for u in updates]
     adapters = [apply_delta(global_adapter, u.delta) for u in updates]
-    return aggregation.aggregate(rule, adapters, weights, spec.rank, spec.scale)
+    return aggregation.aggregate(rule, adapters, _weights(fed, updates), spec.rank, spec.scale)
 
 
-def _central_dp_round(fed: Federation, global_adapter: Adapter,
-                      updates: list[client.ClientUpdate], round_: int) -> tuple[Adapter, dict]:
-    """DP-FedAvg (McMahan et al. 2018): clip each update, noise the sum, divide by q * N."""
+def _weights(fed: Federation, updates: list[client.ClientUpdate]) -> list[float]:
+    """Clients' weights: their example counts, or equal weights under DP (counts are private)."""
+    return [1.0 if fed.plan is not None else float(u.num_examples) for u in updates]
+
+
+def _central_factor_round(fed: Federation, global_adapter: Adapter,
+                          updates: list[client.ClientUpdate], round_: int) -> Adapter:
+    """DP-FedAvg (McMahan et al. 2018) on the factors sent (fedavg: A and B; ffa: B only)."""
     config, plan = fed.config, fed.plan
     if plan is None:
-        raise ValueError("central DP aggregation needs a privacy plan")
-    spec = lora_spec(config)
-    expected = plan.sample_rate * config.federation.num_clients
-    rng = seeded_generator(config.seed, round_, "server", "noise")
-    if config.federation.aggregation != "exact":
-        deltas = [u.delta for u in updates]
-        template = {k: v for k, v in flatten(global_adapter).items()
-                    if config.federation.aggregation != "ffa" or k.endswith(".lora_B")}
-        mean = noisy_mean(deltas, template, plan.clip, plan.noise_std, expected, rng,
-                          config.privacy.secure_rng)
-        return apply_delta(global_adapter, mean), {}
-    # exact: what is clipped and noised is each client's change of the product scale * B A,
-    # measured from that client's own start (its rank's share of the global adapter).
-    base = aggregation.mean_products([global_adapter], [1.0], [spec.scale])
-    deltas = []
-    for u in updates:
-        start = _client_start(config, global_adapter, u.client_id)
-        before = aggregation.mean_products([start], [1.0], [spec.scale])
-        after = aggregation.mean_products([apply_delta(start, u.delta)], [1.0], [spec.scale])
-        deltas.append({k: after[k] - before[k] for k in base})
-    mean = noisy_mean(deltas, base, plan.clip, plan.noise_std, expected, rng,
+        raise ValueError("central DP aggregation needs a client-mode privacy plan")
+    template = {k: v for k, v in flatten(global_adapter).items()
+                if config.federation.aggregation != "ffa" or k.endswith(".lora_B")}
+    mean = noisy_mean([u.delta for u in updates], template, plan.clip, plan.noise_std,
+                      plan.sample_rate * config.federation.num_clients,
+                      seeded_generator(config.seed, round_, "server", "noise"),
                       config.privacy.secure_rng)
+    return apply_delta(global_adapter, mean)
+
+
+def _exact_round(fed: Federation, global_adapter: Adapter, updates: list[client.ClientUpdate],
+                 round_: int) -> tuple[Adapter, dict[str, float]]:
+    """exact: global product + mean of the clients' product changes, re-factorised by SVD.
+
+    Each client's change of scale * B A is measured from its own start (its rank's share of the
+    global adapter). With equal ranks every start is the global adapter, so this is exactly the
+    weighted mean of the products B_k A_k; with mixed ranks a low-rank client moves the global
+    product by what it learned, not by the components it never received. In client mode these
+    changes are what is clipped and noised (DP-FedAvg on products), so both modes follow one rule.
+    Products are formed one client at a time: memory is one client's d_out x d_in per layer.
+    """
+    config, plan, spec = fed.config, fed.plan, lora_spec(fed.config)
+    base = aggregation.mean_products([global_adapter], [1.0], [spec.scale])
+    changes = (_product_change(config, global_adapter, u, spec.scale) for u in updates)
+    if plan is not None and plan.mode == "client":
+        mean = noisy_mean(changes, base, plan.clip, plan.noise_std,
+                          plan.sample_rate * config.federation.num_clients,
+                          seeded_generator(config.seed, round_, "server", "noise"),
+                          config.privacy.secure_rng)
+    else:
+        weights = aggregation.normalise_weights(_weights(fed, updates))
+        mean = aggregation.weighted_sum(changes, weights)
     return aggregation.refactorize({k: base[k] + mean[k] for k in base}, spec.rank, spec.scale)
+
+
+def _product_change(config: RunConfig, global_adapter: Adapter, update: client.ClientUpdate,
+                    scale: float) -> dict[str, torch.Tensor]:
+    start = _client_start(config, global_adapter, update.client_id)
+    return aggregation.product_change(start, apply_delta(start, update.delta), scale)
 
 
 def run(config: RunConfig, out: Path, progress=None) -> dict:
@@ -199,12 +240,14 @@ def run(config: RunConfig, out: Path, progress=None) -> dict:
         _check_budget(fed, ledger, ids)
         updates, up, down = [], 0, 0
         for cid in (progress.clients(round_, ids) if progress else ids):
-            down += payload_bytes(downlink(config, global_adapter, cid))
+            sent = downlink(config, global_adapter, cid)
+            down += payload_bytes(sent)
             update = client.local_update(
                 fed.handles, _client_start(config, global_adapter, cid), fed.clients[cid],
                 local_spec(config, fed.plan, cid), cid,
                 seeded_generator(config.seed, round_, cid, "batches"),
                 seeded_generator(config.seed, round_, cid, "noise"), fed.tokenizer.pad_token_id)
+            check_uplink(update, sent)
             up += payload_bytes(update.delta)
             updates.append(update)
         global_adapter, diagnostics = aggregate_round(fed, global_adapter, updates, round_)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 
 from privlora.privacy.mechanisms import add_noise, clip
 
 
-def noisy_mean(deltas: Sequence[dict[str, torch.Tensor]], template: dict[str, torch.Tensor],
+def noisy_mean(deltas: Iterable[dict[str, torch.Tensor]], template: dict[str, torch.Tensor],
                clip_norm: float, noise_std: float, expected_count: float,
                generator: torch.Generator, secure: bool = False) -> dict[str, torch.Tensor]:
     """Return (sum_k clip(delta_k) + N(0, noise_std^2 I)) / expected_count (DP-FedAvg, eq. 2).
@@ -17,6 +17,7 @@ def noisy_mean(deltas: Sequence[dict[str, torch.Tensor]], template: dict[str, to
     McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018: the
     fixed denominator q * N (not the realised count) keeps one client's influence at clip / (qN).
     ``template`` gives the names and shapes when no client was sampled (noise is still added).
+    ``deltas`` may be a generator: one client's update is held at a time besides the sum.
     """
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in template.items()}
     for delta in deltas:
