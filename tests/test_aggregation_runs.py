@@ -50,6 +50,11 @@ def test_heterogeneous_ranks_with_exact(tmp_path):
     summary = run(tiny_config("federation.aggregation=exact", "lora.client_ranks=[2, 8]"),
                   tmp_path)
     assert summary["final"]["loss"] < summary["zero_shot"]["loss"]
+    by_client = metrics(tmp_path)[1]["bytes_by_client"]  # ranks cycle: clients 0, 2 have rank 2
+    up = {cid: t["up"] for cid, t in by_client.items()}
+    assert up["0"] == up["2"] and up["1"] == up["3"]
+    assert up["0"] < 0.4 * up["1"]
+    assert all(t["up"] == t["down"] for t in by_client.values())
 
 
 def test_heterogeneous_ranks_bytes_follow_rank(tmp_path):

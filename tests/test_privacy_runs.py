@@ -122,7 +122,7 @@ def test_private_modes_release_nothing_unnoised(mode, tmp_path):
     assert row["train_loss"] is None  # client losses are data-dependent and not noised
     if mode == "client":  # Poisson participation is what amplification hides
         hidden = ["clients", "bytes_up", "bytes_down", "bytes_up_per_client",
-                  "bytes_down_per_client", "ratio_up_vs_full", "seconds"]
+                  "bytes_down_per_client", "bytes_by_client", "ratio_up_vs_full", "seconds"]
         assert all(row[k] is None for k in hidden)
         comm = summary["communication"]
         assert comm["participations_are_expected_values"]

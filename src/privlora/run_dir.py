@@ -34,6 +34,14 @@ def _finite(x: float | None) -> float | str | None:
     return x if x is None or math.isfinite(x) else str(x)
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one client moved in one round, as serialized."""
+
+    up: int
+    down: int
+
+
 @dataclass
 class RunDir:
     """Writes a run's files; holds the per-round rows for the final summary and plot."""
@@ -48,8 +56,8 @@ class RunDir:
         (path / "metrics.jsonl").write_text("")
         return cls(path, [])
 
-    def log_round(self, round_: int, result: EvalResult, updates: list, up: int, down: int,
-                  seconds: float, ledger: PrivacyLedger | None, fed: Federation,
+    def log_round(self, round_: int, result: EvalResult, updates: list,
+                  traffic: dict[int, Traffic], seconds: float, ledger: PrivacyLedger | None, fed: Federation,
                   diagnostics: dict[str, float]) -> dict:
         """Append one line to metrics.jsonl (and keep it for the summary).
 
@@ -58,7 +66,9 @@ class RunDir:
         written as null; the summary reports expected totals from data-independent payload sizes.
         """
         hide = fed.plan is not None and fed.plan.mode == "client"
-        per_up = None if hide or not updates else up / len(updates)
+        up = sum(t.up for t in traffic.values())
+        down = sum(t.down for t in traffic.values())
+        per_up = None if hide or not traffic else up / len(traffic)
         row = {
             "round": round_,
             "accuracy": result.accuracy,
@@ -68,7 +78,8 @@ class RunDir:
             "bytes_up": None if hide else up,
             "bytes_down": None if hide else down,
             "bytes_up_per_client": per_up,
-            "bytes_down_per_client": None if hide or not updates else down / len(updates),
+            "bytes_down_per_client": None if hide or not traffic else down / len(traffic),
+            "bytes_by_client": None if hide else {str(c): asdict(t) for c, t in traffic.items()},
             "full_finetune_bytes_per_client": fed.full_model_bytes,
             "ratio_up_vs_full": None if per_up is None else per_up / fed.full_model_bytes,
             "seconds": None if hide else round(seconds, 3),

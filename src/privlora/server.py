@@ -34,7 +34,7 @@ from privlora.privacy.central import noisy_mean
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator, uniform
 from privlora.privacy.plan import PrivacyPlan, make_plan
-from privlora.run_dir import RunDir
+from privlora.run_dir import RunDir, Traffic
 
 
 @dataclass
@@ -233,27 +233,26 @@ def run(config: RunConfig, out: Path, progress=None) -> dict:
     ledger = _ledger(fed.plan)
     global_adapter = read_adapter(fed.handles)
     zero_shot = _evaluate(fed, global_adapter)
-    run_dir.log_round(0, zero_shot, [], 0, 0, 0.0, ledger, fed, {})
+    run_dir.log_round(0, zero_shot, [], {}, 0.0, ledger, fed, {})
     for round_ in range(1, config.federation.rounds + 1):
         t0 = time.time()
         ids = sample_clients(config, fed.plan, round_)
         _check_budget(fed, ledger, ids)
-        updates, up, down = [], 0, 0
+        updates, traffic = [], {}
         for cid in (progress.clients(round_, ids) if progress else ids):
             sent = downlink(config, global_adapter, cid)
-            down += payload_bytes(sent)
             update = client.local_update(
                 fed.handles, _client_start(config, global_adapter, cid), fed.clients[cid],
                 local_spec(config, fed.plan, cid), cid,
                 seeded_generator(config.seed, round_, cid, "batches"),
                 seeded_generator(config.seed, round_, cid, "noise"), fed.tokenizer.pad_token_id)
             check_uplink(update, sent)
-            up += payload_bytes(update.delta)
+            traffic[cid] = Traffic(up=payload_bytes(update.delta), down=payload_bytes(sent))
             updates.append(update)
         global_adapter, diagnostics = aggregate_round(fed, global_adapter, updates, round_)
         _record(fed, ledger, updates)
         result = _evaluate(fed, global_adapter)
-        run_dir.log_round(round_, result, updates, up, down, time.time() - t0, ledger, fed,
+        run_dir.log_round(round_, result, updates, traffic, time.time() - t0, ledger, fed,
                           diagnostics)
         run_dir.checkpoint(round_, fed, global_adapter, ledger)
         if progress:
