@@ -70,7 +70,10 @@ def finished_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    """Print the cells measured so far as a Markdown table."""
+    """Print the cells measured so far as a Markdown table: no DP first, then task, then rule."""
+    rules, tasks = ["fedavg", "ffa", "exact"], ["builtin", "fpb"]
+    rows = sorted(rows, key=lambda r: (r["target_epsilon"] is not None, tasks.index(r["task"]),
+                                       rules.index(r["rule"])))
     print(table(["task", "rule", "epsilon", "majority class", "zero-shot acc", "final acc",
                  "bytes up / round", "bytes down / round", "full FT bytes / round"],
                 [[r["task"], r["rule"], eps(r["epsilon_pld"]), pct(majority_accuracy(r)),
