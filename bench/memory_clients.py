@@ -58,5 +58,6 @@ def main() -> None:
                  [100, f"{hundred:.0f}", ", ".join(f"{h:.0f}" for _, h in pairs)]]))
     print(f"median ratio 100/4 = {ratio:.3f} over {len(pairs)} pairs (target <= 1.2)")
 
+
 if __name__ == "__main__":
     main()

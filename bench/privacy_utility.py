@@ -50,5 +50,6 @@ def print_table(rows: list[dict]) -> None:
                   pct(majority_accuracy(r)), pct(r["zero_shot_accuracy"]), pct(r["accuracy"])]
                  for r in rows]))
 
+
 if __name__ == "__main__":
     main()

@@ -126,10 +126,15 @@ def test_private_modes_release_nothing_unnoised(mode, tmp_path):
         assert all(row[k] is None for k in hidden)
         comm = summary["communication"]
         assert comm["participations_are_expected_values"]
-        plan = summary["privacy"]
-        expected = plan["sample_rate"] * 4 * 1  # q * num_clients * rounds
+        expected = summary["privacy"]["sample_rate"] * 4 * 1  # q * num_clients * rounds
         assert comm["client_participations"] == pytest.approx(expected)
-        assert comm["bytes_up_total"] > 0 and comm["bytes_up_total"] == comm["bytes_down_total"]
+        payloads = prepare(tiny_config(f"privacy.mode={mode}", "privacy.noise_multiplier=1.0",
+                                       "federation.rounds=1")).payload_bytes
+        per_client = sum(payloads) / len(payloads)
+        assert per_client > 0
+        assert comm["bytes_up_total"] == pytest.approx(per_client * expected)
+        assert comm["bytes_down_total"] == comm["bytes_up_total"]
+        assert summary["wall_seconds"] is None  # the run's duration grows with participation
     else:
         assert row["bytes_up"] > 0 and row["ratio_up_vs_full"] < 1
     assert "seeded" in summary["privacy"]["noise_source"]

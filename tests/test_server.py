@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from privlora.config import load_config
 from privlora.evaluate import majority_share
 from privlora.evaluate_adapter import evaluate_adapter
-from privlora.server import run
+from privlora.server import prepare, run
 
 TINY = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=120",
         "data.max_eval=16", "federation.rounds=2", "train.local_steps=2", "train.batch_size=4"]
@@ -39,8 +39,8 @@ def test_run_directory_contract(fedavg_run):
     assert rows[1]["clients"] == [0, 1, 2, 3]
     assert rows[0]["accuracy"] == summary["zero_shot"]["accuracy"]
     assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
-    # the floor to beat: 16 eval examples over 4 colours, so at least a quarter share one label
-    assert 0.25 <= summary["majority_class_accuracy"] <= 1.0
+    eval_labels = [e.label for e in prepare(tiny_config()).eval_examples]
+    assert summary["majority_class_accuracy"] == majority_share(eval_labels)
 
 
 def test_majority_share_is_the_most_common_labels_fraction():

@@ -6,9 +6,10 @@ Three rules, chosen by ``federation.aggregation``:
   inexact: mean(B) @ mean(A) != mean(B @ A) in general (``factor_product_gap`` measures by how much).
 - ``ffa``: FFA-LoRA keeps A frozen and shared, so averaging B alone is exact.
 - ``exact``: average the products B @ A, then refactorize with a truncated SVD (FlexLoRA-style);
-  exact whenever the averaged update has rank <= r. With clients of different ranks the server
-  adds the weighted mean of each client's change of its product (``product_change``) to the
-  global product instead, so a low-rank client moves the global update only by what it learned.
+  exact whenever the averaged update has rank <= r. The server computes it as the global product
+  plus the weighted mean of each client's change of its product (``product_change``): the same
+  for equal ranks, and with mixed ranks a low-rank client moves the global update only by what
+  it learned.
 
 Math runs in float32; the SVD runs in float64 (the matrices are at most hidden x hidden).
 """
@@ -198,7 +199,8 @@ def weighted_sum(
             total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in update.items()}
         if set(update) != set(total):
             raise InvalidUpdate(
-                f"update {k} has tensors {sorted(update)[:3]}, expected {sorted(total)[:3]}"
+                f"the update at position {k} has tensors {sorted(update)[:3]}, but the first "
+                f"had {sorted(total)[:3]}; every update must cover the same tensors"
             )
         total = {name: t + w * update[name].float() for name, t in total.items()}
     if total is None:

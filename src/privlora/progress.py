@@ -71,7 +71,8 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     if c["ratio_up_vs_full"]:
         table.add_row("upload vs full fine-tuning", f"{c['ratio_up_vs_full']:.5f}x "
                       f"({1 / c['ratio_up_vs_full']:.0f}x less)")
-    table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
+    if summary["wall_seconds"] is not None:  # hidden under client-level DP
+        table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
     table.add_row("run directory", str(out_dir))
     Console().print(table)
 

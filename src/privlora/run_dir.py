@@ -168,7 +168,8 @@ class RunDir:
                 "ratio_up_vs_full": up / full if full else None,
                 "ratio_down_vs_full": down / full if full else None,
             },
-            "wall_seconds": round(wall, 1),
+            # under client DP the run's duration grows with how many clients took part
+            "wall_seconds": None if plan is not None and plan.mode == "client" else round(wall, 1),
             "versions": {p: _version(p) for p in _PACKAGES},
         }
 

@@ -127,13 +127,16 @@ def check_uplink(update: client.ClientUpdate, sent: dict[str, torch.Tensor]) -> 
     """Refuse an update whose tensors are not those the client received (names and shapes)."""
     got = {k: tuple(v.shape) for k, v in update.delta.items()}
     want = {k: tuple(v.shape) for k, v in sent.items()}
-    if got != want:
-        wrong = sorted(set(got.items()) ^ set(want.items()))[:3]
-        raise InvalidUpdate(
-            f"client {update.client_id} sent tensors that differ from what it received "
-            f"(first differences, name and shape: {wrong}); a client must return an update for "
-            "exactly the LoRA tensors of its downlink"
-        )
+    if got == want:
+        return
+    extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+    reshaped = [f"{k} {got[k]} != {want[k]}" for k in sorted(set(got) & set(want))
+                if got[k] != want[k]]
+    raise InvalidUpdate(
+        f"client {update.client_id} sent tensors that differ from what it received: "
+        f"unexpected {extra[:3]}, missing {missing[:3]}, wrong shape {reshaped[:3]}; a client "
+        "must return an update for exactly the LoRA tensors of its downlink"
+    )
 
 
 def apply_delta(global_adapter: Adapter, delta: dict[str, torch.Tensor]) -> Adapter:
