@@ -196,7 +196,7 @@ def weighted_sum(
     total: dict[str, torch.Tensor] | None = None
     for k, (update, w) in enumerate(zip(updates, weights, strict=True)):
         if total is None:
-            total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in update.items()}
+            total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in update.items()}
         if set(update) != set(total):
             raise InvalidUpdate(
                 f"the update at position {k} has tensors {sorted(update)[:3]}, but the first "

@@ -131,9 +131,7 @@ class RunDir:
         plan = fed.plan
         if plan is not None and plan.mode == "client":  # participation is hidden: expected values
             participations = plan.sample_rate * fed.config.federation.num_clients * len(rounds)
-            # a client's uplink carries exactly its downlink's tensors (server.check_uplink)
-            per_client = sum(fed.payload_bytes) / len(fed.payload_bytes)
-            up = down = per_client * participations
+            up = down = fed.mean_payload_bytes() * participations
         else:
             participations = sum(len(r["clients"]) for r in rounds)
             up = sum(r["bytes_up"] for r in rounds)

@@ -49,7 +49,14 @@ class Federation:
     eval_examples: list[data.Example]
     plan: PrivacyPlan | None
     full_model_bytes: int
-    payload_bytes: list[int]  # per client: its downlink, and so its uplink (same tensors); by shape
+
+    def mean_payload_bytes(self) -> float:
+        """Mean over all clients of one transfer's size (a downlink, and so its uplink: the
+        same tensors, see check_uplink). Set by shapes alone, so it reveals no participation."""
+        adapter = read_adapter(self.handles)
+        sizes = [payload_bytes(downlink(self.config, adapter, cid))
+                 for cid in range(self.config.federation.num_clients)]
+        return sum(sizes) / len(sizes)
 
 
 def lora_spec(config: RunConfig) -> LoraSpec:
@@ -71,11 +78,7 @@ def prepare(config: RunConfig) -> Federation:
     model = load_model(config.model.name, config.model.dtype)
     full_bytes = full_finetune_bytes(model)
     handles = attach(model, lora_spec(config), seed=config.seed)
-    start = read_adapter(handles)
-    payloads = [payload_bytes(downlink(config, start, cid))
-                for cid in range(config.federation.num_clients)]
-    return Federation(config, handles, tokenizer, task, clients, eval_examples, plan, full_bytes,
-                      payloads)
+    return Federation(config, handles, tokenizer, task, clients, eval_examples, plan, full_bytes)
 
 
 def sample_clients(config: RunConfig, plan: PrivacyPlan | None, round_: int) -> list[int]:
@@ -172,7 +175,6 @@ def aggregate_round(fed: Federation, global_adapter: Adapter, updates: list[clie
         return _exact_round(fed, global_adapter, updates, round_)
     if central:
         return _central_factor_round(fed, global_adapter, updates, round_), {}
-    # Example counts are data-dependent: under any DP mode they are not released (equal weights).
     adapters = [apply_delta(global_adapter, u.delta) for u in updates]
     return aggregation.aggregate(rule, adapters, _weights(fed, updates), spec.rank, spec.scale)
 
