@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import platform
 import time
 from pathlib import Path
@@ -22,6 +24,28 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
+def load(name: str) -> dict:
+    """Read bench/results/<name>.json as ``save`` wrote it."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def runs_parser(name: str) -> argparse.ArgumentParser:
+    """Options every table of federated runs shares: the training budget, eval size, --report."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--max-eval", type=int, default=100)
+    parser.add_argument("--report", action="store_true",
+                        help=f"only print the table from bench/results/{name}.json")
+    return parser
+
+
+def budget_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides for the budget options of ``runs_parser``."""
+    return [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
+            f"data.max_eval={args.max_eval}"]
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """Render a Markdown table (the README pastes these)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -34,6 +58,7 @@ def run_variant(overrides: list[str], out: Path) -> dict:
     from privlora.config import load_config
     from privlora.server import run
 
+    logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's warnings per cell
     started = time.time()
     summary = run(load_config(None, overrides), out)
     rounds = summary["rounds"]

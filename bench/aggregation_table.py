@@ -7,34 +7,36 @@ Usage: .venv/bin/python bench/aggregation_table.py [--rounds 4 --local-steps 10]
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from pathlib import Path
 
-from _common import RESULTS, eps, majority_accuracy, pct, run_variant, save, table
+from _common import (
+    RESULTS,
+    budget_overrides,
+    eps,
+    load,
+    majority_accuracy,
+    pct,
+    run_variant,
+    runs_parser,
+    save,
+    table,
+)
 
 FPB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "financial_phrasebank" \
     / "fpb_sentences_allagree.jsonl"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--max-eval", type=int, default=100)
+    parser = runs_parser("aggregation_table")
     parser.add_argument("--privacy", default="sample", choices=["sample", "client", "local"])
     parser.add_argument("--tasks", default="builtin,fpb")
-    parser.add_argument("--report", action="store_true",
-                        help="only print the table from bench/results/aggregation_table.json")
     parser.add_argument("--resume", action="store_true",
                         help="keep the cells already in the JSON (same settings) and run the rest")
     args = parser.parse_args()
     if args.report:
-        print_table(json.loads((RESULTS / "aggregation_table.json").read_text())["rows"])
+        print_table(load("aggregation_table")["rows"])
         return
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    base = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
-            f"data.max_eval={args.max_eval}"]
+    base = budget_overrides(args)
     tasks = {"builtin": "builtin", "fpb": str(FPB.resolve())}
     rows = finished_rows(args) if args.resume else []
     done = {(r["task"], r["rule"], r["target_epsilon"]) for r in rows}
@@ -58,14 +60,13 @@ def main() -> None:
 
 def finished_rows(args: argparse.Namespace) -> list[dict]:
     """Cells saved by an earlier run with the same settings, for --resume."""
-    path = RESULTS / "aggregation_table.json"
-    if not path.exists():
+    if not (RESULTS / "aggregation_table.json").exists():
         return []
-    saved = json.loads(path.read_text())
+    saved = load("aggregation_table")
     settings = ("rounds", "local_steps", "max_eval", "privacy")
     if any(saved["args"].get(k) != getattr(args, k) for k in settings):
-        raise SystemExit(f"{path} was measured with other settings ({saved['args']}); "
-                         "rerun without --resume to start over")
+        raise SystemExit(f"bench/results/aggregation_table.json was measured with other settings "
+                         f"({saved['args']}); rerun without --resume to start over")
     return saved["rows"]
 
 

@@ -6,28 +6,28 @@ Usage: .venv/bin/python bench/privacy_utility.py [--rounds 4 --local-steps 10] [
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 from pathlib import Path
 
-from _common import RESULTS, eps, majority_accuracy, pct, run_variant, save, table
+from _common import (
+    RESULTS,
+    budget_overrides,
+    eps,
+    load,
+    majority_accuracy,
+    pct,
+    run_variant,
+    runs_parser,
+    save,
+    table,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--max-eval", type=int, default=100)
-    parser.add_argument("--report", action="store_true",
-                        help="only print the table from bench/results/privacy_utility.json")
-    args = parser.parse_args()
+    args = runs_parser("privacy_utility").parse_args()
     if args.report:
-        print_table(json.loads((RESULTS / "privacy_utility.json").read_text())["rows"])
+        print_table(load("privacy_utility")["rows"])
         return
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    base = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
-            f"data.max_eval={args.max_eval}"]
+    base = budget_overrides(args)
     cells = [("none", None)] + [(m, e) for m in ("sample", "client", "local") for e in (8, 2)]
     rows = []
     for mode, target in cells:
