@@ -99,7 +99,8 @@ def test_per_example_grads_match_a_loop_over_examples(tiny_lora, tokenizer, trai
     for b in range(len(LENGTHS)):
         example = {k: v[b] for k, v in expected.items()}
         factor = min(1.0, clip_norm / joint_l2_norm(example))
-        assert norms[b].item() * factor <= clip_norm * (1 + 1e-9)
+        # the hook path and the loop round differently in float32: compare at float32's scale
+        assert norms[b].item() == pytest.approx(joint_l2_norm(example), rel=1e-4)
         for k in expected_sum:
             expected_sum[k] += example[k] * factor
         clipped_alone, _ = clip_per_example({k: v[b : b + 1] for k, v in grads.items()}, clip_norm)
