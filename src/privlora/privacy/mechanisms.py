@@ -37,15 +37,14 @@ def clip(tensors: Mapping[str, Tensor], clip_norm: float) -> tuple[dict[str, Ten
     """Scale all tensors by one factor min(1, C / norm) so their joint L2 norm is at most C.
 
     Return the clipped tensors and the norm before clipping (Abadi et al., 2016, Alg. 1 line 6,
-    applied to a whole update as in DP-FedAvg, McMahan et al., 2018, Alg. 1).
+    applied to a whole update as in DP-FedAvg, McMahan et al., 2018, Alg. 1). An update whose
+    norm is not finite becomes zero (a point within the clip bound, so the sensitivity holds and
+    nothing aborts on private data); the returned norm tells the caller, who counts it locally.
     """
     _check_clip_norm(clip_norm)
     norm = joint_l2_norm(tensors)
     if not math.isfinite(norm):
-        raise InvalidUpdate(
-            f"update norm = {norm} is not finite; clipping cannot bound its sensitivity. "
-            "Lower the learning rate or check the data for the step that diverged"
-        )
+        return {name: torch.zeros_like(t, dtype=torch.float32) for name, t in tensors.items()}, norm
     factor = _clip_factor(torch.tensor([norm], dtype=torch.float64), clip_norm).item()
     return {name: tensor * factor for name, tensor in tensors.items()}, norm
 
@@ -56,7 +55,9 @@ def clip_per_example(
     """Clip each example's joint gradient to norm C and return (sum over examples, norms (B,)).
 
     Each tensor has a leading batch dimension B; example b's norm is taken over all tensors
-    together (Abadi et al., 2016, Alg. 1 lines 5-6; the sum feeds line 7's noisy average).
+    together (Abadi et al., 2016, Alg. 1 lines 5-6; the sum feeds line 7's noisy average). An
+    example whose norm is not finite contributes zero (within the bound); its norm in the
+    returned ``norms`` is not finite, so the caller can count it in a local log.
     """
     _check_clip_norm(clip_norm)
     if not per_example:
@@ -69,16 +70,14 @@ def clip_per_example(
         )
     squares = sum(t.detach().flatten(1).double().pow(2).sum(1) for t in per_example.values())
     norms = squares.sqrt()  # (B,)
-    if not torch.isfinite(norms).all():
-        bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
-        raise InvalidUpdate(
-            f"per-example gradient norms of examples {bad[:5]} are not finite; clipping cannot "
-            "bound their sensitivity. Lower the learning rate or check those examples"
-        )
-    factors = _clip_factor(norms, clip_norm)  # (B,) float64
+    finite = torch.isfinite(norms)
+    factors = torch.where(finite, _clip_factor(norms, clip_norm), 0.0)  # (B,) float64
     summed = {}
     for name, tensor in per_example.items():
         scale = factors.to(device=tensor.device, dtype=torch.float32)
+        if not finite.all():  # 0 * nan is nan: drop those rows before the weighted sum
+            tensor = torch.where(finite.view(-1, *[1] * (tensor.dim() - 1)).to(tensor.device),
+                                 tensor, 0.0)
         # (B,) x (B, ...) -> (...): weighted sum over examples
         summed[name] = torch.einsum("b,b...->...", scale, tensor.float())
     return summed, norms
