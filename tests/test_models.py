@@ -17,7 +17,17 @@ def test_bad_model_names(tmp_path):
         local_source(str(tmp_path / "missing.gguf"))
     with pytest.raises(ConfigError, match="config.json"):
         local_source(str(tmp_path))
+    with pytest.raises(ConfigError, match="no such directory"):
+        local_source(str(tmp_path / "absent-model"))
+    with pytest.raises(ConfigError, match="no such directory"):
+        local_source("./runs/absent-model")
     assert local_source("some-org/some-model") == "some-org/some-model"  # a hub id, untouched
+
+
+def test_a_model_that_cannot_be_loaded_is_a_config_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="could not be loaded"):
+        load_model(str(tmp_path))
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_tokenizer(name: str = BUILTIN) -> PreTrainedTokenizerBase:
     """Load the tokenizer for a model name (tiny-random shares the built-in tokenizer)."""
     source = local_source(BUILTIN if name == TINY_RANDOM else name)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = _from_pretrained(AutoTokenizer, source, name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -72,7 +72,8 @@ def load_model(name: str = BUILTIN, dtype: str = "bfloat16") -> PreTrainedModel:
     if name == TINY_RANDOM:
         model = tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN)))
     else:
-        model = AutoModelForCausalLM.from_pretrained(local_source(name), dtype=torch.float32)
+        model = _from_pretrained(AutoModelForCausalLM, local_source(name), name,
+                                 dtype=torch.float32)
     model = model.to(torch_dtype(dtype))
     model.requires_grad_(False)
     model.eval()
@@ -98,6 +99,23 @@ def tiny_random_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def _from_pretrained(loader, source: str, name: str, **kwargs):
+    """Call ``loader.from_pretrained``; a source that cannot be loaded is a one-line ConfigError."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model.name = {name!r} could not be loaded ({first[:200]}); give 'builtin', a .gguf "
+            "file, a Hugging Face model directory, or a hub id reachable from this machine"
+        ) from None
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name with a leading /, ./, ../ or ~, or more than one '/', is a path, not a hub id."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def local_source(name: str) -> str:
     """Return a directory (or hub id) that ``from_pretrained`` reads; GGUF files are cached first."""
     if name == BUILTIN:
@@ -107,6 +125,11 @@ def local_source(name: str) -> str:
         if not path.is_file():
             raise ConfigError(f"model.name = {name!r}: no such GGUF file; give an existing path")
         return str(_cached_gguf(path))
+    if not path.exists() and _looks_like_path(name):
+        raise ConfigError(
+            f"model.name = {name!r}: no such directory; give an existing Hugging Face model "
+            "directory, a .gguf file, 'builtin', or a hub id such as 'org/model'"
+        )
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(
