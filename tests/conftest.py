@@ -1,11 +1,40 @@
-"""Shared fixtures: a tiny random Llama (seconds) and the built-in tokenizer."""
+"""Shared fixtures: a tiny random Llama (seconds), the built-in tokenizer, one tiny run config."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from privlora.config import RunConfig, load_config
 from privlora.lora import LoraSpec, attach
 from privlora.models import load_tokenizer, tiny_random_llama
+
+# A federated run on the tiny random Llama: 4 clients x 24 examples, 2 rounds x 2 steps.
+TINY_RUN = ("model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=120",
+            "data.max_eval=16", "federation.rounds=2", "train.local_steps=2",
+            "train.batch_size=4")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Return a builder: ``tiny_config("privacy.mode=local", ...)`` -> RunConfig."""
+
+    def build(*overrides: str) -> RunConfig:
+        return load_config(None, [*TINY_RUN, *overrides])
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def read_metrics():
+    """Return a reader of a run directory's metrics.jsonl: one dict per round."""
+
+    def read(out: Path) -> list[dict]:
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    return read
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from privlora.aggregation import (
-    aggregate,
+    apply_delta,
     exact,
     factor_product_gap,
     fedavg,
@@ -43,6 +43,13 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def scalar(a: float, b: float) -> Adapter:
     return {"l": Factors(A=torch.tensor([[a]]), B=torch.tensor([[b]]))}
+
+
+def exact_of(clients, weights, rank, scale=1.0):
+    """exact from a zero global adapter, where each client's product change is its product."""
+    changes = mean_products(clients, weights, [scale] * len(clients))
+    zero = {name: torch.zeros_like(w) for name, w in changes.items()}
+    return exact(zero, changes, rank, scale)
 
 
 # --- weights -------------------------------------------------------------------------------
@@ -93,8 +100,6 @@ def test_fedavg_gap_hand_computed_2x2():
     # diff = [[-.25, .25], [.25, -.25]] (norm 1/2) -> gap = (1/2) / (1/sqrt2) = 1/sqrt2
     gap = factor_product_gap([c1, c2], [1, 1])["l"]
     assert gap == pytest.approx(1 / math.sqrt(2))
-    _, diag = aggregate("fedavg", [c1, c2], [1, 1], rank=1)
-    assert diag == {"l": pytest.approx(1 / math.sqrt(2))}
 
 
 def test_factor_product_gap_zero_when_mean_product_zero():
@@ -119,8 +124,6 @@ def test_ffa_keeps_A_and_is_exact():
     assert torch.equal(out.A, A)
     target = mean_products(clients, weights)["l"]
     assert rel_err(out.B @ out.A, target) < 1e-5
-    _, diag = aggregate("ffa", clients, weights, rank=3)
-    assert diag == {}
 
 
 def test_ffa_rejects_differing_A():
@@ -143,7 +146,7 @@ def test_exact_matches_mean_products_when_low_rank():
     ]
     weights = [1.0, 2.0, 3.0]
     target = mean_products(clients, weights)["l"]
-    out, residuals = exact(clients, weights, rank=r)
+    out, residuals = exact_of(clients, weights, rank=r)
     assert out["l"].A.shape == (r, IN) and out["l"].B.shape == (OUT, r)
     assert rel_err(out["l"].B @ out["l"].A, target) < 1e-5
     assert residuals["l"] < 1e-5
@@ -154,13 +157,13 @@ def test_exact_matches_mean_products_when_low_rank():
 def test_exact_single_client_and_full_rank_are_exact():
     gen = torch.Generator().manual_seed(3)
     one = rand_adapter(gen, 3)
-    out, res = exact([one], [1.0], rank=3)
+    out, res = exact_of([one], [1.0], rank=3)
     for n in one:
         assert rel_err(product(out[n]), product(one[n])) < 1e-5
         assert res[n] < 1e-5
     many = [rand_adapter(gen, 3) for _ in range(4)]
     target = mean_products(many, [1, 1, 1, 1])
-    out, res = exact(many, [1, 1, 1, 1], rank=min(OUT, IN))
+    out, res = exact_of(many, [1, 1, 1, 1], rank=min(OUT, IN))
     for n in target:
         assert rel_err(product(out[n]), target[n]) < 1e-5
         assert res[n] < 1e-5
@@ -170,7 +173,7 @@ def test_exact_residual_positive_when_rank_too_small():
     gen = torch.Generator().manual_seed(4)
     clients = [rand_adapter(gen, 2) for _ in range(3)]  # mean product has rank 5 almost surely
     target = mean_products(clients, [1, 1, 1])["q"]
-    out, res = exact(clients, [1, 1, 1], rank=2)
+    out, res = exact_of(clients, [1, 1, 1], rank=2)
     S = torch.linalg.svdvals(target.double())
     expected = (S[2:].square().sum() / S.square().sum()).sqrt().item()
     assert res["q"] == pytest.approx(expected, rel=1e-4)
@@ -191,11 +194,11 @@ def test_refactorize_scale_and_padding():
     assert res0 == {"l": 0.0} and torch.count_nonzero(zero["l"].B @ zero["l"].A) == 0
 
 
-def test_aggregate_exact_uses_shared_scale():
+def test_exact_uses_the_shared_scale():
     gen = torch.Generator().manual_seed(6)
     clients = [rand_adapter(gen, 4) for _ in range(2)]
     scale = 0.5
-    out, res = aggregate("exact", clients, [1, 3], rank=min(OUT, IN), scale=scale)
+    out, res = exact_of(clients, [1, 3], rank=min(OUT, IN), scale=scale)
     target = mean_products(clients, [1, 3], scales=[scale, scale])
     for n in target:
         assert rel_err(scale * product(out[n]), target[n]) < 1e-5
@@ -220,7 +223,7 @@ def test_heterogeneous_ranks_zero_padded_and_true_shapes():
     )  # rank-4 tensors whose components 3..4 are zero: same product as `small`
     target = {n: 0.25 * product(small[n]) + 0.75 * product(big[n]) for n in small}
     for clients in ([small, big], [padded, big]):
-        out, res = exact(clients, [1, 3], rank=min(OUT, IN))
+        out, res = exact_of(clients, [1, 3], rank=min(OUT, IN))
         for n, t in target.items():
             assert out[n].A.shape == (min(OUT, IN), IN)
             assert rel_err(product(out[n]), t) < 1e-5
@@ -229,20 +232,18 @@ def test_heterogeneous_ranks_zero_padded_and_true_shapes():
     fedavg([padded, big], [1, 3])
     with pytest.raises(InvalidUpdate, match=r"r=2 vs r=4.*'exact'"):
         fedavg([small, big], [1, 3])
-    with pytest.raises(InvalidUpdate, match="exact"):
-        aggregate("fedavg", [small, big], [1, 3], rank=4)
 
 
 def test_exact_rejects_mismatched_update_shapes():
     bad = {"l": Factors(A=torch.randn(2, IN + 1), B=torch.randn(OUT, 2))}
     with pytest.raises(InvalidUpdate, match="differs from client 0"):
-        exact([rand_adapter(torch.Generator().manual_seed(8), 2, names=("l",)), bad], [1, 1], 2)
+        exact_of([rand_adapter(torch.Generator().manual_seed(8), 2, names=("l",)), bad], [1, 1], 2)
 
 
 def test_non_finite_update_rejected():
     bad = {"l": Factors(A=torch.tensor([[float("nan")]]), B=torch.tensor([[1.0]]))}
     with pytest.raises(InvalidUpdate, match="NaN"):
-        exact([scalar(1, 1), bad], [1, 1], rank=1)
+        exact_of([scalar(1, 1), bad], [1, 1], rank=1)
 
 
 # --- truncate_rank -------------------------------------------------------------------------------
@@ -281,23 +282,47 @@ def test_inputs_not_mutated():
     clients = [{"l": Factors(A=A.clone(), B=torch.randn(OUT, 3, generator=gen))} for _ in range(2)]
     snapshot = [{n: (f.A.clone(), f.B.clone()) for n, f in c.items()} for c in clients]
     weights = [2.0, 1.0]
-    for rule in ("fedavg", "ffa", "exact"):
-        out, _ = aggregate(rule, clients, weights, rank=2)
+    for aggregate in (fedavg, ffa, lambda c, w: exact_of(c, w, rank=2)[0]):
+        out = aggregate(clients, weights)
         out["l"].A.add_(1.0)  # mutating the result must not reach the clients
+    apply_delta(clients[0], {"l.lora_B": torch.ones(OUT, 3)})
     truncate_rank(clients[0], 1)
     assert weights == [2.0, 1.0]
     for c, snap in zip(clients, snapshot):
         assert all(torch.equal(c[n].A, snap[n][0]) and torch.equal(c[n].B, snap[n][1]) for n in c)
 
 
-def test_unknown_rule_names_config_field():
-    with pytest.raises(ConfigError, match=r"federation.aggregation.*fedavg.*ffa.*exact"):
-        aggregate("median", [scalar(1, 1)], [1], rank=1)  # type: ignore[arg-type]
-
-
 def test_bad_rank_is_config_error():
     with pytest.raises(ConfigError, match="lora.rank"):
-        exact([scalar(1, 1)], [1], rank=0)
+        exact_of([scalar(1, 1)], [1], rank=0)
+
+
+def test_exact_refuses_a_change_for_other_layers():
+    with pytest.raises(InvalidUpdate, match="layers"):
+        exact({"q": torch.zeros(OUT, IN)}, {"v": torch.zeros(OUT, IN)}, rank=2, scale=1.0)
+
+
+# --- apply_delta -------------------------------------------------------------------------------
+
+
+def test_apply_delta_adds_factors_and_keeps_what_is_not_sent():
+    gen = torch.Generator().manual_seed(12)
+    start = rand_adapter(gen, 3, names=("l",))
+    dA, dB = torch.randn(3, IN, generator=gen), torch.randn(OUT, 3, generator=gen)
+    both = apply_delta(start, {"l.lora_A": dA, "l.lora_B": dB})["l"]
+    assert torch.equal(both.A, start["l"].A + dA) and torch.equal(both.B, start["l"].B + dB)
+    b_only = apply_delta(start, {"l.lora_B": dB})["l"]  # FFA: A is kept as it was
+    assert torch.equal(b_only.A, start["l"].A) and torch.equal(b_only.B, start["l"].B + dB)
+
+
+def test_apply_delta_of_a_rank_r_client_zeroes_the_components_it_never_had():
+    gen = torch.Generator().manual_seed(13)
+    start = rand_adapter(gen, 4, names=("l",))
+    dA, dB = torch.randn(2, IN, generator=gen), torch.randn(OUT, 2, generator=gen)
+    out = apply_delta(start, {"l.lora_A": dA, "l.lora_B": dB})["l"]
+    assert torch.equal(out.A[:2], start["l"].A[:2] + dA) and torch.count_nonzero(out.A[2:]) == 0
+    assert torch.equal(out.B[:, :2], start["l"].B[:, :2] + dB)
+    assert torch.count_nonzero(out.B[:, 2:]) == 0
 
 
 # --- product changes (exact with mixed ranks, and client-mode exact) -------------------------

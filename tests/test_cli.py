@@ -48,10 +48,28 @@ def test_run_and_eval_round_trip(tmp_path):
      ["privacy.target_epsilon"]),
     (["--set", "federation.num_clients=200"], ["num_clients"]),
     (["--data", "/nonexistent/data.jsonl"], ["/nonexistent/data.jsonl", "does not exist"]),
+    (["--set", "lora.target_modules=[\"q_prj\"]"], ["lora.target_modules", "q_prj", "'q_proj'"]),
+    (["--model", "/nonexistent/model-dir"], ["/nonexistent/model-dir", "no such directory"]),
+    (["--model", "/nonexistent/model.gguf"], ["/nonexistent/model.gguf", "no such GGUF file"]),
+    (["--set", "privacy.mode=sample", "--set", "privacy.noise_multiplier=1"],
+     ["privacy.sample_rate", "privacy plan"]),
+    (["--set", "privacy.secure_rng=true"], ["privacy.reproducible_noise"]),
 ])
 def test_run_bad_input(args, words):
     code, _, err = cli("run", *TINY, *args)
     assert_one_line_error(code, err, *words)
+
+
+def test_run_into_an_existing_run_is_refused_and_the_old_run_survives(tmp_path):
+    out = tmp_path / "r"
+    code, _, err = cli("run", *TINY, "--out", str(out))
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = cli("run", *TINY, "--out", str(out))
+    assert_one_line_error(code, err, str(out), "--overwrite")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, _, err = cli("run", *TINY, "--out", str(out), "--overwrite")
+    assert code == 0, err
 
 
 def test_run_bad_data_files(tmp_path):
@@ -117,3 +135,15 @@ def test_privacy_plan_reports_local_variance(tmp_path):
     v = report["variance"]
     assert v["expected_sq_frobenius"] > v["cross_term"] > 0
     assert "unbiased" in report["text"] and "2 x clip" in report["text"]
+
+
+def test_privacy_plan_suggests_a_sample_rate_from_the_sizes_it_sees(tmp_path):
+    config = tmp_path / "sample.toml"
+    config.write_text('[model]\nname = "tiny-random"\n[data]\nbuiltin_examples = 120\n'
+                      '[privacy]\nmode = "sample"\ntarget_epsilon = 8.0\n')
+    result = runner.invoke(app, ["privacy", "plan", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    # 96 training rows over 4 clients: 24 each; train.batch_size = 8
+    assert report["suggested_sample_rate"] == report["sample_rate"] == 8 / 24
+    assert "suggested privacy.sample_rate = 0.3333" in report["text"]

@@ -15,6 +15,13 @@ def test_defaults_and_overrides():
     assert load_config(None) == RunConfig()
 
 
+def test_noise_is_secure_unless_reproducible_noise_is_asked_for():
+    assert load_config(None).privacy.reproducible_noise is False
+    assert load_config(None, ["privacy.reproducible_noise=true"]).privacy.reproducible_noise
+    with pytest.raises(ConfigError, match="replaced by privacy.reproducible_noise"):
+        load_config(None, ["privacy.secure_rng=true"])
+
+
 def test_toml_round_trip(tmp_path):
     config = load_config(None, ["privacy.mode=local", "privacy.noise_multiplier=1.5",
                                 "lora.client_ranks=[2, 4]", "federation.aggregation=exact"])

@@ -220,7 +220,8 @@ def test_ledger_would_exceed():
 
 
 def test_ledger_round_trips_through_json():
-    ledger = PrivacyLedger(delta=1e-6, neighbouring="add/remove one example")
+    ledger = PrivacyLedger(delta=1e-6, neighbouring="add/remove one example",
+                           noise_source="seeded: for research")
     ledger.record("client-0", sample_mode_event(0.01, 1.1, 10))
     ledger.record("client-0", local_mode_event(4.0, 1))
     ledger.record("client-1", compose([local_mode_event(2.0, 1), sample_mode_event(0.5, 3, 2)]))
@@ -228,6 +229,7 @@ def test_ledger_round_trips_through_json():
     text = json.dumps(ledger.to_dict(), allow_nan=False)
     back = PrivacyLedger.from_dict(json.loads(text))
     assert back.delta == ledger.delta and back.neighbouring == ledger.neighbouring
+    assert back.noise_source == "seeded: for research"
     assert back.parties() == ledger.parties()
     for party in ledger.parties():
         assert back.events(party) == ledger.events(party)

@@ -1,4 +1,6 @@
-"""End-to-end federated runs on the tiny random Llama: run dir, stock PEFT reload, determinism."""
+"""End-to-end simulations on the tiny random Llama: the run directory, bytes, privacy, rules."""
+
+from __future__ import annotations
 
 import json
 
@@ -6,41 +8,42 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privlora.config import load_config
+from privlora.communication import payload_bytes
 from privlora.evaluate import majority_share
 from privlora.evaluate_adapter import evaluate_adapter
+from privlora.lora import flatten
+from privlora.privacy.ledger import PrivacyLedger
+from privlora.privacy.plan import SECURE, SEEDED
 from privlora.server import prepare, run
 
-TINY = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=120",
-        "data.max_eval=16", "federation.rounds=2", "train.local_steps=2", "train.batch_size=4"]
+LOCAL = ("privacy.mode=local", "privacy.noise_multiplier=1.0")
 
 
-def tiny_config(*extra):
-    return load_config(None, TINY + list(extra))
+def adapter_of(out):
+    return load_file(str(out / "adapter/adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")
-def fedavg_run(tmp_path_factory):
+def fedavg_run(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("run")
-    summary = run(tiny_config(), out)
-    return out, summary
+    return out, run(tiny_config(), out)
 
 
-def test_run_directory_contract(fedavg_run):
+def test_run_directory_contract(fedavg_run, tiny_config, read_metrics):
     out, summary = fedavg_run
     for name in ["config.toml", "metrics.jsonl", "summary.json", "report.png",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                  "checkpoints/round_002/adapter.safetensors"]:
         assert (out / name).is_file(), name
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1, 2]
-    for key in ["accuracy", "loss", "clients", "bytes_up", "bytes_down", "seconds"]:
-        assert key in rows[1]
-    assert rows[1]["clients"] == [0, 1, 2, 3]
+    assert rows[1]["clients"] == [0, 1, 2, 3] and rows[1]["seconds"] > 0
+    assert rows[1]["noise_source"] is None and rows[1]["train_loss"] > 0
     assert rows[0]["accuracy"] == summary["zero_shot"]["accuracy"]
     assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
-    eval_labels = [e.label for e in prepare(tiny_config()).eval_examples]
+    eval_labels = [e.label for e in prepare(tiny_config()).server.eval_examples]
     assert summary["majority_class_accuracy"] == majority_share(eval_labels)
+    assert summary["wall_seconds"] > 0
 
 
 def test_majority_share_is_the_most_common_labels_fraction():
@@ -49,17 +52,17 @@ def test_majority_share_is_the_most_common_labels_fraction():
     assert majority_share([None, None]) is None
 
 
-def test_communication_is_measured_from_payloads(fedavg_run):
+def test_bytes_counted_are_the_payloads_sent(fedavg_run, read_metrics):
     out, summary = fedavg_run
-    adapter = load_file(str(out / "checkpoints/round_002/adapter.safetensors"))
-    from privlora.communication import payload_bytes
-
-    per_client = payload_bytes(adapter)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[2]["bytes_down"] == 4 * per_client  # 4 clients download the global adapter
-    assert rows[2]["bytes_up"] == 4 * per_client  # and upload an update of the same shapes
+    adapter_bytes = payload_bytes(load_file(str(out / "checkpoints/round_001/adapter.safetensors")))
+    row = read_metrics(out)[2]
+    # each client downloads the round-1 global adapter, exactly as serialized
+    assert [t["down"] for t in row["bytes_by_client"].values()] == [adapter_bytes] * 4
+    # and uploads an update of the same tensors plus its example count and loss in the header
+    assert all(0 < t["up"] - t["down"] <= 128 for t in row["bytes_by_client"].values())
+    assert row["bytes_up"] == sum(t["up"] for t in row["bytes_by_client"].values())
     comm = summary["communication"]
-    assert comm["full_finetune_bytes_per_transfer"] > 50 * per_client
+    assert comm["full_finetune_bytes_per_transfer"] > 50 * adapter_bytes
     assert comm["ratio_up_vs_full"] == pytest.approx(comm["bytes_up_total"]
                                                      / comm["full_finetune_bytes_up_total"])
 
@@ -71,30 +74,145 @@ def test_saved_adapter_reloads_with_stock_peft_and_reproduces_metrics(fedavg_run
     assert result["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
 
 
-def test_same_config_same_adapter(fedavg_run, tmp_path):
+def test_same_config_same_adapter(fedavg_run, tiny_config, tmp_path):
     out, _ = fedavg_run
     run(tiny_config(), tmp_path)
-    first = load_file(str(out / "adapter/adapter_model.safetensors"))
-    second = load_file(str(tmp_path / "adapter/adapter_model.safetensors"))
+    first, second = adapter_of(out), adapter_of(tmp_path)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_B" in k)  # it trained
 
 
-def test_training_improves_on_real_signal(tmp_path):
-    # A larger learning rate on the tiny model: eval loss must drop from zero-shot.
+def test_training_improves_on_real_signal(tiny_config, tmp_path):
     summary = run(tiny_config("train.lr=0.01", "federation.rounds=3", "train.local_steps=4"),
                   tmp_path)
     assert summary["final"]["loss"] < summary["zero_shot"]["loss"]
 
 
-def test_client_subsampling_is_seeded(tmp_path):
-    summary = run(tiny_config("federation.clients_per_round=2"), tmp_path)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(len(r["clients"]) == 2 for r in rows[1:])
+def test_client_subsampling_is_seeded_and_fractions_work(tiny_config, tmp_path, read_metrics):
+    summary = run(tiny_config("federation.clients_per_round=2"), tmp_path / "count")
+    assert all(len(r["clients"]) == 2 for r in read_metrics(tmp_path / "count")[1:])
     assert summary["communication"]["client_participations"] == 4
-
-
-def test_client_fraction_picks_that_share_of_clients(tmp_path):
-    summary = run(tiny_config("federation.client_fraction=0.5", "federation.rounds=1"), tmp_path)
+    summary = run(tiny_config("federation.client_fraction=0.5", "federation.rounds=1"),
+                  tmp_path / "fraction")
     assert summary["communication"]["client_participations"] == 2
+
+
+@pytest.mark.parametrize("mode, extra", [("sample", "privacy.sample_rate=0.2"),
+                                         ("client", "privacy.clip=1.0"),
+                                         ("local", "privacy.clip=1.0")])
+def test_each_mode_spends_at_most_its_target_from_secure_noise(mode, extra, tiny_config,
+                                                               tmp_path, read_metrics):
+    summary = run(tiny_config(f"privacy.mode={mode}", "privacy.target_epsilon=8", extra),
+                  tmp_path)
+    ledger_file = json.loads((tmp_path / "ledger.json").read_text())
+    ledger = PrivacyLedger.from_dict(ledger_file)
+    spent = ledger.epsilon(accountant="pld")
+    p = summary["privacy"]
+    assert 0 < spent <= 8.0 and p["epsilon_spent_pld"] == pytest.approx(spent)
+    assert p["neighbouring"] == ledger_file["neighbouring"]
+    assert p["epsilon_planned"] >= spent * (1 - 1e-9)
+    assert p["noise_source"] == ledger_file["noise_source"] == SECURE
+    rows = read_metrics(tmp_path)
+    assert all(r["noise_source"] == SECURE for r in rows)
+    eps = [r["epsilon"] for r in rows[1:]]
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(spent)
+    assert (tmp_path / "checkpoints/round_002/ledger.json").is_file()
+    assert ledger.parties() == (["global"] if mode == "client"
+                                else [f"client-{i}" for i in range(4)])
+
+
+def test_default_noise_differs_between_runs_and_reproducible_noise_repeats(tiny_config, tmp_path,
+                                                                            read_metrics):
+    def final(name, *extra):
+        run(tiny_config(*LOCAL, "federation.rounds=1", *extra), tmp_path / name)
+        return adapter_of(tmp_path / name)
+
+    secure = [final(f"secure{i}") for i in range(2)]
+    seeded = [final(f"seeded{i}", "privacy.reproducible_noise=true") for i in range(2)]
+    assert not all(torch.equal(secure[0][k], secure[1][k]) for k in secure[0])
+    assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in seeded[0])
+    # every published file says the seeded epsilon does not hold against the seed's holder
+    ledger = json.loads((tmp_path / "seeded0" / "ledger.json").read_text())
+    summary = json.loads((tmp_path / "seeded0" / "summary.json").read_text())
+    assert ledger["noise_source"] == summary["privacy"]["noise_source"] == SEEDED
+    assert all(r["noise_source"] == SEEDED for r in read_metrics(tmp_path / "seeded0"))
+    assert "does NOT hold" in SEEDED
+
+
+@pytest.mark.parametrize("mode, extra", [("sample", "privacy.sample_rate=0.2"),
+                                         ("local", "privacy.clip=1.0"),
+                                         ("client", "privacy.clip=1.0")])
+def test_private_modes_release_nothing_unnoised(mode, extra, tiny_config, tmp_path, read_metrics):
+    config = tiny_config(f"privacy.mode={mode}", "privacy.noise_multiplier=1.0", extra,
+                         "federation.rounds=1")
+    summary = run(config, tmp_path)
+    row = read_metrics(tmp_path)[1]
+    assert row["train_loss"] is None  # client losses are data-dependent and not noised
+    assert row["seconds"] is None and summary["wall_seconds"] is None  # grow with batch sizes
+    if mode == "client":  # Poisson participation is what amplification hides
+        hidden = ["clients", "bytes_up", "bytes_down", "bytes_up_per_client", "rejected",
+                  "bytes_down_per_client", "bytes_by_client", "ratio_up_vs_full"]
+        assert all(row[k] is None for k in hidden)
+        comm = summary["communication"]
+        assert comm["participations_are_expected_values"]
+        expected = summary["privacy"]["sample_rate"] * 4 * 1  # q * num_clients * rounds
+        assert comm["client_participations"] == pytest.approx(expected)
+        per_client = payload_bytes(flatten(prepare(config).init))  # shapes only: all rank 8
+        assert comm["bytes_up_total"] == pytest.approx(per_client * expected)
+        assert comm["bytes_down_total"] == comm["bytes_up_total"]
+    else:
+        assert row["bytes_up"] > 0 and row["ratio_up_vs_full"] < 1
+
+
+@pytest.mark.parametrize("mode", [None, "sample", "client", "local"])
+def test_ffa_sends_b_only_and_a_stays_bit_identical_to_its_seeded_init(mode, tiny_config,
+                                                                      tmp_path, read_metrics):
+    extra = [] if mode is None else [f"privacy.mode={mode}", "privacy.noise_multiplier=1.0"]
+    extra += ["privacy.sample_rate=0.2"] if mode == "sample" else []
+    config = tiny_config("federation.aggregation=ffa", "train.lr=0.01", *extra)
+    initial = flatten(prepare(config).init)
+    run(config, tmp_path)
+    for round_ in (1, 2):
+        saved = load_file(str(tmp_path / f"checkpoints/round_{round_:03d}/adapter.safetensors"))
+        a_keys = [k for k in saved if k.endswith("lora_A")]
+        assert a_keys and all(torch.equal(saved[k], initial[k]) for k in a_keys)
+        assert any(not torch.equal(saved[k], initial[k]) for k in saved if k.endswith("lora_B"))
+    if mode != "client":
+        # q_proj and v_proj have B of shapes (32, 4) and (16, 4) vs A (4, 32): B is under half
+        b_only = read_metrics(tmp_path)[1]["bytes_down"]
+        assert b_only < 0.5 * 4 * payload_bytes(initial)
+
+
+def test_fedavg_logs_its_inexactness_and_exact_its_residual(tiny_config, tmp_path, read_metrics):
+    run(tiny_config("train.lr=0.01"), tmp_path / "fedavg")
+    rows = read_metrics(tmp_path / "fedavg")
+    assert rows[2]["aggregation"] == "fedavg" and rows[2]["factor_gap_max"] > 0
+    run(tiny_config("train.lr=0.01", "federation.aggregation=exact"), tmp_path / "exact")
+    rows = read_metrics(tmp_path / "exact")
+    assert all(0 <= r["svd_residual_max"] < 1 for r in rows[1:])
+    a = next(v for k, v in adapter_of(tmp_path / "exact").items() if "lora_A" in k)
+    assert a.shape[0] == 8  # lora.rank default
+
+
+def test_heterogeneous_ranks_move_bytes_in_proportion(tiny_config, tmp_path, read_metrics):
+    summary = run(tiny_config("train.lr=0.01", "federation.aggregation=exact",
+                              "lora.client_ranks=[2, 8]"), tmp_path)
+    assert summary["final"]["loss"] < summary["zero_shot"]["loss"]
+    down = {cid: t["down"] for cid, t in read_metrics(tmp_path)[1]["bytes_by_client"].items()}
+    assert down["0"] == down["2"] and down["1"] == down["3"]  # ranks cycle: 0 and 2 have rank 2
+    assert down["0"] < 0.4 * down["1"]
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "ffa", "exact"])
+def test_client_mode_with_every_rule(rule, tiny_config, tmp_path):
+    summary = run(tiny_config(f"federation.aggregation={rule}", "privacy.mode=client",
+                              "privacy.noise_multiplier=1.0"), tmp_path)
+    assert summary["privacy"]["epsilon_spent_pld"] > 0
+    assert all(torch.isfinite(v).all() for v in adapter_of(tmp_path).values())
+
+
+def test_exact_under_local_dp(tiny_config, tmp_path):
+    summary = run(tiny_config("federation.aggregation=exact", *LOCAL), tmp_path)
+    assert summary["privacy"]["epsilon_spent_pld"] > 0
+    assert all(torch.isfinite(v).all() for v in adapter_of(tmp_path).values())

@@ -1,6 +1,6 @@
 """Aggregate clients' LoRA adapters on the server: pure functions, inputs never mutated.
 
-Three rules, chosen by ``federation.aggregation``:
+The math of three rules (``privlora.rules`` holds one object per rule that applies it):
 
 - ``fedavg``: average A and B separately. Cheap and what the papers and FlowerTune do, but
   inexact: mean(B) @ mean(A) != mean(B @ A) in general (``factor_product_gap`` measures by how much).
@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import torch
 
 from privlora.errors import ConfigError, InvalidUpdate
-from privlora.lora import Adapter, Factors
-
-Rule = Literal["fedavg", "ffa", "exact"]
-RULES: tuple[str, ...] = ("fedavg", "ffa", "exact")
+from privlora.lora import Adapter, Factors, wire_name
 
 
 def normalise_weights(weights: Sequence[float]) -> list[float]:
@@ -252,15 +248,25 @@ def refactorize(
 
 
 def exact(
-    adapters: Sequence[Adapter],
-    weights: Sequence[float],
+    global_products: dict[str, torch.Tensor],
+    mean_change: dict[str, torch.Tensor],
     rank: int,
-    scales: Sequence[float] | None = None,
-    out_scale: float = 1.0,
+    scale: float,
 ) -> tuple[Adapter, dict[str, float]]:
-    """Average the products s_k B_k A_k and refactorize them at ``rank`` (see ``refactorize``)."""
-    _check_rank(rank)
-    return refactorize(mean_products(adapters, weights, scales), rank, out_scale)
+    """Add the clients' mean product change to the global product; refactorize at ``rank``.
+
+    ``global_products`` is scale * B A of the global adapter per layer and ``mean_change`` the
+    (weighted, or noisy) mean of the clients' ``product_change``. With equal ranks the sum is
+    the weighted mean of the clients' products (FlexLoRA, Bai et al., NeurIPS 2024). Returns the
+    adapter and the per-layer truncation residual (see ``refactorize``).
+    """
+    if set(global_products) != set(mean_change):
+        raise InvalidUpdate(
+            f"mean change covers layers {sorted(mean_change)[:3]}, the global product "
+            f"{sorted(global_products)[:3]}; every client must update the layers it received"
+        )
+    total = {name: global_products[name] + mean_change[name] for name in global_products}
+    return refactorize(total, rank, scale)
 
 
 def factor_product_gap(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, float]:
@@ -298,28 +304,22 @@ def truncate_rank(adapter: Adapter, rank: int) -> Adapter:
     return out
 
 
-def aggregate(
-    rule: Rule,
-    adapters: Sequence[Adapter],
-    weights: Sequence[float],
-    rank: int,
-    scale: float = 1.0,
-) -> tuple[Adapter, dict[str, float]]:
-    """Aggregate with ``rule``; return the global adapter and per-layer diagnostics.
+def apply_delta(start: Adapter, delta: dict[str, torch.Tensor]) -> Adapter:
+    """Return a client's factors: ``start`` plus its flat ``delta`` (wire names).
 
-    Diagnostics: the SVD residual for ``exact``, ``factor_product_gap`` for ``fedavg``, none for
-    ``ffa`` (which is exact). ``rank`` and ``scale`` (alpha / r, shared by all clients) are used
-    only by ``exact``; fedavg and ffa keep the clients' rank.
+    Factors absent from ``delta`` are kept (FFA's frozen A). A rank-r client's delta covers its
+    first r components; its start had the rest zeroed, so they are zero here.
     """
-    match rule:
-        case "fedavg":
-            return fedavg(adapters, weights), factor_product_gap(adapters, weights)
-        case "ffa":
-            return ffa(adapters, weights), {}
-        case "exact":
-            scales = [scale] * len(adapters)
-            return exact(adapters, weights, rank, scales=scales, out_scale=scale)
-        case _:
-            raise ConfigError(
-                f"federation.aggregation = {rule!r} is not a known rule; use one of {list(RULES)}"
-            )
+    adapter = {}
+    for name, f in start.items():
+        a_delta, b_delta = delta.get(wire_name(name, "A")), delta.get(wire_name(name, "B"))
+        rank = (a_delta.shape[0] if a_delta is not None else
+                b_delta.shape[1] if b_delta is not None else f.A.shape[0])
+        a, b = f.A.clone(), f.B.clone()
+        a[rank:], b[:, rank:] = 0, 0
+        if a_delta is not None:
+            a[:rank] += a_delta
+        if b_delta is not None:
+            b[:, :rank] += b_delta
+        adapter[name] = Factors(A=a, B=b)
+    return adapter

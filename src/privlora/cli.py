@@ -42,6 +42,7 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
     data: Annotated[str | None, typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
     model: Annotated[str | None, typer.Option(help="Shortcut for --set model.name=...")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
 ) -> None:
     """Run a federated LoRA fine-tune and write the run directory."""
     from privlora.config import load_config
@@ -57,12 +58,12 @@ def run(
         from privlora.progress import RichProgress
         from privlora.server import run as run_federation
 
-        if cfg.privacy.mode != "none" and not cfg.privacy.secure_rng:
-            typer.echo("warning: DP noise is seeded from the run seed (reproducible, for research);"
-                       " set privacy.secure_rng = true when the epsilon must hold against anyone "
-                       "who can read config.toml", err=True)
+        if cfg.privacy.reproducible_noise:
+            typer.echo("warning: privacy.reproducible_noise = true: DP noise is seeded from the run "
+                       "seed, so the epsilon does not hold against anyone who knows or guesses it; "
+                       "every published file says so", err=True)
         with RichProgress(cfg) as progress:
-            summary = run_federation(cfg, out_dir, progress)
+            summary = run_federation(cfg, out_dir, progress, overwrite=overwrite)
     except _USER_ERRORS as err:
         _fail(err)
     from privlora.progress import print_summary

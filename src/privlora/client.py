@@ -1,19 +1,25 @@
-"""One client's round of work: ``local_update`` runs K local steps on LoRA parameters only.
+"""One client's round: start from the downlink payload, train LoRA locally, return the uplink.
 
-The training loop is one visible loop. In sample mode (DP-LoRA done right) each step is a
-DP-SGD step: Poisson-sampled examples, per-example gradients clipped by their joint L2 norm over
-all trained LoRA tensors, summed, Gaussian noise added. In local mode (DP-FedLoRA) the whole
-update is clipped jointly and noised before it leaves the client.
+``run_round`` is what a site runs each round, in the simulation and in a Flower ClientApp: it
+rebuilds its start adapter from the payload alone (``protocol.client_start``), runs
+``local_update`` (K steps on the LoRA parameters, one visible loop) and sends the update.
+In sample mode each step is a DP-SGD step (``gradient_step``): Poisson-sampled examples,
+per-example gradients clipped by their joint L2 norm over all trained LoRA tensors, summed,
+noised, divided by a configured constant. In local mode the whole update is clipped jointly
+and noised before it leaves. A client takes only what a site has: its data, the payload, its
+spec, its generators.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
-import dp_accounting
 import torch
 
+from privlora import protocol
 from privlora.aggregation import truncate_rank
+from privlora.config import RunConfig
 from privlora.data import Example, collate
 from privlora.lm import per_example_loss
 from privlora.lora import (
@@ -21,38 +27,25 @@ from privlora.lora import (
     LoraHandles,
     first_components,
     flatten,
-    lora_linears,
+    is_factor_b,
     read_adapter,
     set_trainable,
+    trained_parameters,
     write_adapter,
 )
-from privlora.privacy import accounting
-from privlora.privacy.mechanisms import add_noise, clip, clip_per_example, uniform
+from privlora.privacy.local import LocalDP, SampleDP
+from privlora.privacy.mechanisms import clip_per_example, seeded_generator, uniform
 from privlora.privacy.per_example import PerExampleGrads
+from privlora.privacy.plan import PrivacyPlan
+from privlora.rules import Rule
 
-
-@dataclass(frozen=True)
-class SampleDP:
-    """DP-SGD inside the client: per-example clip, Poisson rate, noise std = sigma * clip."""
-
-    clip: float
-    noise_multiplier: float
-    sample_rate: float
-    secure: bool = False
-
-
-@dataclass(frozen=True)
-class LocalDP:
-    """Local DP on the whole release: joint clip; noise std = sigma * 2 * clip (replace-one)."""
-
-    clip: float
-    noise_multiplier: float
-    secure: bool = False
+# Messages that stay with the party that logs them: never written to the run directory.
+local_log = logging.getLogger("privlora.local")
 
 
 @dataclass(frozen=True)
 class LocalSpec:
-    """What a client does in one round."""
+    """What a client does in one round (built from the config and the privacy plan)."""
 
     steps: int
     batch_size: int
@@ -61,109 +54,131 @@ class LocalSpec:
     weight_decay: float = 0.0
     train_a: bool = True  # False for FFA-LoRA: A stays frozen and is never sent
     rank: int | None = None  # heterogeneous ranks: components beyond this stay zero
-    sample_dp: SampleDP | None = None
-    local_dp: LocalDP | None = None
+    sample_dp: SampleDP | None = None  # DP-SGD inside the steps (sample mode)
+    local_dp: LocalDP | None = None  # clip + noise on the release (local mode)
+
+
+@dataclass(frozen=True)
+class Site:
+    """What one client holds: its id, its tokenized examples and what it does each round."""
+
+    client_id: int
+    examples: list[Example]
+    spec: LocalSpec
 
 
 @dataclass
-class ClientUpdate:
-    """What a client sends back: the (clipped, noised if private) factor update and metadata."""
+class LocalResult:
+    """A round's outcome at the client: what it sends, and what stays with it."""
 
-    client_id: int
-    delta: dict[str, torch.Tensor]  # flat wire names, lora.flatten order; B only for FFA
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    events: list[dp_accounting.DpEvent] = field(default_factory=list)
+    delta: dict[str, torch.Tensor]  # flat wire names; B only for FFA; noised under DP
+    meta: dict[str, float]  # sent beside the tensors: nothing under DP
+    local_log: dict[str, int]  # counts for the site's own log (never sent, never published)
 
 
-def local_update(handles: LoraHandles, global_adapter: Adapter, examples: list[Example],
-                 spec: LocalSpec, client_id: int, batch_rng: torch.Generator,
-                 noise_rng: torch.Generator, pad_id: int) -> ClientUpdate:
-    """Train from ``global_adapter`` for ``spec.steps`` steps; return the update to send."""
-    start = global_adapter if spec.rank is None else truncate_rank(global_adapter, spec.rank)
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # the batch's mean answer loss (stays at the client)
+    nonfinite: int  # examples whose gradient was not finite and counted as zero (DP-SGD)
+
+
+def rank_of(config: RunConfig, client_id: int) -> int | None:
+    """Return a client's LoRA rank when ranks are heterogeneous (cycled), else None."""
+    ranks = config.lora.client_ranks
+    return ranks[client_id % len(ranks)] if ranks else None
+
+
+def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None) -> LocalSpec:
+    """Build what a client does each round from the config, the rule and the privacy plan."""
+    t = config.train
+    return LocalSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
+                     optimizer=t.optimizer, weight_decay=t.weight_decay, train_a=rule.trains_a,
+                     rank=rank, sample_dp=plan.training_mechanism(),
+                     local_dp=plan.release_mechanism())
+
+
+def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
+              seed: int, round_: int, pad_id: int) -> protocol.Payload:
+    """Train from what ``payload`` carries; return the uplink payload.
+
+    ``init`` is the adapter this site derived from the shared LoRA seed (shapes; FFA's A).
+    Generators are seeded by (seed, round, client id, purpose); under DP the noise and the
+    Poisson draws ignore them unless privacy.reproducible_noise is set.
+    """
+    start = protocol.client_start(payload, init, site.spec.train_a)
+    result = local_update(handles, start, site.examples, site.spec,
+                          seeded_generator(seed, round_, site.client_id, "batches"),
+                          seeded_generator(seed, round_, site.client_id, "noise"), pad_id)
+    if any(result.local_log.values()):
+        local_log.warning("client %d round %d: %s", site.client_id, round_, result.local_log)
+    return protocol.Payload(result.delta, result.meta)
+
+
+def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], spec: LocalSpec,
+                 batch_rng: torch.Generator, noise_rng: torch.Generator,
+                 pad_id: int) -> LocalResult:
+    """Train from ``start`` for ``spec.steps`` steps; return the update to send."""
     write_adapter(handles, start)
-    params = set_trainable(handles, train_a=spec.train_a)
-    optimizer = _optimizer(params, spec)
-    named = _named_params(handles, spec.train_a)
+    optimizer = _optimizer(set_trainable(handles, train_a=spec.train_a), spec)
+    named = trained_parameters(handles, spec.train_a)
     handles.model.train()
+    losses, nonfinite = [], 0
     # Why: LoRA dropout draws from the global RNG; seed it from this client's stream so that
     # runs stay bit-identical, without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=batch_rng)))
-        losses = _train(handles, examples, spec, named, batch_rng, noise_rng, optimizer, pad_id)
+        for _ in range(spec.steps):
+            step = gradient_step(handles, examples, spec, named, batch_rng, noise_rng, pad_id)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if spec.rank is not None:  # keep components beyond the client's rank at zero
+                write_adapter(handles, truncate_rank(read_adapter(handles), spec.rank))
+            losses.append(step.loss)
+            nonfinite += step.nonfinite
     handles.model.eval()
     delta = _delta(read_adapter(handles), start, spec.train_a, spec.rank)
-    events: list[dp_accounting.DpEvent] = []
-    if spec.sample_dp is not None:
-        dp = spec.sample_dp
-        events.append(accounting.sample_mode_event(dp.sample_rate, dp.noise_multiplier, spec.steps))
+    log = {"nonfinite_examples": nonfinite}
     if spec.local_dp is not None:
-        delta, _norm = clip(delta, spec.local_dp.clip)
-        std = spec.local_dp.noise_multiplier * 2 * spec.local_dp.clip  # sensitivity 2C
-        delta = add_noise(delta, std, noise_rng, secure=spec.local_dp.secure)
-        events.append(accounting.local_mode_event(spec.local_dp.noise_multiplier, 1))
+        delta, finite = spec.local_dp.release(delta, noise_rng)
+        log["nonfinite_updates"] = int(not finite)
     if spec.sample_dp is not None or spec.local_dp is not None:
-        # Under DP only the noised update leaves the client: no loss, no example count.
-        return ClientUpdate(client_id, delta, 0, {}, events)
-    metrics = {"train_loss": sum(losses) / len(losses)}
-    return ClientUpdate(client_id, delta, len(examples), metrics, events)
+        return LocalResult(delta, {}, log)  # under DP only the noised update leaves
+    meta = {"num_examples": float(len(examples)), "train_loss": sum(losses) / len(losses)}
+    return LocalResult(delta, meta, log)
 
 
-def _train(handles: LoraHandles, examples: list[Example], spec: LocalSpec,
-           named: dict[str, torch.nn.Parameter], batch_rng: torch.Generator,
-           noise_rng: torch.Generator, optimizer: torch.optim.Optimizer,
-           pad_id: int) -> list[float]:
-    """Run the local steps (the training loop); return each step's batch loss."""
-    losses = []
-    for _ in range(spec.steps):
-        if spec.sample_dp is None:
-            batch = _uniform_batch(examples, spec.batch_size, batch_rng)
-            loss = per_example_loss(handles.model, collate(batch, pad_id)).mean()
-            loss.backward()
-        else:
-            loss = _dp_sgd_gradients(handles, examples, spec, named, batch_rng, noise_rng, pad_id)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if spec.rank is not None:  # keep components beyond the client's rank at zero
-            write_adapter(handles, truncate_rank(read_adapter(handles), spec.rank))
-        losses.append(loss.item())
-    return losses
+def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec,
+                  named: dict[str, torch.nn.Parameter], batch_rng: torch.Generator,
+                  noise_rng: torch.Generator, pad_id: int) -> StepResult:
+    """Set ``.grad`` of the trained LoRA weights for one local step; return the batch loss.
 
-
-def _dp_sgd_gradients(handles: LoraHandles, examples: list[Example], spec: LocalSpec,
-                      named: dict[str, torch.nn.Parameter], batch_rng: torch.Generator,
-                      noise_rng: torch.Generator, pad_id: int) -> torch.Tensor:
-    """Set ``.grad`` to one DP-SGD gradient (Abadi et al. 2016, Alg. 1); return the batch loss."""
+    Without ``spec.sample_dp``: the mean answer loss of a uniform batch of ``batch_size``.
+    With it, one DP-SGD step (Abadi et al. 2016, Alg. 1): each example joins with probability q
+    (Poisson, as the accountant's PoissonSampled event assumes; the batch may be empty), its
+    gradient is clipped jointly to C, the sum is noised and divided by the configured divisor.
+    """
     dp = spec.sample_dp
     if dp is None:
-        raise ValueError("DP-SGD gradients need LocalSpec.sample_dp")
-    # Poisson sampling: each example joins independently with probability q (the accountant's
-    # PoissonSampled event assumes exactly this; the batch size is random and may be 0).
+        batch = _uniform_batch(examples, spec.batch_size, batch_rng)
+        loss = per_example_loss(handles.model, collate(batch, pad_id)).mean()
+        loss.backward()
+        return StepResult(loss.item(), 0)
     draws = uniform(len(examples), batch_rng, secure=dp.secure)
-    chosen = (draws < dp.sample_rate).nonzero()[:, 0]
+    chosen = (draws < dp.sample_rate).nonzero()[:, 0].tolist()
     summed = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
-    loss = torch.tensor(0.0)
-    if len(chosen):
-        batch = collate([examples[i] for i in chosen.tolist()], pad_id)
+    loss, nonfinite = 0.0, 0
+    if chosen:
+        batch = collate([examples[i] for i in chosen], pad_id)
         with PerExampleGrads(handles, train_a=spec.train_a) as tracker:
             per_example = per_example_loss(handles.model, batch)
             per_example.sum().backward()  # a SUM: each example's gradient stays its own
-            summed, _ = clip_per_example(tracker.collect(), dp.clip)
-        loss = per_example.mean().detach()
-    noisy = add_noise(summed, dp.noise_multiplier * dp.clip, noise_rng, secure=dp.secure)
-    expected_batch = dp.sample_rate * len(examples)  # fixed denominator keeps the sensitivity C
+            summed, norms = clip_per_example(tracker.collect(), dp.clip)
+        nonfinite = int((~torch.isfinite(norms)).sum())
+        loss = per_example.detach().mean().item()
+    noisy = dp.noisy_gradient(summed, noise_rng)
     for name, param in named.items():
-        param.grad = (noisy[name] / expected_batch).to(param.dtype)
-    return loss
-
-
-def _named_params(handles: LoraHandles, train_a: bool) -> dict[str, torch.nn.Parameter]:
-    named = {}
-    for layer, (a, b) in lora_linears(handles).items():
-        if train_a:
-            named[f"{layer}.lora_A"] = a.weight
-        named[f"{layer}.lora_B"] = b.weight
-    return dict(sorted(named.items()))
+        param.grad = noisy[name].to(param.dtype)
+    return StepResult(loss, nonfinite)
 
 
 def _optimizer(params: list[torch.nn.Parameter], spec: LocalSpec) -> torch.optim.Optimizer:
@@ -182,9 +197,6 @@ def _delta(after: Adapter, before: Adapter, train_a: bool,
     """Return the flat factor update after - before, as sent: B only when A is frozen, and only
     the client's own ``rank`` components (rows of A, columns of B) when ranks differ."""
     flat_after, flat_before = flatten(after), flatten(before)
-    delta = {
-        name: flat_after[name] - flat_before[name]
-        for name in flat_after
-        if train_a or name.endswith(".lora_B")
-    }
+    delta = {name: flat_after[name] - flat_before[name]
+             for name in flat_after if train_a or is_factor_b(name)}
     return delta if rank is None else first_components(delta, rank)

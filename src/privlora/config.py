@@ -81,7 +81,10 @@ class PrivacyConfig:
     clip: float = 1.0
     sample_rate: float | None = None  # sample mode: Poisson rate of examples per step
     accountant: Literal["pld", "rdp"] = "pld"
-    secure_rng: bool = False
+    # False (the default): DP noise and privacy sampling come from the OS CSPRNG. True: they are
+    # seeded from the run seed, for research; every published file then says the epsilon does
+    # not hold against anyone who knows or guesses the seed.
+    reproducible_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = value
 
 
+# Keys that existed in earlier versions, and what replaced them.
+_REPLACED = {
+    "privacy.secure_rng": "privacy.secure_rng was replaced by privacy.reproducible_noise "
+    "(default false: noise from the OS CSPRNG); delete secure_rng, and set "
+    "reproducible_noise = true only for research runs that must be replayable",
+}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
@@ -136,6 +147,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if f"{prefix}{key}" in _REPLACED:
+            raise ConfigError(_REPLACED[f"{prefix}{key}"])
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {names}"

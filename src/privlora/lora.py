@@ -14,7 +14,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
+from privlora.config import LoraSection
+from privlora.errors import ConfigError
+
 ADAPTER_NAME = "default"
+_SUFFIX = {"A": ".lora_A", "B": ".lora_B"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,11 @@ class LoraSpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+def spec_of(section: LoraSection) -> LoraSpec:
+    """Return the LoRA hyper-parameters of a validated ``[lora]`` config section."""
+    return LoraSpec(section.rank, section.alpha, section.dropout, tuple(section.target_modules))
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class LoraHandles:
 
 def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
     """Wrap ``model`` with fresh LoRA factors (A seeded, B zero); only LoRA tensors train."""
+    _check_targets(model, spec.target_modules)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -70,15 +80,22 @@ def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
         for name, module in peft_model.base_model.model.named_modules()
         if isinstance(module, LoraLayer)
     }
-    if not layers:
-        raise ValueError(
-            f"lora.target_modules = {list(spec.target_modules)} matched no Linear layer; "
-            "name modules of this model, e.g. ['q_proj', 'v_proj']"
-        )
     for module in layers.values():  # LoRA factors train in float32 even when the base is bf16
         module.lora_A[ADAPTER_NAME].float()
         module.lora_B[ADAPTER_NAME].float()
     return LoraHandles(peft_model, layers)
+
+
+def _check_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> None:
+    """Refuse target module names the model has no Linear layer for, naming the ones it has."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise ConfigError(
+            f"lora.target_modules has {unknown}, which this model does not have; its Linear "
+            f"modules are {linear}; e.g. lora.target_modules = ['q_proj', 'v_proj']"
+        )
 
 
 def lora_linears(handles: LoraHandles) -> dict[str, tuple[torch.nn.Linear, torch.nn.Linear]]:
@@ -120,12 +137,32 @@ def set_trainable(handles: LoraHandles, train_a: bool) -> list[torch.nn.Paramete
     return params
 
 
+def wire_name(layer: str, factor: str) -> str:
+    """Return the wire name of one factor ("A" or "B") of ``layer``: ``"<layer>.lora_A"``."""
+    return layer + _SUFFIX[factor]
+
+
+def is_factor_b(name: str) -> bool:
+    """Return whether a wire name is a B factor (the one FFA-LoRA trains and sends)."""
+    return name.endswith(_SUFFIX["B"])
+
+
+def trained_parameters(handles: LoraHandles, train_a: bool) -> dict[str, torch.nn.Parameter]:
+    """Return the parameters a client trains by wire name, sorted: B, and A unless frozen."""
+    named = {}
+    for layer, (a, b) in lora_linears(handles).items():
+        if train_a:
+            named[wire_name(layer, "A")] = a.weight
+        named[wire_name(layer, "B")] = b.weight
+    return dict(sorted(named.items()))
+
+
 def flatten(adapter: Adapter) -> dict[str, torch.Tensor]:
     """Flatten to ``{"<module>.lora_A": A, "<module>.lora_B": B}`` in a stable order (wire format)."""
     flat: dict[str, torch.Tensor] = {}
     for name in sorted(adapter):
-        flat[f"{name}.lora_A"] = adapter[name].A
-        flat[f"{name}.lora_B"] = adapter[name].B
+        flat[wire_name(name, "A")] = adapter[name].A
+        flat[wire_name(name, "B")] = adapter[name].B
     return flat
 
 
@@ -138,6 +175,6 @@ def save_peft(handles: LoraHandles, adapter: Adapter, out_dir: Path) -> None:
 def first_components(flat: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     """Keep the first ``rank`` components of flat factors: rows of A, columns of B (wire format)."""
     return {
-        name: (t[:rank] if name.endswith(".lora_A") else t[:, :rank]).contiguous()
+        name: (t[:, :rank] if is_factor_b(name) else t[:rank]).contiguous()
         for name, t in flat.items()
     }

@@ -71,8 +71,12 @@ class PrivacyLedger:
     recorded events (with a per-instance cache keyed on the number of events recorded).
     """
 
-    def __init__(self, delta: float, neighbouring: str) -> None:
-        """Start an empty ledger at `delta` under the `neighbouring` relation (human text)."""
+    def __init__(self, delta: float, neighbouring: str, noise_source: str | None = None) -> None:
+        """Start an empty ledger at `delta` under the `neighbouring` relation (human text).
+
+        ``noise_source`` says where the noise came from (the OS CSPRNG, or a seed that voids
+        the epsilon against anyone who knows it); it is saved with the events.
+        """
         validate_probability(delta, "privacy.delta")
         if not isinstance(neighbouring, str) or not neighbouring.strip():
             raise ConfigError(
@@ -81,6 +85,7 @@ class PrivacyLedger:
             )
         self.delta = float(delta)
         self.neighbouring = neighbouring
+        self.noise_source = noise_source
         self._events: dict[str, list[DpEvent]] = {}
         self._cache: dict[tuple[str, str], tuple[int, float]] = {}
 
@@ -128,6 +133,7 @@ class PrivacyLedger:
         return {
             "delta": self.delta,
             "neighbouring": self.neighbouring,
+            "noise_source": self.noise_source,
             "events": {p: [event_to_dict(e) for e in evs] for p, evs in self._events.items()},
             "epsilon": summary,
         }
@@ -136,7 +142,8 @@ class PrivacyLedger:
     def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
         """Return the ledger that `to_dict` produced `data` from (the summary is recomputed)."""
         try:
-            ledger = cls(delta=data["delta"], neighbouring=data["neighbouring"])
+            ledger = cls(delta=data["delta"], neighbouring=data["neighbouring"],
+                         noise_source=data.get("noise_source"))
             parties = data["events"]
         except (KeyError, TypeError) as err:
             raise ConfigError(

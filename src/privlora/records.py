@@ -1,0 +1,136 @@
+"""What a run publishes, as plain records: one row per round and the summary. Pure functions.
+
+The privacy plan decides what is hidden: ``plan.redact`` nulls the fields of a round row that
+depend on who took part (client mode) or on how long the realised batches took (every private
+mode), and the summary reports expected communication when participation is hidden.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from privlora.evaluate import EvalResult
+from privlora.privacy.plan import PrivacyPlan
+
+_PACKAGES = ("privlora", "torch", "transformers", "peft", "dp-accounting", "flwr", "safetensors")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes one client moved in one round, as serialized."""
+
+    up: int
+    down: int
+
+
+def finite_or_text(x: float | None) -> float | str | None:
+    """Return ``x``, or its text for inf/nan (strict JSON has neither)."""
+    return x if x is None or math.isfinite(x) else str(x)
+
+
+def round_row(round_: int, result: EvalResult, traffic: Mapping[int, Traffic],
+              rejected: Sequence[int], train_losses: Sequence[float], seconds: float,
+              epsilon: float | None, rule: str, diagnostic: str | None,
+              diagnostics: Mapping[str, float], full_model_bytes: int,
+              plan: PrivacyPlan) -> dict[str, Any]:
+    """Return one metrics.jsonl line, with the fields the plan hides set to None."""
+    up = sum(t.up for t in traffic.values())
+    down = sum(t.down for t in traffic.values())
+    per_up = up / len(traffic) if traffic else None
+    row: dict[str, Any] = {
+        "round": round_,
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+        "clients": sorted(traffic),
+        "rejected": list(rejected),
+        "bytes_up": up,
+        "bytes_down": down,
+        "bytes_up_per_client": per_up,
+        "bytes_down_per_client": down / len(traffic) if traffic else None,
+        "bytes_by_client": {str(c): asdict(t) for c, t in traffic.items()},
+        "full_finetune_bytes_per_client": full_model_bytes,
+        "ratio_up_vs_full": None if per_up is None else per_up / full_model_bytes,
+        "seconds": round(seconds, 3),
+        "epsilon": finite_or_text(epsilon),
+        "noise_source": plan.noise_source,
+        "aggregation": rule,
+        "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
+    }
+    if diagnostics and diagnostic is not None:
+        row[f"{diagnostic}_max"] = max(diagnostics.values())
+        row[f"{diagnostic}_mean"] = sum(diagnostics.values()) / len(diagnostics)
+    return plan.redact(row)
+
+
+def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: int,
+                  num_clients: int, expected_transfer_bytes: float,
+                  full_model_bytes: int) -> dict[str, Any]:
+    """Return the run's communication totals against full fine-tuning.
+
+    When the plan hides participation the totals are expected values: q * N * rounds transfers
+    of the mean payload size, which depends on shapes only.
+    """
+    trained = [r for r in rows if r["round"] > 0]
+    if plan.hides_participation:
+        participations = plan.sample_rate * num_clients * rounds  # type: ignore[attr-defined]
+        up = down = expected_transfer_bytes * participations
+    else:
+        participations = sum(len(r["clients"]) for r in trained)
+        up = sum(r["bytes_up"] for r in trained)
+        down = sum(r["bytes_down"] for r in trained)
+    full = full_model_bytes * participations
+    return {
+        "bytes_up_total": up,
+        "bytes_down_total": down,
+        "client_participations": participations,
+        "participations_are_expected_values": plan.hides_participation,
+        "full_finetune_bytes_per_transfer": full_model_bytes,
+        "full_finetune_bytes_up_total": full,
+        "full_finetune_bytes_down_total": full,
+        "ratio_up_vs_full": up / full if full else None,
+        "ratio_down_vs_full": down / full if full else None,
+    }
+
+
+def privacy_summary(plan: PrivacyPlan, spent_pld: float, spent_rdp: float) -> dict | None:
+    """Return the plan and what was spent, or None without privacy."""
+    planned = plan.to_dict()
+    if planned is None:
+        return None
+    return {**planned, "epsilon_planned": finite_or_text(planned["epsilon_pld"]
+                                                        if plan.accountant == "pld"
+                                                        else planned["epsilon_rdp"]),
+            "epsilon_spent_pld": finite_or_text(spent_pld),
+            "epsilon_spent_rdp": finite_or_text(spent_rdp)}
+
+
+def summary(task: str, labels: Sequence[str], model: str, majority: float | None,
+            zero_shot: EvalResult, final: EvalResult, rounds: int, rule: str,
+            privacy: dict | None, comm: dict, wall_seconds: float | None) -> dict[str, Any]:
+    """Return summary.json: task, metrics before and after, privacy, communication, versions."""
+    return {
+        "task": task,
+        "labels": list(labels),
+        "model": model,
+        "majority_class_accuracy": majority,
+        "zero_shot": asdict(zero_shot),
+        "final": asdict(final),
+        "rounds": rounds,
+        "aggregation": rule,
+        "privacy": privacy,
+        "communication": comm,
+        "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
+        "versions": {p: _version(p) for p in _PACKAGES},
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

@@ -1,0 +1,129 @@
+"""One object per aggregation rule: what it trains, what it sends, how it aggregates.
+
+``build_rule`` turns ``federation.aggregation`` into one of these once; nothing else looks at the
+rule's name to decide behaviour. The math lives in ``privlora.aggregation`` (pure functions);
+a rule picks which of them to apply and what the central DP mechanism (client mode) clips:
+the factor updates for ``fedavg`` and ``ffa``, each client's change of its product for ``exact``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from privlora import aggregation
+from privlora.config import RunConfig
+from privlora.lora import Adapter, flatten, is_factor_b
+from privlora.privacy.central import CentralDP
+
+Delta = dict[str, torch.Tensor]  # one client's factor update, wire names (lora.flatten order)
+
+
+class Rule(Protocol):
+    """An aggregation rule, as the protocol uses it."""
+
+    name: str
+    trains_a: bool  # False: A stays at its seeded init and never crosses the wire (FFA-LoRA)
+    diagnostic: str | None  # the per-layer quantity logged each round (``<name>_max/_mean``)
+    averages_products: bool  # True: the server averages products B A, not the factors
+
+    def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
+                  weights: Sequence[float], central: CentralDP | None,
+                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
+        """Return the next global adapter and per-layer diagnostics."""
+        ...
+
+
+def _sent(global_adapter: Adapter, trains_a: bool) -> dict[str, torch.Tensor]:
+    """The global factors a rule puts on the wire: the shapes a full-rank update has."""
+    return {k: v for k, v in flatten(global_adapter).items() if trains_a or is_factor_b(k)}
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Average A and B separately (McMahan et al. 2017, per factor, as FlowerTune does)."""
+
+    name: ClassVar[str] = "fedavg"
+    trains_a: ClassVar[bool] = True
+    diagnostic: ClassVar[str | None] = "factor_gap"
+    averages_products: ClassVar[bool] = False
+
+    def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
+                  weights: Sequence[float], central: CentralDP | None,
+                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
+        if central is not None:  # DP-FedAvg on the factors; no gap from un-noised updates
+            mean = central.noisy_mean(deltas, _sent(global_adapter, True), noise_rng)
+            return aggregation.apply_delta(global_adapter, mean), {}
+        adapters = [aggregation.apply_delta(global_adapter, d) for d in deltas]
+        return (aggregation.fedavg(adapters, weights),
+                aggregation.factor_product_gap(adapters, weights))
+
+
+@dataclass(frozen=True)
+class FFA:
+    """FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared seed; B trained, sent, averaged."""
+
+    name: ClassVar[str] = "ffa"
+    trains_a: ClassVar[bool] = False
+    diagnostic: ClassVar[str | None] = None
+    averages_products: ClassVar[bool] = False
+
+    def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
+                  weights: Sequence[float], central: CentralDP | None,
+                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
+        if central is not None:
+            mean = central.noisy_mean(deltas, _sent(global_adapter, False), noise_rng)
+            return aggregation.apply_delta(global_adapter, mean), {}
+        adapters = [aggregation.apply_delta(global_adapter, d) for d in deltas]
+        return aggregation.ffa(adapters, weights), {}
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Global product plus the mean of the clients' product changes, re-factorised by SVD.
+
+    Each client's change of scale * B A is measured from its own start (its rank's share of the
+    global adapter). With equal ranks this is exactly the weighted mean of the products B_k A_k
+    (FlexLoRA, Bai et al. 2024); with mixed ranks a low-rank client moves the global product by
+    what it learned. In client mode these changes are what is clipped and noised, so the rule is
+    the same with and without DP. Products are formed one client at a time.
+    """
+
+    rank: int
+    scale: float
+    name: ClassVar[str] = "exact"
+    trains_a: ClassVar[bool] = True
+    diagnostic: ClassVar[str | None] = "svd_residual"
+    averages_products: ClassVar[bool] = True
+
+    def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
+                  weights: Sequence[float], central: CentralDP | None,
+                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
+        base = aggregation.mean_products([global_adapter], [1.0], [self.scale])
+        changes = (self._change(global_adapter, d) for d in deltas)
+        if central is not None:
+            mean = central.noisy_mean(changes, base, noise_rng)
+        else:
+            mean = aggregation.weighted_sum(changes, aggregation.normalise_weights(weights))
+        return aggregation.exact(base, mean, self.rank, self.scale)
+
+    def _change(self, global_adapter: Adapter, delta: Delta) -> dict[str, torch.Tensor]:
+        start = aggregation.apply_delta(global_adapter, {k: torch.zeros_like(v)
+                                                         for k, v in delta.items()})
+        return aggregation.product_change(start, aggregation.apply_delta(start, delta),
+                                          self.scale)
+
+
+def build_rule(config: RunConfig) -> Rule:
+    """Return the rule ``federation.aggregation`` names."""
+    match config.federation.aggregation:
+        case "fedavg":
+            return FedAvg()
+        case "ffa":
+            return FFA()
+        case "exact":
+            return Exact(config.lora.rank, config.lora.alpha / config.lora.rank)
+    raise AssertionError(f"config validation let {config.federation.aggregation!r} through")

@@ -1,0 +1,143 @@
+"""One object per aggregation rule: what it trains, how it aggregates, what client DP clips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from privlora import aggregation
+from privlora.lora import Adapter, Factors, first_components, flatten, is_factor_b
+from privlora.privacy.central import CentralDP
+from privlora.rules import FFA, Exact, FedAvg, build_rule
+
+SHAPES = {"q": (6, 5), "v": (4, 5)}  # layer: (out, in)
+RANK = 4
+
+
+def adapter(gen: torch.Generator, rank: int = RANK) -> Adapter:
+    return {name: Factors(A=torch.randn(rank, d_in, generator=gen),
+                          B=torch.randn(d_out, rank, generator=gen))
+            for name, (d_out, d_in) in SHAPES.items()}
+
+
+def delta_like(sent: dict[str, torch.Tensor], gen: torch.Generator,
+               scale: float = 0.1) -> dict[str, torch.Tensor]:
+    return {k: scale * torch.randn(v.shape, generator=gen) for k, v in sent.items()}
+
+
+def no_noise(count: float, clip: float = 0.5) -> CentralDP:
+    return CentralDP(clip=clip, noise_std=0.0, expected_count=count, secure=False)
+
+
+def rng() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def test_build_rule_gives_each_rule_its_behaviour(tiny_config):
+    fedavg, ffa = build_rule(tiny_config()), build_rule(tiny_config("federation.aggregation=ffa"))
+    exact = build_rule(tiny_config("federation.aggregation=exact", "lora.rank=4"))
+    assert (fedavg.trains_a, fedavg.diagnostic, fedavg.averages_products) == (True, "factor_gap",
+                                                                              False)
+    assert (ffa.trains_a, ffa.diagnostic, ffa.averages_products) == (False, None, False)
+    assert exact == Exact(rank=4, scale=16.0 / 4)
+    assert (exact.trains_a, exact.diagnostic, exact.averages_products) == (True, "svd_residual",
+                                                                           True)
+
+
+def test_fedavg_averages_each_clients_factors_and_logs_the_gap():
+    gen = torch.Generator().manual_seed(1)
+    global_adapter = adapter(gen)
+    deltas = [delta_like(flatten(global_adapter), gen) for _ in range(3)]
+    weights = [1.0, 2.0, 5.0]
+    out, gaps = FedAvg().aggregate(global_adapter, deltas, weights, None, rng())
+    clients = [aggregation.apply_delta(global_adapter, d) for d in deltas]
+    expected = aggregation.fedavg(clients, weights)
+    for name in SHAPES:
+        assert torch.equal(out[name].A, expected[name].A)
+        assert torch.equal(out[name].B, expected[name].B)
+    assert gaps == aggregation.factor_product_gap(clients, weights)
+    assert all(g > 0 for g in gaps.values())
+
+
+def test_ffa_averages_b_and_keeps_the_shared_a():
+    gen = torch.Generator().manual_seed(2)
+    global_adapter = adapter(gen)
+    sent = {k: v for k, v in flatten(global_adapter).items() if is_factor_b(k)}
+    deltas = [delta_like(sent, gen) for _ in range(2)]
+    out, diagnostics = FFA().aggregate(global_adapter, deltas, [1.0, 3.0], None, rng())
+    assert diagnostics == {}
+    for name in SHAPES:
+        assert torch.equal(out[name].A, global_adapter[name].A)
+        mean_b = 0.25 * deltas[0][f"{name}.lora_B"] + 0.75 * deltas[1][f"{name}.lora_B"]
+        torch.testing.assert_close(out[name].B, global_adapter[name].B + mean_b)
+
+
+def test_exact_with_equal_ranks_is_the_weighted_mean_of_the_clients_products():
+    gen = torch.Generator().manual_seed(3)
+    rule = Exact(rank=5, scale=0.5)  # rank 5 = min(out, in): nothing is truncated
+    global_adapter = adapter(gen, rank=5)
+    deltas = [delta_like(flatten(global_adapter), gen, scale=0.5) for _ in range(3)]
+    weights = [1.0, 1.0, 2.0]
+    out, residuals = rule.aggregate(global_adapter, deltas, weights, None, rng())
+    clients = [aggregation.apply_delta(global_adapter, d) for d in deltas]
+    target = aggregation.mean_products(clients, weights, [0.5] * 3)
+    got = aggregation.mean_products([out], [1.0], [0.5])
+    for name in SHAPES:
+        torch.testing.assert_close(got[name], target[name], rtol=1e-4, atol=1e-5)
+    assert max(residuals.values()) < 1e-5
+
+
+@pytest.mark.parametrize("ranks", [(2, RANK), (2, 2)])
+def test_exact_with_mixed_ranks_keeps_what_low_rank_clients_did_not_change(ranks):
+    # A rank-2 client that learns nothing must not shrink the global update to its rank-2 share.
+    gen = torch.Generator().manual_seed(4)
+    rule = Exact(rank=RANK, scale=2.0)
+    products = {name: torch.randn(d_out, d_in, generator=gen)
+                for name, (d_out, d_in) in SHAPES.items()}
+    global_adapter, _ = aggregation.refactorize(products, RANK, rule.scale)  # SVD-ordered
+    deltas = [{k: torch.zeros_like(v) for k, v in
+               first_components(flatten(global_adapter), r).items()} for r in ranks]
+    new, residuals = rule.aggregate(global_adapter, deltas, [1.0, 1.0], None, rng())
+    before = aggregation.mean_products([global_adapter], [1.0], [rule.scale])
+    after = aggregation.mean_products([new], [1.0], [rule.scale])
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-4)
+    assert max(residuals.values()) < 1e-5
+
+
+def test_client_mode_exact_moves_the_product_by_clip_over_qn_for_one_huge_update():
+    # No noise: the update is sum_k clip(change_k) / (q N), so one client with a huge change
+    # moves the global product by exactly clip / (q N) in Frobenius norm over all layers.
+    gen = torch.Generator().manual_seed(5)
+    rule = Exact(rank=RANK, scale=2.0)
+    global_adapter = {n: Factors(A=f.A, B=torch.zeros_like(f.B)) for n, f in adapter(gen).items()}
+    big = {k: torch.full_like(v, 3.0) for k, v in flatten(global_adapter).items()}
+    new, _ = rule.aggregate(global_adapter, [big], [1.0], no_noise(count=4.0), rng())
+    moved = aggregation.mean_products([new], [1.0], [rule.scale])
+    norm = torch.sqrt(sum(t.double().square().sum() for t in moved.values())).item()
+    assert norm == pytest.approx(0.5 / 4.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("rule", [FedAvg(), FFA()])
+def test_client_mode_factor_rules_move_the_factors_by_clip_over_qn(rule):
+    gen = torch.Generator().manual_seed(6)
+    global_adapter = adapter(gen)
+    sent = {k: v for k, v in flatten(global_adapter).items() if rule.trains_a or is_factor_b(k)}
+    big = {k: torch.full_like(v, 3.0) for k, v in sent.items()}
+    new, diagnostics = rule.aggregate(global_adapter, [big], [1.0], no_noise(count=2.0), rng())
+    assert diagnostics == {}  # a factor gap would be computed from un-noised updates
+    moved = {k: flatten(new)[k] - flatten(global_adapter)[k] for k in flatten(new)}
+    norm = torch.sqrt(sum(t.double().square().sum() for t in moved.values())).item()
+    assert norm == pytest.approx(0.5 / 2.0, rel=1e-4)
+    assert all(torch.count_nonzero(moved[k]) == 0 for k in moved if k not in sent)
+
+
+def test_client_mode_counts_a_nonfinite_update_as_zero():
+    gen = torch.Generator().manual_seed(7)
+    global_adapter = adapter(gen)
+    sent = flatten(global_adapter)
+    broken = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
+    new, _ = FedAvg().aggregate(global_adapter, [broken], [1.0], no_noise(count=2.0), rng())
+    for name in SHAPES:
+        assert torch.equal(new[name].A, global_adapter[name].A)
+        assert torch.equal(new[name].B, global_adapter[name].B)
