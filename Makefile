@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/privlora run --config configs/demo.toml --out runs/demo
+	$(BIN)/privlora run --config configs/demo.toml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -123,13 +123,18 @@ def test_privacy_cli_bad_input(args, word):
     assert_one_line_error(code, err, word)
 
 
-def test_privacy_plan_reports_local_variance(tmp_path):
-    config = tmp_path / "local.toml"
+def plan_json(tmp_path, privacy: str) -> dict:
+    """`privlora privacy plan --json` for the tiny model with this [privacy] section."""
+    config = tmp_path / "plan.toml"
     config.write_text('[model]\nname = "tiny-random"\n[data]\nbuiltin_examples = 120\n'
-                      '[privacy]\nmode = "local"\ntarget_epsilon = 8.0\nclip = 0.5\n')
+                      f"[privacy]\n{privacy}")
     result = runner.invoke(app, ["privacy", "plan", "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    return json.loads(result.output)
+
+
+def test_privacy_plan_reports_local_variance(tmp_path):
+    report = plan_json(tmp_path, 'mode = "local"\ntarget_epsilon = 8.0\nclip = 0.5\n')
     assert report["sensitivity"] == 1.0 and report["mode"] == "local"
     assert 0.98 * 8 <= report["epsilon_pld"] <= 8
     v = report["variance"]
@@ -138,12 +143,7 @@ def test_privacy_plan_reports_local_variance(tmp_path):
 
 
 def test_privacy_plan_suggests_a_sample_rate_from_the_sizes_it_sees(tmp_path):
-    config = tmp_path / "sample.toml"
-    config.write_text('[model]\nname = "tiny-random"\n[data]\nbuiltin_examples = 120\n'
-                      '[privacy]\nmode = "sample"\ntarget_epsilon = 8.0\n')
-    result = runner.invoke(app, ["privacy", "plan", "--config", str(config), "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = plan_json(tmp_path, 'mode = "sample"\ntarget_epsilon = 8.0\n')
     # 96 training rows over 4 clients: 24 each; train.batch_size = 8
     assert report["suggested_sample_rate"] == report["sample_rate"] == 8 / 24
     assert "suggested privacy.sample_rate = 0.3333" in report["text"]

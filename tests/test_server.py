@@ -216,3 +216,14 @@ def test_exact_under_local_dp(tiny_config, tmp_path):
     summary = run(tiny_config("federation.aggregation=exact", *LOCAL), tmp_path)
     assert summary["privacy"]["epsilon_spent_pld"] > 0
     assert all(torch.isfinite(v).all() for v in adapter_of(tmp_path).values())
+
+
+def test_the_three_line_python_api(tmp_path):
+    import privlora
+
+    config = privlora.load_config(None, ["model.name=tiny-random", "data.builtin_examples=80",
+                                         "data.max_eval=8", "federation.rounds=1",
+                                         "train.local_steps=1"])
+    summary = privlora.run(config, str(tmp_path / "api"))
+    assert summary["rounds"] == 1 and (tmp_path / "api" / "summary.json").is_file()
+    assert summary["privacy"] is None

@@ -81,9 +81,9 @@ def prepare(config: RunConfig) -> Simulation:
     return Simulation(config, server, sites, handles, read_adapter(handles), tokenizer)
 
 
-def run(config: RunConfig, out: Path, progress=None, overwrite: bool = False) -> dict:
+def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = False) -> dict:
     """Run the whole federated fine-tune; write the run directory; return the summary."""
-    started = time.time()
+    started, out = time.time(), Path(out)
     check_target(out, overwrite)  # refuse an existing run before any work
     sim = prepare(config)  # an overspending plan refuses here: nothing written
     files = RunDir.create(out, to_toml(config), overwrite)
