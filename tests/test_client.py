@@ -41,11 +41,12 @@ def test_without_dp_the_update_carries_its_count_and_loss(tiny_config):
 
 
 @pytest.mark.parametrize("mode, extra", [("sample", "privacy.sample_rate=0.25"),
-                                         ("local", "privacy.clip=0.5")])
-def test_under_dp_only_the_noised_tensors_leave(tiny_config, mode, extra):
+                                         ("local", "privacy.clip=0.5"),
+                                         ("client", "privacy.clip=0.5")])
+def test_under_dp_only_the_update_leaves(tiny_config, mode, extra):
     sim = prepare(tiny_config(f"privacy.mode={mode}", "privacy.noise_multiplier=1", extra))
     up = one_round(sim, sim.sites[0])
-    assert up.meta == {}  # no example count, no loss
+    assert up.meta == {}  # no example count, no loss (not even to client mode's trusted server)
     assert protocol.is_finite(up)
 
 

@@ -17,7 +17,11 @@ def test_defaults_and_overrides():
 
 def test_noise_is_secure_unless_reproducible_noise_is_asked_for():
     assert load_config(None).privacy.reproducible_noise is False
-    assert load_config(None, ["privacy.reproducible_noise=true"]).privacy.reproducible_noise
+    seeded = load_config(None, ["privacy.mode=local", "privacy.noise_multiplier=1",
+                                "privacy.reproducible_noise=true"])
+    assert seeded.privacy.reproducible_noise
+    with pytest.raises(ConfigError, match="privacy.mode = 'none' draws no noise"):
+        load_config(None, ["privacy.reproducible_noise=true"])
     with pytest.raises(ConfigError, match="replaced by privacy.reproducible_noise"):
         load_config(None, ["privacy.secure_rng=true"])
 

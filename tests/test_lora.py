@@ -34,6 +34,12 @@ def test_an_unknown_target_module_names_the_modules_the_model_has(tiny_model):
         attach(tiny_model, LoraSpec(target_modules=("q_prj", "v_proj")), seed=0)
 
 
+def test_targets_match_like_peft_by_leaf_or_dotted_suffix(tiny_model):
+    handles = attach(tiny_model, LoraSpec(rank=2, alpha=4, target_modules=("self_attn.o_proj",)),
+                     seed=0)
+    assert sorted(read_adapter(handles)) == [f"model.layers.{i}.self_attn.o_proj" for i in range(2)]
+
+
 def test_wire_names_and_flatten_order(tiny_lora):
     flat = flatten(read_adapter(tiny_lora))
     assert list(flat) == sorted(flat)

@@ -207,6 +207,20 @@ def test_ledger_records_per_party_and_reports_the_max():
     assert len(ledger.events("client-0")) == 2
 
 
+def test_parties_with_the_same_history_share_one_epsilon_computation(monkeypatch):
+    from privlora.privacy import ledger as ledger_module
+
+    calls = []
+    real = ledger_module.epsilon
+    monkeypatch.setattr(ledger_module, "epsilon", lambda *a: calls.append(1) or real(*a))
+    ledger = PrivacyLedger(delta=1e-5, neighbouring="add/remove one example")
+    step = sample_mode_event(0.01, 1.0, 10)
+    for party in range(50):
+        ledger.record(f"client-{party}", step)
+    assert ledger.epsilon() == epsilon(step, 1e-5)
+    assert len(calls) == 1
+
+
 def test_ledger_would_exceed():
     ledger = PrivacyLedger(delta=1e-5, neighbouring="add/remove one client")
     step = client_mode_event(0.2, 1.0, 5)

@@ -10,12 +10,13 @@ import torch
 from privlora import client, protocol
 from privlora.errors import InvalidUpdate, PrivacyBudgetExceeded
 from privlora.lora import Factors, flatten, is_factor_b
-from privlora.privacy.plan import make_plan
+from privlora.privacy.plan import NoPrivacy, make_plan
 from privlora.protocol import Payload
 from privlora.rules import FFA, Exact, FedAvg
 from privlora.server import prepare
 
 SHAPES = {"q": (6, 5), "v": (4, 5)}
+COUNTS = {"num_examples": 24.0, "train_loss": 0.5}
 
 
 def adapter(seed: int, rank: int = 4):
@@ -53,9 +54,11 @@ def test_client_start_is_rebuilt_from_the_payload_and_the_clients_own_init():
     start = protocol.client_start(protocol.downlink(FedAvg(), global_adapter, None), init, True)
     assert all(torch.equal(start[n].A, global_adapter[n].A) and
                torch.equal(start[n].B, global_adapter[n].B) for n in SHAPES)
-    # FFA sends B only: A is the client's own seeded init, never the server's
-    start = protocol.client_start(protocol.downlink(FFA(), global_adapter, None), init, False)
+    # FFA sends B only: A is the client's own seeded init (the same as the server's A)
+    ffa_global = {n: Factors(A=init[n].A, B=f.B) for n, f in global_adapter.items()}
+    start = protocol.client_start(protocol.downlink(FFA(), ffa_global, None), init, False)
     assert all(torch.equal(start[n].A, init[n].A) for n in SHAPES)
+    assert all(start[n].A is not init[n].A for n in SHAPES)
     assert all(torch.equal(start[n].B, global_adapter[n].B) for n in SHAPES)
     # a rank-2 share is zero-padded to the full shapes
     share = protocol.downlink(Exact(rank=4, scale=1.0), global_adapter, 2)
@@ -97,10 +100,34 @@ def test_the_client_trains_on_what_the_payload_carries(tiny_config):
 
 def test_check_uplink_refuses_other_tensors_than_were_sent():
     sent = protocol.downlink(FFA(), adapter(0), None)
-    with_a = Payload(flatten(adapter(0)))  # ffa must send B only
+    with_a = Payload(flatten(adapter(0)), COUNTS)  # ffa must send B only
     with pytest.raises(InvalidUpdate, match=r"client 3 .*unexpected \['[^']*lora_A'"):
-        protocol.check_uplink(3, sent, with_a)
-    protocol.check_uplink(3, sent, Payload({k: torch.zeros_like(v) for k, v in sent.tensors.items()}))
+        protocol.check_uplink(3, sent, with_a, NoPrivacy())
+    zeros = {k: torch.zeros_like(v) for k, v in sent.tensors.items()}
+    protocol.check_uplink(3, sent, Payload(zeros, COUNTS), NoPrivacy())
+
+
+def test_check_uplink_refuses_counts_under_dp_and_requires_them_without(tiny_config):
+    sent = protocol.downlink(FedAvg(), adapter(0), None)
+    tensors = {k: torch.zeros_like(v) for k, v in sent.tensors.items()}
+    local = make_plan(tiny_config("privacy.mode=local", "privacy.noise_multiplier=1"), [24] * 4)
+    protocol.check_uplink(1, sent, Payload(tensors), local)
+    with pytest.raises(InvalidUpdate, match="under DP a client sends its update and nothing"):
+        protocol.check_uplink(1, sent, Payload(tensors, COUNTS), local)
+    with pytest.raises(InvalidUpdate, match="expected \\['num_examples', 'train_loss'\\]"):
+        protocol.check_uplink(1, sent, Payload(tensors), NoPrivacy())
+    with pytest.raises(InvalidUpdate, match="num_examples = 0"):
+        protocol.check_uplink(1, sent, Payload(tensors, {**COUNTS, "num_examples": 0}),
+                              NoPrivacy())
+
+
+def test_ffa_refuses_a_client_whose_frozen_a_is_not_the_servers():
+    global_adapter = adapter(0)
+    down = protocol.downlink(FFA(), global_adapter, None)
+    assert down.meta == {protocol.FROZEN_A: protocol.frozen_a_digest(global_adapter)}
+    protocol.client_start(down, global_adapter, train_a=False)
+    with pytest.raises(InvalidUpdate, match="frozen A .* differs from the server's"):
+        protocol.client_start(down, adapter(1), train_a=False)
 
 
 def test_client_selection_is_seeded_without_dp_and_secure_under_client_dp(tiny_config):
@@ -143,6 +170,22 @@ def test_check_budget_refuses_a_round_before_spending_it(tiny_config):
     with pytest.raises(PrivacyBudgetExceeded, match="client-0.*target_epsilon = 4"):
         protocol.check_budget(ledger, plan, [0])
     assert len(ledger.events("client-0")) == config.federation.rounds
+
+
+def test_a_nonfinite_update_is_left_out_and_logged_locally(tiny_config, caplog):
+    global_adapter = adapter(0)
+    good = Payload({k: torch.ones_like(v) for k, v in flatten(global_adapter).items()}, COUNTS)
+    bad = Payload({k: torch.full_like(v, float("nan")) for k, v in good.tensors.items()}, COUNTS)
+    with caplog.at_level("WARNING", logger="privlora.local"):
+        out, _ = protocol.aggregate(FedAvg(), NoPrivacy(), global_adapter, [good, bad],
+                                    torch.Generator())
+    torch.testing.assert_close(out["q"].B, global_adapter["q"].B + 1.0)
+    assert "1 non-finite update(s) left out" in caplog.text
+    client = make_plan(tiny_config("privacy.mode=client", "privacy.noise_multiplier=1"), [24] * 4)
+    with caplog.at_level("WARNING", logger="privlora.local"):
+        protocol.aggregate(FedAvg(), client, global_adapter, [Payload(bad.tensors)],
+                           torch.Generator())
+    assert "1 non-finite client update(s) counted as zero" in caplog.text
 
 
 def test_aggregate_weights_by_reported_counts_only_without_dp(tiny_config):

@@ -62,3 +62,30 @@ def test_a_run_into_an_existing_run_is_refused_and_the_old_run_survives(tiny_con
     assert snapshot(tmp_path) == before
     run(config, tmp_path, overwrite=True)
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_a_private_run_hides_when_each_round_ended(tiny_config, tmp_path):
+    run(tiny_config("privacy.mode=local", "privacy.noise_multiplier=1"), tmp_path)
+    start = (tmp_path / "config.toml").stat().st_mtime
+    entries = [*tmp_path.rglob("*"), tmp_path]
+    assert len(entries) > 10 and all(p.stat().st_mtime == start for p in entries)
+
+
+def test_the_ledger_counts_a_round_before_any_client_releases(tiny_config, tmp_path,
+                                                              monkeypatch):
+    from privlora import client
+
+    real, calls = client.run_round, []
+
+    def fails_in_round_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # round 2, second client: the round breaks off mid-way
+            raise RuntimeError("site went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client, "run_round", fails_in_round_two)
+    with pytest.raises(RuntimeError, match="site went away"):
+        run(tiny_config("privacy.mode=local", "privacy.noise_multiplier=1"), tmp_path)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert {party: len(events) for party, events in ledger["events"].items()} == {
+        f"client-{i}": 2 for i in range(4)}

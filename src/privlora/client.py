@@ -56,6 +56,7 @@ class LocalSpec:
     rank: int | None = None  # heterogeneous ranks: components beyond this stay zero
     sample_dp: SampleDP | None = None  # DP-SGD inside the steps (sample mode)
     local_dp: LocalDP | None = None  # clip + noise on the release (local mode)
+    send_counts: bool = True  # example count and loss beside the update: never under DP
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None)
     return LocalSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
                      optimizer=t.optimizer, weight_decay=t.weight_decay, train_a=rule.trains_a,
                      rank=rank, sample_dp=plan.training_mechanism(),
-                     local_dp=plan.release_mechanism())
+                     local_dp=plan.release_mechanism(), send_counts=not plan.private)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
@@ -141,8 +142,8 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
     if spec.local_dp is not None:
         delta, finite = spec.local_dp.release(delta, noise_rng)
         log["nonfinite_updates"] = int(not finite)
-    if spec.sample_dp is not None or spec.local_dp is not None:
-        return LocalResult(delta, {}, log)  # under DP only the noised update leaves
+    if not spec.send_counts:
+        return LocalResult(delta, {}, log)  # under DP only the (noised or clipped) update leaves
     meta = {"num_examples": float(len(examples)), "train_loss": sum(losses) / len(losses)}
     return LocalResult(delta, meta, log)
 

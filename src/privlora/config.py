@@ -241,6 +241,9 @@ def _validate_privacy(p: PrivacyConfig) -> None:
                 f"privacy.{name} is set but privacy.mode = 'none'; "
                 "set privacy.mode to 'sample', 'client' or 'local', or remove the field",
             )
+        _require(not p.reproducible_noise,
+                 "privacy.reproducible_noise = true but privacy.mode = 'none' draws no noise; "
+                 "remove it, or set privacy.mode")
         return
     _require(
         p.noise_multiplier is not None or p.target_epsilon is not None,

@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from privlora.config import LoraSection
 from privlora.errors import ConfigError
@@ -87,14 +88,18 @@ def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
 
 
 def _check_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> None:
-    """Refuse target module names the model has no Linear layer for, naming the ones it has."""
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear)})
-    unknown = [t for t in targets if t not in linear]
+    """Refuse target names that match no Linear (or GPT-2 Conv1D) layer, naming those it has.
+
+    A name matches as PEFT matches list entries: the module's full path, or its end after a dot.
+    """
+    paths = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear | Conv1D)]
+    unknown = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
     if unknown:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
         raise ConfigError(
             f"lora.target_modules has {unknown}, which this model does not have; its Linear "
-            f"modules are {linear}; e.g. lora.target_modules = ['q_proj', 'v_proj']"
+            f"modules are {leaves}; e.g. lora.target_modules = ['q_proj', 'v_proj']"
         )
 
 

@@ -5,11 +5,12 @@ Pure functions over named tensors: no model, no dataset. The in-process simulati
 
     ids = select_clients(plan, federation, seed, round_)            server
     check_budget(ledger, plan, ids)                                  server: refuse before spending
+    spend(ledger, plan, ids)                                         server: record, then release
     down = downlink(rule, global_adapter, rank)                      server -> client (Payload)
     start = client_start(down, init, train_a)                        client: it trains on THIS
-    up = Payload(delta, meta)  (client.local_update)                 client -> server (Payload)
+    up = Payload(delta, meta)  (client.run_round)                    client -> server (Payload)
+    check_uplink(client_id, down, up, plan)                          server: names, shapes, meta
     global_adapter, diag = aggregate(rule, plan, global_adapter, uplinks, noise_rng)   server
-    spend(ledger, plan, ids)                                         server
 
 A ``Payload`` is the only thing a client starts from, and its serialized bytes are what the
 communication report counts: ``transmit`` turns it into bytes and back, so what is measured is
@@ -18,7 +19,10 @@ what is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,16 +39,22 @@ from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan
 from privlora.rules import Rule
 
+# Messages that stay with the party that logs them: never written to the run directory.
+local_log = logging.getLogger("privlora.local")
+COUNTS = ("num_examples", "train_loss")  # what a non-private uplink carries beside its tensors
+FROZEN_A = "frozen_a_sha256"  # FFA downlinks: a digest of the A every party derives from the seed
+
 
 @dataclass(frozen=True)
 class Payload:
-    """Named tensors exactly as sent, and a few numbers beside them (``meta``).
+    """Named tensors exactly as sent, and a few values beside them (``meta``).
 
-    Under DP ``meta`` is empty: only the noised tensors leave a client.
+    An uplink's meta is the client's example count and training loss without DP, and empty in
+    every private mode; an FFA downlink's meta is the digest of the frozen A.
     """
 
     tensors: Mapping[str, torch.Tensor]
-    meta: Mapping[str, float] = field(default_factory=dict)
+    meta: Mapping[str, float | str] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """Serialize as one safetensors buffer (names, shapes, dtypes, data; meta in the header)."""
@@ -88,17 +98,35 @@ def downlink(rule: Rule, global_adapter: Adapter, rank: int | None) -> Payload:
     flat = flatten(global_adapter)
     if rank is not None:  # SVD-ordered global: the first r components are its best rank-r share
         flat = first_components(flat, rank)
-    return Payload({k: v for k, v in flat.items() if rule.trains_a or is_factor_b(k)})
+    if rule.trains_a:
+        return Payload(flat)
+    return Payload({k: v for k, v in flat.items() if is_factor_b(k)},
+                   {FROZEN_A: frozen_a_digest(global_adapter)})
+
+
+def frozen_a_digest(adapter: Adapter) -> str:
+    """Return the SHA-256 of every A factor (float32, sorted layers): FFA's shared frozen A."""
+    digest = hashlib.sha256()
+    for layer in sorted(adapter):
+        digest.update(layer.encode())
+        digest.update(adapter[layer].A.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def client_start(payload: Payload, init: Adapter, train_a: bool) -> Adapter:
     """Rebuild the adapter a client trains from, using only the payload and its own ``init``.
 
     ``init`` is the adapter every party derives from the shared LoRA seed: it gives the shapes,
-    and A where A is not sent (FFA-LoRA). Factors sent with r < rank components (heterogeneous
-    ranks) are zero-padded to full shape. Anything else in the payload is refused.
+    and A where A is not sent (FFA-LoRA; the payload's digest must match this client's A).
+    Factors sent with r < rank components (heterogeneous ranks) are zero-padded to full shape.
+    Anything else in the payload is refused.
     """
     _check_downlink(payload, init, train_a)
+    if not train_a and payload.meta.get(FROZEN_A) != frozen_a_digest(init):
+        raise InvalidUpdate(
+            "the frozen A this client derived from the shared LoRA seed differs from the "
+            "server's; every party must use the same seed, lora settings and PEFT version"
+        )
     start: Adapter = {}
     for layer, f in init.items():
         b = payload.tensors[wire_name(layer, "B")]
@@ -143,8 +171,11 @@ def _check_downlink(payload: Payload, init: Adapter, train_a: bool) -> None:
         raise InvalidUpdate("downlink payload holds NaN or inf; the server's adapter is broken")
 
 
-def check_uplink(client_id: int, sent: Payload, received: Payload) -> None:
-    """Refuse an uplink whose tensors (names and shapes) are not those the client was sent."""
+def check_uplink(client_id: int, sent: Payload, received: Payload,
+                 plan: PrivacyPlan) -> None:
+    """Refuse an uplink whose tensors (names and shapes) are not those the client was sent, or
+    whose numbers beside them are not what the plan allows (none under DP)."""
+    _check_counts(client_id, received, plan)
     got = {k: tuple(v.shape) for k, v in received.tensors.items()}
     want = {k: tuple(v.shape) for k, v in sent.tensors.items()}
     if got == want:
@@ -159,6 +190,19 @@ def check_uplink(client_id: int, sent: Payload, received: Payload) -> None:
     )
 
 
+def _check_counts(client_id: int, received: Payload, plan: PrivacyPlan) -> None:
+    want = () if plan.private else COUNTS
+    if sorted(received.meta) != sorted(want):
+        raise InvalidUpdate(
+            f"client {client_id} sent {sorted(received.meta)} beside its update, expected "
+            f"{list(want)}; under DP a client sends its update and nothing else"
+        )
+    count = received.meta.get("num_examples", 1.0)
+    if not (isinstance(count, int | float) and math.isfinite(count) and count >= 1):
+        raise InvalidUpdate(f"client {client_id} reported num_examples = {count!r}; it must be a "
+                            "count >= 1")
+
+
 def is_finite(payload: Payload) -> bool:
     """Return whether every tensor of ``payload`` is finite."""
     return all(bool(torch.isfinite(t).all()) for t in payload.tensors.values())
@@ -170,9 +214,17 @@ def aggregate(rule: Rule, plan: PrivacyPlan, global_adapter: Adapter, uplinks: S
 
     Without DP clients are weighted by the example counts they report; under DP every client
     weighs the same (counts are private and not sent). In client mode the plan's central
-    mechanism clips each update and noises the sum, even when no client was sampled.
+    mechanism clips each update and noises the sum, even when no client was sampled, and counts
+    a non-finite update as zero; otherwise a non-finite update is left out. Either way the count
+    goes to the server's local log only.
     """
     central = plan.central_mechanism()
+    if central is None:
+        finite = [u for u in uplinks if is_finite(u)]
+        if len(finite) < len(uplinks):
+            local_log.warning("server: %d non-finite update(s) left out",
+                              len(uplinks) - len(finite))
+        uplinks = finite
     if not uplinks and central is None:
         return global_adapter, {}
     deltas = [dict(u.tensors) for u in uplinks]
@@ -195,7 +247,11 @@ def check_budget(ledger: PrivacyLedger | None, plan: PrivacyPlan,
 
 
 def spend(ledger: PrivacyLedger | None, plan: PrivacyPlan, participants: Sequence[int]) -> None:
-    """Record this round's events (the same ones ``check_budget`` and the plan forecast use)."""
+    """Record this round's events (the same ones ``check_budget`` and the plan forecast use).
+
+    Call it before any client releases anything: a round that breaks off then counts in full,
+    so the ledger can overstate what was spent but never understate it.
+    """
     if ledger is None:
         return
     for party, event in plan.round_events(participants).items():

@@ -68,7 +68,7 @@ def round_row(round_: int, result: EvalResult, traffic: Mapping[int, Traffic],
 
 
 def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: int,
-                  num_clients: int, expected_transfer_bytes: float,
+                  num_clients: int, per_round: int, expected_transfer_bytes: float,
                   full_model_bytes: int) -> dict[str, Any]:
     """Return the run's communication totals against full fine-tuning.
 
@@ -77,7 +77,7 @@ def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: 
     """
     trained = [r for r in rows if r["round"] > 0]
     if plan.hides_participation:
-        participations = plan.sample_rate * num_clients * rounds  # type: ignore[attr-defined]
+        participations = plan.expected_participants(num_clients, per_round) * rounds
         up = down = expected_transfer_bytes * participations
     else:
         participations = sum(len(r["clients"]) for r in trained)

@@ -9,6 +9,7 @@ given, and then only if it holds nothing but a run's own files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,11 @@ class RunDir:
             fh.write(_json(row) + "\n")
         self.rows.append(row)
 
+    def save_ledger(self, ledger: dict | None) -> None:
+        """Write ledger.json now (each round, before any release, and at the end)."""
+        if ledger is not None:
+            (self.path / "ledger.json").write_text(_json(ledger, indent=1))
+
     def checkpoint(self, round_: int, tensors: dict[str, torch.Tensor],
                    ledger: dict | None) -> None:
         """Save the global adapter (flat safetensors) and the ledger for this round."""
@@ -91,13 +97,23 @@ class RunDir:
         if ledger is not None:
             (folder / "ledger.json").write_text(_json(ledger, indent=1))
 
-    def finish(self, summary: dict, ledger: dict | None, task_meta: dict) -> None:
-        """Write summary.json, ledger.json, adapter/task.json and report.png."""
+    def finish(self, summary: dict, ledger: dict | None, task_meta: dict,
+               hide_times: bool = False) -> None:
+        """Write summary.json, ledger.json, adapter/task.json and report.png.
+
+        With ``hide_times`` (every private mode) each file and folder gets the modification time
+        of config.toml, the run's start: the times at which checkpoints were written would
+        otherwise tell how long each round took, which grows with the realised batch sizes
+        (sample mode) or with how many clients took part (client mode).
+        """
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
         (self.adapter_dir / "task.json").write_text(_json(task_meta, indent=1))
-        if ledger is not None:
-            (self.path / "ledger.json").write_text(_json(ledger, indent=1))
+        self.save_ledger(ledger)
         (self.path / "summary.json").write_text(_json(summary, indent=2))
         from privlora.report import plot_rounds  # matplotlib: imported only when needed
 
         plot_rounds(self.rows, self.path / "report.png", title=summary["task"])
+        if hide_times:
+            start = (self.path / "config.toml").stat().st_mtime
+            for entry in [*self.path.rglob("*"), self.path]:
+                os.utime(entry, (start, start))

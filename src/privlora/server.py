@@ -96,6 +96,8 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
         t0 = time.time()
         ids = protocol.select_clients(plan, config.federation, seed, round_)
         protocol.check_budget(ledger, plan, ids)
+        protocol.spend(ledger, plan, ids)  # before any release: a crash can only overcount
+        files.save_ledger(_ledger_dict(ledger))
         uplinks, traffic = {}, {}
         for cid in progress.clients(round_, ids) if progress else ids:
             down, down_bytes = protocol.transmit(
@@ -103,19 +105,18 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
             up, up_bytes = protocol.transmit(client.run_round(
                 sim.handles, sim.init, sim.sites[cid], down, seed, round_,
                 sim.tokenizer.pad_token_id))
-            protocol.check_uplink(cid, down, up)
+            protocol.check_uplink(cid, down, up, plan)
             uplinks[cid], traffic[cid] = up, records.Traffic(up=up_bytes, down=down_bytes)
-        accepted = [u for u in uplinks.values() if protocol.is_finite(u)]
         global_adapter, diagnostics = protocol.aggregate(
-            server.rule, plan, global_adapter, accepted,
+            server.rule, plan, global_adapter, list(uplinks.values()),
             seeded_generator(seed, round_, "server", "noise"))
-        protocol.spend(ledger, plan, ids)
         result = _evaluate(sim, global_adapter)
         files.log_round(_row(sim, round_, result, uplinks, traffic, time.time() - t0, ledger,
                              diagnostics))
         files.checkpoint(round_, flatten(global_adapter), _ledger_dict(ledger))
         if progress:
-            progress.round_done(round_, result, ledger.epsilon() if ledger else None)
+            progress.round_done(round_, result,
+                                ledger.epsilon(accountant=plan.accountant) if ledger else None)
     return _finish(sim, files, global_adapter, ledger, zero_shot, result, time.time() - started)
 
 
@@ -147,8 +148,9 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
     save_peft(sim.handles, adapter, files.adapter_dir)
     privacy = None if ledger is None else records.privacy_summary(
         server.plan, ledger.epsilon(accountant="pld"), ledger.epsilon(accountant="rdp"))
-    comm = records.communication(files.rows, server.plan, config.federation.rounds,
-                                 config.federation.num_clients, _mean_transfer_bytes(sim),
+    fed = config.federation
+    comm = records.communication(files.rows, server.plan, fed.rounds, fed.num_clients,
+                                 fed.per_round, _mean_transfer_bytes(sim),
                                  server.full_model_bytes)
     summary = records.summary(
         server.task.name, server.task.labels, config.model.name,
@@ -158,13 +160,13 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
     task_meta = {"task": server.task.name, "kind": server.task.kind,
                  "labels": list(server.task.labels), "instruction": server.task.instruction,
                  "model": config.model.name, "max_length": config.data.max_length}
-    files.finish(summary, _ledger_dict(ledger), task_meta)
+    files.finish(summary, _ledger_dict(ledger), task_meta, hide_times=server.plan.private)
     return summary
 
 
 def _mean_transfer_bytes(sim: Simulation) -> float:
     """Mean over all clients of one downlink's size: shapes only, so it reveals no participation
-    (each uplink has the same tensors, see ``protocol.check_uplink``)."""
+    (a private uplink has the same tensors and nothing beside them, see ``check_uplink``)."""
     sizes = {rank: len(protocol.downlink(sim.server.rule, sim.init, rank).to_bytes())
              for rank in set(sim.server.ranks)}
     return sum(sizes[rank] for rank in sim.server.ranks) / len(sim.server.ranks)

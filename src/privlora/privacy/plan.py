@@ -67,6 +67,7 @@ class PrivacyPlan(Protocol):
 
     def select_clients(self, num_clients: int, per_round: int,
                        rng: torch.Generator) -> list[int]: ...
+    def expected_participants(self, num_clients: int, per_round: int) -> float: ...
     def round_events(self, participants: Iterable[int]) -> dict[str, dp_accounting.DpEvent]: ...
     def training_mechanism(self) -> SampleDP | None: ...
     def release_mechanism(self) -> LocalDP | None: ...
@@ -89,6 +90,9 @@ class NoPrivacy:
     def select_clients(self, num_clients: int, per_round: int,
                        rng: torch.Generator) -> list[int]:
         return fixed_selection(num_clients, per_round, rng)
+
+    def expected_participants(self, num_clients: int, per_round: int) -> float:
+        return float(per_round)
 
     def round_events(self, participants: Iterable[int]) -> dict[str, dp_accounting.DpEvent]:
         return {}
@@ -160,6 +164,10 @@ class _Private:
     def select_clients(self, num_clients: int, per_round: int,
                        rng: torch.Generator) -> list[int]:
         return fixed_selection(num_clients, per_round, rng)
+
+    def expected_participants(self, num_clients: int, per_round: int) -> float:
+        """Clients per round on average (exact where the count is fixed)."""
+        return float(per_round)
 
     def training_mechanism(self) -> SampleDP | None:
         """DP-SGD inside the client's local steps (sample mode)."""
@@ -257,6 +265,9 @@ class ClientLevel(_Private):
         # Poisson sampling at rate q, as the accountant's amplification by sampling assumes.
         draws = uniform(num_clients, rng, secure=self.secure)
         return (draws < self.sample_rate).nonzero()[:, 0].tolist()
+
+    def expected_participants(self, num_clients: int, per_round: int) -> float:
+        return self.sample_rate * num_clients
 
     def round_events(self, participants: Iterable[int]) -> dict[str, dp_accounting.DpEvent]:
         return {GLOBAL: accounting.client_mode_event(self.sample_rate, self.noise_multiplier, 1)}

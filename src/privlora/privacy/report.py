@@ -10,7 +10,7 @@ from pathlib import Path
 
 from privlora import data
 from privlora.config import load_config
-from privlora.privacy.plan import LocalLevel, lacks_sample_rate, make_plan, suggest_sample_rate
+from privlora.privacy.plan import lacks_sample_rate, make_plan, suggest_sample_rate
 from privlora.privacy.variance import local_noise_variance, summarize
 
 
@@ -43,7 +43,7 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
         f"noise source: {plan.noise_source}",
     ]
     report["suggested_sample_rate"] = suggested
-    if isinstance(plan, LocalLevel):  # the DP-FedLoRA variance analysis is local mode's
+    if plan.release_mechanism() is not None:  # DP-FedLoRA: clients noise their own factors
         report["variance"] = v = _local_variance(config, plan.noise_std)
         lines.append(
             "local-DP noise in the aggregated update (per round, at initialisation): "
