@@ -53,6 +53,26 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def with_sample_rate(overrides: list[str]) -> list[str]:
+    """Add the sample rate ``privlora privacy plan`` suggests where sample mode lacks one.
+
+    The benchmark holds every client's data, as ``privacy plan`` does; a run never derives the
+    rate from sizes itself.
+    """
+    from privlora import data
+    from privlora.config import load_config
+    from privlora.privacy.plan import lacks_sample_rate, suggest_sample_rate
+
+    config = load_config(None, overrides)
+    if not lacks_sample_rate(config):
+        return overrides
+    task = data.load_task(config.data, config.seed)
+    train, _ = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
+    parts = data.partition(train, config.data, config.federation.num_clients, config.seed)
+    rate = suggest_sample_rate(config.train.batch_size, [len(p) for p in parts])
+    return [*overrides, f"privacy.sample_rate={rate!r}"]
+
+
 def run_variant(overrides: list[str], out: Path) -> dict:
     """Run one federated fine-tune in-process and return the numbers a table needs."""
     from privlora.config import load_config
@@ -60,7 +80,8 @@ def run_variant(overrides: list[str], out: Path) -> dict:
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's warnings per cell
     started = time.time()
-    summary = run(load_config(None, overrides), out)
+    overrides = with_sample_rate(overrides)
+    summary = run(load_config(None, overrides), out, overwrite=True)
     rounds = summary["rounds"]
     privacy = summary["privacy"] or {}
     comm = summary["communication"]

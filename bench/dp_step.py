@@ -1,7 +1,8 @@
 """Time of one DP-SGD local step over a non-private step on SmolLM2 (batch 8, seq 128).
 
-Both steps run side by side in one process, interleaved, after warm-up; the ratio of medians is
-reported. Peak memory of each kind of step is measured in its own subprocess.
+Both are the product's own step, ``privlora.client.gradient_step`` plus the optimizer step, run
+side by side in one process, interleaved, after warm-up; the ratio of medians is reported.
+Peak memory of each kind of step is measured in its own subprocess.
 Usage: .venv/bin/python bench/dp_step.py [--reps 10]
 """
 
@@ -21,86 +22,78 @@ SEQ, BATCH = 128, 8
 
 
 def build(model_name: str = "builtin"):
+    """The built-in model with LoRA r=8 on q, v, and 8 examples of about SEQ tokens."""
+    import random
+
     from privlora import builtin_task
     from privlora.config import DataConfig
     from privlora.data import collate, load_task, tokenize
-    from privlora.lora import LoraSpec, attach, set_trainable
+    from privlora.lora import LoraSpec, attach
     from privlora.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
     task = load_task(DataConfig(builtin_examples=40), seed=0)
-    rows = [{"text": r["text"] + " " + builtin_task.ticket("billing", __import__("random").Random(i)),
-             "label": r["label"]} for i, r in enumerate(task.rows[:BATCH])]
-    examples = tokenize(rows, task, tokenizer, max_length=SEQ)
-    batch = collate(examples, tokenizer.pad_token_id)
-    batch = type(batch)(*(t[:, :SEQ] if t.shape[1] >= SEQ else torch.nn.functional.pad(
-        t, (0, SEQ - t.shape[1])) for t in (batch.input_ids, batch.attention_mask,
-                                           batch.target_mask, batch.targets)))
+    rows = [{"text": " ".join([r["text"]] + [builtin_task.ticket("billing", random.Random(i + k))
+                                             for k in range(3)]), "label": r["label"]}
+            for i, r in enumerate(task.rows[:BATCH])]
+    examples = tokenize(rows, task, tokenizer, max_length=SEQ)  # cut to SEQ tokens each
+    width = collate(examples, tokenizer.pad_token_id).input_ids.shape[1]
+    assert width == SEQ, f"the batch is {width} tokens wide, not {SEQ}"
     handles = attach(load_model(model_name, "bfloat16"), LoraSpec(), seed=0)
-    params = set_trainable(handles, train_a=True)
-    return handles, params, batch
+    return handles, examples, tokenizer.pad_token_id
 
 
-def plain_step(handles, params, batch, optimizer) -> None:
-    from privlora.lm import per_example_loss
+def specs():
+    """The two local steps compared: plain, and DP-SGD as the product runs it by default
+    (q = 1 over the 8 examples, so both steps see the same batch; OS CSPRNG noise)."""
+    from privlora.client import LocalSpec
+    from privlora.privacy.local import SampleDP
 
-    per_example_loss(handles.model, batch).mean().backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def dp_step(handles, params, batch, optimizer, named, generator) -> None:
-    from privlora.lm import per_example_loss
-    from privlora.privacy.mechanisms import add_noise, clip_per_example
-    from privlora.privacy.per_example import PerExampleGrads
-
-    with PerExampleGrads(handles, train_a=True) as tracker:
-        per_example_loss(handles.model, batch).sum().backward()
-        summed, _ = clip_per_example(tracker.collect(), 1.0)
-    noisy = add_noise(summed, 1.0, generator)
-    for name, param in named.items():
-        param.grad = noisy[name] / BATCH
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    plain = LocalSpec(steps=1, batch_size=BATCH, lr=1e-4)
+    dp = LocalSpec(steps=1, batch_size=BATCH, lr=1e-4,
+                   sample_dp=SampleDP(clip=1.0, noise_multiplier=1.0, sample_rate=1.0,
+                                      divisor=float(BATCH), secure=True))
+    return {"plain": plain, "dp": dp}
 
 
-def named_params(handles):
-    from privlora.lora import lora_linears
+def make_step(handles, examples, pad_id, spec):
+    """Return one local step of the product: client.gradient_step, then the optimizer."""
+    from privlora.client import gradient_step
+    from privlora.lora import set_trainable, trained_parameters
 
-    named = {}
-    for layer, (a, b) in lora_linears(handles).items():
-        named[f"{layer}.lora_A"], named[f"{layer}.lora_B"] = a.weight, b.weight
-    return named
+    optimizer = torch.optim.AdamW(set_trainable(handles, train_a=True), lr=spec.lr)
+    named = trained_parameters(handles, train_a=True)
+    rng = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        gradient_step(handles, examples, spec, named, rng, rng, pad_id)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def timed(reps: int) -> dict:
-    handles, params, batch = build()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    named, generator = named_params(handles), torch.Generator().manual_seed(0)
+    handles, examples, pad_id = build()
     handles.model.train()
+    steps = {kind: make_step(handles, examples, pad_id, spec) for kind, spec in specs().items()}
     for _ in range(2):  # warm-up: oneDNN compiles kernels for these shapes
-        plain_step(handles, params, batch, optimizer)
-        dp_step(handles, params, batch, optimizer, named, generator)
-    plain, dp = [], []
+        steps["plain"]()
+        steps["dp"]()
+    times: dict[str, list[float]] = {"plain": [], "dp": []}
     for rep in range(reps):
         # Alternate which step goes first, so neither always runs on a warmer cache.
-        order = ("plain", "dp") if rep % 2 == 0 else ("dp", "plain")
-        for kind in order:
+        for kind in (("plain", "dp") if rep % 2 == 0 else ("dp", "plain")):
             t0 = time.perf_counter()
-            if kind == "plain":
-                plain_step(handles, params, batch, optimizer)
-                plain.append(time.perf_counter() - t0)
-            else:
-                dp_step(handles, params, batch, optimizer, named, generator)
-                dp.append(time.perf_counter() - t0)
-    return {"plain_s": plain, "dp_s": dp}
+            steps[kind]()
+            times[kind].append(time.perf_counter() - t0)
+    return {"plain_s": times["plain"], "dp_s": times["dp"]}
 
 
 def peak_mb(kind: str) -> float:
-    code = ("import sys, json, resource, torch; sys.path.insert(0, 'bench'); import dp_step as d;"
-            "h, p, b = d.build(); o = torch.optim.AdamW(p, lr=1e-4); h.model.train();"
-            f"[d.{kind}_step(h, p, b, o" + (", d.named_params(h), torch.Generator()" if kind == "dp"
-                                            else "") + ") for _ in range(3)];"
+    code = ("import sys, resource; sys.path.insert(0, 'bench'); import dp_step as d;"
+            "h, e, pad = d.build(); h.model.train();"
+            f"step = d.make_step(h, e, pad, d.specs()[{kind!r}]); [step() for _ in range(3)];"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return int(done.stdout.strip().splitlines()[-1]) / 1024
