@@ -36,7 +36,9 @@ def build(model_name: str = "builtin"):
     rows = [{"text": " ".join([r["text"]] + [builtin_task.ticket("billing", random.Random(i + k))
                                              for k in range(3)]), "label": r["label"]}
             for i, r in enumerate(task.rows[:BATCH])]
-    examples = tokenize(rows, task, tokenizer, max_length=SEQ)  # cut to SEQ tokens each
+    # Why the margin: re-tokenizing a cut text can run a few tokens past max_length, and the
+    # batch is padded to a multiple of 32; SEQ - 8 keeps every example within SEQ tokens.
+    examples = tokenize(rows, task, tokenizer, max_length=SEQ - 8)
     width = collate(examples, tokenizer.pad_token_id).input_ids.shape[1]
     assert width == SEQ, f"the batch is {width} tokens wide, not {SEQ}"
     handles = attach(load_model(model_name, "bfloat16"), LoraSpec(), seed=0)
