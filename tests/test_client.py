@@ -111,3 +111,4 @@ def test_local_release_of_a_nonfinite_update_is_noise_around_zero():
     noised, finite = LocalDP(clip=1.0, noise_multiplier=0.0, secure=False).release(
         update, torch.Generator())
     assert not finite and torch.equal(noised["w"], torch.zeros(3))
+

@@ -6,7 +6,7 @@ import pytest
 
 from privlora import builtin_task
 from privlora.config import DataConfig
-from privlora.data import collate, load_task, partition, read_jsonl, split, tokenize
+from privlora.data import PAD_MULTIPLE, collate, load_task, partition, read_jsonl, split, tokenize
 from privlora.errors import DataError
 
 
@@ -81,7 +81,8 @@ def test_batches_mark_only_answer_positions(tokenizer):
     task = load_task(DataConfig(builtin_examples=40), seed=0)
     examples = tokenize(list(task.rows[:4]), task, tokenizer, max_length=128)
     batch = collate(examples, tokenizer.pad_token_id)
-    assert batch.input_ids.shape[1] % 32 == 0
+    assert batch.input_ids.shape[1] % PAD_MULTIPLE == 0
+    assert batch.input_ids.shape[1] - max(len(e.prompt) + len(e.answer) for e in examples) < 8
     for b, e in enumerate(examples):
         # positions marked predict exactly the answer tokens (label word + end of turn)
         assert batch.targets[b][batch.target_mask[b]].tolist() == list(e.answer)
@@ -94,3 +95,4 @@ def test_long_texts_are_cut_to_fit(tokenizer):
     (example,) = tokenize(rows, task, tokenizer, max_length=64)
     assert len(example.prompt) + len(example.answer) <= 64 + 2
     assert example.answer[-1] == tokenizer.eos_token_id
+

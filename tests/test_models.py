@@ -43,3 +43,16 @@ def test_builtin_model_answers_a_chat_prompt(tokenizer):
     # the cache is a plain HF directory: safetensors weights + config + tokenizer
     cached = local_source("builtin")
     assert (__import__("pathlib").Path(cached) / "model.safetensors").is_file()
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_natively(tmp_path):
+    from privlora.models import native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t: fpu sse avx2 avx512f avx512bw\n")
+    assert not native_bf16(info)
+    info.write_text("flags\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    assert native_bf16(info)
+    info.write_text("flags\t: fpu amx_bf16 amx_tile\n")
+    assert native_bf16(info)
+    assert not native_bf16(tmp_path / "absent")

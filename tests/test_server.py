@@ -227,3 +227,34 @@ def test_the_three_line_python_api(tmp_path):
     summary = privlora.run(config, str(tmp_path / "api"))
     assert summary["rounds"] == 1 and (tmp_path / "api" / "summary.json").is_file()
     assert summary["privacy"] is None
+
+
+def test_eval_every_skips_rounds_but_always_scores_the_last(tiny_config, tmp_path, read_metrics):
+    summary = run(tiny_config("federation.rounds=3", "federation.eval_every=2"), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["loss"] is not None for r in rows] == [True, False, True, True]
+    assert summary["final"]["loss"] == rows[3]["loss"]
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_model_device_cuda_without_a_gpu_is_a_config_error(tiny_config, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from privlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.device = 'cuda'"):
+        run(tiny_config("model.device=cuda"), tmp_path)
+    assert not tmp_path.joinpath("metrics.jsonl").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["none", "sample"])
+def test_the_same_run_on_cuda_matches_the_cpu(mode, tiny_config, tmp_path):
+    extra = [] if mode == "none" else ["privacy.mode=sample", "privacy.noise_multiplier=1",
+                                       "privacy.sample_rate=0.5", "privacy.reproducible_noise=true"]
+    cpu = run(tiny_config("model.device=cpu", "train.lr=0.01", *extra), tmp_path / "cpu")
+    gpu = run(tiny_config("model.device=cuda", "train.lr=0.01", *extra), tmp_path / "gpu")
+    assert gpu["final"]["loss"] == pytest.approx(cpu["final"]["loss"], rel=1e-3)
+    a, b = adapter_of(tmp_path / "cpu"), adapter_of(tmp_path / "gpu")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)

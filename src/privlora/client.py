@@ -13,6 +13,7 @@ spec, its generators.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from privlora import protocol
 from privlora.aggregation import truncate_rank
 from privlora.config import RunConfig
 from privlora.data import Example, collate
-from privlora.lm import per_example_loss
+from privlora.lm import device_of, per_example_loss
 from privlora.lora import (
     Adapter,
     LoraHandles,
@@ -81,6 +82,7 @@ class LocalResult:
 class StepResult:
     loss: float  # the batch's mean answer loss (stays at the client)
     nonfinite: int  # examples whose gradient was not finite and counted as zero (DP-SGD)
+    tokens: int  # real (unpadded) tokens in the step's batch
 
 
 def rank_of(config: RunConfig, client_id: int) -> int | None:
@@ -99,7 +101,8 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
-              seed: int, round_: int, pad_id: int) -> protocol.Payload:
+              seed: int, round_: int, pad_id: int,
+              on_step: Callable[[int], None] | None = None) -> protocol.Payload:
     """Train from what ``payload`` carries; return the uplink payload.
 
     ``init`` is the adapter this site derived from the shared LoRA seed (shapes; FFA's A).
@@ -109,16 +112,20 @@ def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol
     start = protocol.client_start(payload, init, site.spec.train_a)
     result = local_update(handles, start, site.examples, site.spec,
                           seeded_generator(seed, round_, site.client_id, "batches"),
-                          seeded_generator(seed, round_, site.client_id, "noise"), pad_id)
+                          seeded_generator(seed, round_, site.client_id, "noise"), pad_id,
+                          on_step)
     if any(result.local_log.values()):
         local_log.warning("client %d round %d: %s", site.client_id, round_, result.local_log)
     return protocol.Payload(result.delta, result.meta)
 
 
 def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], spec: LocalSpec,
-                 batch_rng: torch.Generator, noise_rng: torch.Generator,
-                 pad_id: int) -> LocalResult:
-    """Train from ``start`` for ``spec.steps`` steps; return the update to send."""
+                 batch_rng: torch.Generator, noise_rng: torch.Generator, pad_id: int,
+                 on_step: Callable[[int], None] | None = None) -> LocalResult:
+    """Train from ``start`` for ``spec.steps`` steps; return the update to send.
+
+    ``on_step(tokens)`` is called after each step (a progress display).
+    """
     write_adapter(handles, start)
     optimizer = _optimizer(set_trainable(handles, train_a=spec.train_a), spec)
     named = trained_parameters(handles, spec.train_a)
@@ -126,7 +133,8 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
     losses, nonfinite = [], 0
     # Why: LoRA dropout draws from the global RNG; seed it from this client's stream so that
     # runs stay bit-identical, without disturbing the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
+    device = device_of(handles.model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=batch_rng)))
         for _ in range(spec.steps):
             step = gradient_step(handles, examples, spec, named, batch_rng, noise_rng, pad_id)
@@ -136,6 +144,8 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
                 write_adapter(handles, truncate_rank(read_adapter(handles), spec.rank))
             losses.append(step.loss)
             nonfinite += step.nonfinite
+            if on_step is not None:
+                on_step(step.tokens)
     handles.model.eval()
     delta = _delta(read_adapter(handles), start, spec.train_a, spec.rank)
     log = {"nonfinite_examples": nonfinite}
@@ -158,18 +168,19 @@ def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec
     (Poisson, as the accountant's PoissonSampled event assumes; the batch may be empty), its
     gradient is clipped jointly to C, the sum is noised and divided by the configured divisor.
     """
-    dp = spec.sample_dp
+    dp, device = spec.sample_dp, device_of(handles.model)
     if dp is None:
-        batch = _uniform_batch(examples, spec.batch_size, batch_rng)
-        loss = per_example_loss(handles.model, collate(batch, pad_id)).mean()
+        batch = collate(_uniform_batch(examples, spec.batch_size, batch_rng), pad_id)
+        loss = per_example_loss(handles.model, batch.to(device)).mean()
         loss.backward()
-        return StepResult(loss.item(), 0)
+        return StepResult(loss.item(), 0, int(batch.attention_mask.sum()))
     draws = uniform(len(examples), batch_rng, secure=dp.secure)
     chosen = (draws < dp.sample_rate).nonzero()[:, 0].tolist()
     summed = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
-    loss, nonfinite = 0.0, 0
+    loss, nonfinite, tokens = 0.0, 0, 0
     if chosen:
-        batch = collate([examples[i] for i in chosen], pad_id)
+        batch = collate([examples[i] for i in chosen], pad_id).to(device)
+        tokens = int(batch.attention_mask.sum())
         with PerExampleGrads(handles, train_a=spec.train_a) as tracker:
             per_example = per_example_loss(handles.model, batch)
             per_example.sum().backward()  # a SUM: each example's gradient stays its own
@@ -179,7 +190,7 @@ def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec
     noisy = dp.noisy_gradient(summed, noise_rng)
     for name, param in named.items():
         param.grad = noisy[name].to(param.dtype)
-    return StepResult(loss, nonfinite)
+    return StepResult(loss, nonfinite, tokens)
 
 
 def _optimizer(params: list[torch.nn.Parameter], spec: LocalSpec) -> torch.optim.Optimizer:

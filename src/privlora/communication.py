@@ -23,5 +23,5 @@ def full_finetune_bytes(model: torch.nn.Module) -> int:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += payload_bytes({name: param.detach().float()})
+        total += payload_bytes({name: param.detach().float().cpu()})
     return total

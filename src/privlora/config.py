@@ -23,7 +23,10 @@ Aggregation = Literal["fedavg", "ffa", "exact"]
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "builtin"  # 'builtin', 'tiny-random', a .gguf file, an HF directory or a hub id
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    # auto: bfloat16 where the CPU computes it natively (avx512_bf16 or AMX), else float32
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    # auto: CUDA when available, else the CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class FederationConfig:
     rounds: int = 5
     clients_per_round: int = 0  # 0 = every client every round (expected count in client DP mode)
     client_fraction: float = 0.0  # or a fraction of num_clients per round (0 = use the count)
+    eval_every: int = 1  # evaluate the global adapter every k rounds (and always after the last)
 
     @property
     def per_round(self) -> int:
@@ -212,6 +216,7 @@ def validate(c: RunConfig) -> None:
     f = c.federation
     _require(f.num_clients >= 1, f"federation.num_clients = {f.num_clients} must be >= 1")
     _require(f.rounds >= 1, f"federation.rounds = {f.rounds} must be >= 1")
+    _require(f.eval_every >= 1, f"federation.eval_every = {f.eval_every} must be >= 1")
     _require(
         0 <= f.clients_per_round <= f.num_clients,
         f"federation.clients_per_round = {f.clients_per_round} must be in [0, num_clients]",

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from privlora.data import Example, Task, collate
 from privlora.errors import DataError
-from privlora.lm import answer_logits, per_example_loss
+from privlora.lm import answer_logits, answer_loss, device_of, first_answer_rows
 
 
 @dataclass(frozen=True)
@@ -45,47 +45,61 @@ def label_token_ids(labels: tuple[str, ...], tokenizer: PreTrainedTokenizerBase)
 @torch.no_grad()
 def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTokenizerBase,
              batch_size: int = 32) -> EvalResult:
-    """Score ``examples``: mean answer loss, perplexity and (classification) label accuracy."""
+    """Score ``examples``: mean answer loss, perplexity and (classification) label accuracy.
+
+    One forward per example serves both: the loss reads the logits at the answer positions, and
+    with single-token labels the label scores are the log-probabilities at the first of them
+    (where the gold label's first token is predicted). Examples are batched in order of length,
+    so little is spent on padding. Multi-token labels take one more forward per label.
+    """
     model.eval()
-    losses = []
-    correct = 0
     label_ids = label_token_ids(task.labels, tokenizer) if task.kind == "classification" else []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        losses.append(per_example_loss(model, collate(chunk, tokenizer.pad_token_id)))
-        if label_ids:
-            correct += _count_correct(model, chunk, task, label_ids, tokenizer.pad_token_id)
+    gold = _gold(examples, task) if label_ids else torch.empty(0)
+    single = all(len(ids) == 1 for ids in label_ids)
+    columns = [ids[0] for ids in label_ids]
+    pad, device = tokenizer.pad_token_id, device_of(model)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt)
+                   + len(examples[i].answer))
+    losses, correct = [], 0
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]
+        batch = collate([examples[i] for i in picked], pad).to(device)
+        logits = answer_logits(model, batch)  # (answer tokens, V)
+        losses.append(answer_loss(logits, batch))
+        if not label_ids:
+            continue
+        if single:  # (B, V) at the first answer position -> (B, labels)
+            scores = logits[first_answer_rows(batch)].log_softmax(dim=-1)[:, columns]
+        else:
+            scores = label_scores(model, [examples[i].prompt for i in picked], label_ids, pad)
+        correct += int((scores.argmax(dim=1).cpu() == gold[picked]).sum())
     loss = torch.cat(losses).mean().item()
     accuracy = correct / len(examples) if label_ids else None
     return EvalResult(accuracy, loss, math.exp(min(loss, 50.0)), len(examples))
 
 
-def _count_correct(model, chunk: list[Example], task: Task, label_ids: list[list[int]],
-                   pad_id: int) -> int:
-    for e in chunk:
+def _gold(examples: list[Example], task: Task) -> torch.Tensor:
+    """Return each example's label index; refuse a label the task does not have."""
+    for e in examples:
         if e.label not in task.labels:
             raise DataError(
                 f"eval label {e.label!r} is not one the model was trained on {list(task.labels)}; "
                 "evaluate on data with the training labels"
             )
-    gold = torch.tensor([task.labels.index(e.label) for e in chunk])
-    scores = label_scores(model, [e.prompt for e in chunk], label_ids, pad_id)  # (B, L)
-    return int((scores.argmax(dim=1) == gold).sum())
+    return torch.tensor([task.labels.index(e.label) for e in examples])
 
 
 def label_scores(model, prompts: list[tuple[int, ...]], label_ids: list[list[int]],
                  pad_id: int) -> torch.Tensor:
-    """Return log p(label tokens | prompt) for every prompt and label: (B, L)."""
-    if all(len(ids) == 1 for ids in label_ids):
-        # One forward per prompt: every label is a single token read off the last position.
-        batch = collate([Example(p, (0,), None) for p in prompts], pad_id)
-        logprobs = answer_logits(model, batch).log_softmax(dim=-1)  # (B, V)
-        return logprobs[:, [ids[0] for ids in label_ids]]
+    """Return log p(label tokens | prompt) for every prompt and label: (B, L), one scored
+    continuation per label (for labels of several tokens)."""
     columns = []
-    for ids in label_ids:  # multi-token labels: one scored continuation per label
+    for ids in label_ids:
         batch = collate([Example(p, tuple(ids), None) for p in prompts], pad_id)
+        batch = batch.to(device_of(model))
         logprobs = answer_logits(model, batch).log_softmax(dim=-1)
         token_lp = logprobs.gather(1, batch.targets[batch.target_mask][:, None])[:, 0]
         rows = batch.target_mask.nonzero()[:, 0]
-        columns.append(torch.zeros(len(prompts)).index_add(0, rows, token_lp))
+        columns.append(torch.zeros(len(prompts), device=token_lp.device).index_add(0, rows,
+                                                                                   token_lp))
     return torch.stack(columns, dim=1)

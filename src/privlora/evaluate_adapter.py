@@ -37,7 +37,7 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
                      tuple(rows))
     name = model_name or meta["model"]
     tokenizer = load_tokenizer(name)
-    base = load_model(name, config.model.dtype)
+    base = load_model(name, config.model.dtype, config.model.device)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     examples = data.tokenize(list(rows), task, tokenizer, meta["max_length"])
     result = evaluate(model, examples, task, tokenizer)

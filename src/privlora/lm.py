@@ -21,11 +21,17 @@ def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def device_of(model: PreTrainedModel | PeftModel) -> torch.device:
+    """Return the device the model's weights live on (batches are moved there)."""
+    return causal_lm(model).get_input_embeddings().weight.device
+
+
 def autocast_for(model: PreTrainedModel | PeftModel) -> contextlib.AbstractContextManager:
-    """Return bf16 CPU autocast when the base weights are bf16 (AMX matmuls), else a no-op."""
-    dtype = causal_lm(model).get_input_embeddings().weight.dtype
-    if dtype == torch.bfloat16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+    """Return bf16 autocast when the base weights are bf16 (so the float32 LoRA factors run in
+    bf16 too), on the model's device type; else a no-op."""
+    weight = causal_lm(model).get_input_embeddings().weight
+    if weight.dtype == torch.bfloat16:
+        return torch.autocast(weight.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -47,9 +53,24 @@ def answer_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Ten
 
 def per_example_loss(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
     """Return each example's mean cross-entropy over its answer tokens: (B,)."""
-    logits = answer_logits(model, batch)
+    return answer_loss(answer_logits(model, batch), batch)
+
+
+def first_answer_rows(batch: Batch) -> torch.Tensor:
+    """Return, per example, the row of ``answer_logits`` at its first answer position: (B,).
+
+    The rows follow ``target_mask`` in row-major order, so example b's rows start after the
+    answer positions of examples 0..b-1.
+    """
+    counts = batch.target_mask.sum(dim=1)
+    return torch.cumsum(counts, dim=0) - counts
+
+
+def answer_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Return each example's mean cross-entropy over its answer tokens from ``answer_logits``."""
     token_loss = F.cross_entropy(logits, batch.targets[batch.target_mask], reduction="none")
     rows = batch.target_mask.nonzero()[:, 0]  # which example each answer token belongs to
-    sums = torch.zeros(batch.input_ids.shape[0]).index_add(0, rows, token_loss)
+    sums = torch.zeros(batch.input_ids.shape[0], device=logits.device).index_add(0, rows,
+                                                                                 token_loss)
     counts = batch.target_mask.sum(dim=1).clamp(min=1)
     return sums / counts

@@ -112,9 +112,10 @@ def lora_linears(handles: LoraHandles) -> dict[str, tuple[torch.nn.Linear, torch
 
 
 def read_adapter(handles: LoraHandles) -> Adapter:
-    """Copy the current LoRA factors out of the model (float32, detached)."""
+    """Copy the current LoRA factors out of the model (float32, detached, on the CPU)."""
     return {
-        name: Factors(A=a.weight.detach().float().clone(), B=b.weight.detach().float().clone())
+        name: Factors(A=a.weight.detach().float().cpu().clone(),
+                      B=b.weight.detach().float().cpu().clone())
         for name, (a, b) in lora_linears(handles).items()
     }
 

@@ -1,4 +1,8 @@
-"""Progress display over rounds and clients (rich), and the end-of-run summary table."""
+"""Progress display over rounds, clients and local steps (rich), and the end-of-run summary.
+
+The display is the operator's console, not a published file: under DP its step rate and times
+follow the realised batch sizes, like the console timestamps (see the README's privacy section).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,13 @@ from pathlib import Path
 from typing import Self
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from privlora.config import RunConfig
@@ -15,18 +25,22 @@ console = Console(stderr=True)
 
 
 class RichProgress:
-    """A two-bar display: rounds, and clients within the round; logs one line per round."""
+    """Three bars (rounds; clients in the round; a client's local steps, with tokens/s and the
+    round's time to go) and one logged line per round."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                            console=console, transient=True)
+                            TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=console, transient=True)
+        self._tokens = 0
 
     def __enter__(self) -> Self:
         self.bar.__enter__()
-        self.rounds = self.bar.add_task("rounds", total=self.config.federation.rounds)
-        self.client_task = self.bar.add_task("clients", total=0)
+        self.rounds = self.bar.add_task("rounds", total=self.config.federation.rounds, rate="")
+        self.client_task = self.bar.add_task("clients", total=0, rate="")
+        self.step_task = self.bar.add_task("steps", total=0, rate="")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -34,14 +48,28 @@ class RichProgress:
 
     def clients(self, round_: int, ids: list[int]):
         self.bar.reset(self.client_task, total=len(ids), description=f"round {round_} clients")
-        for cid in ids:
+        for k, cid in enumerate(ids, start=1):
+            self.bar.reset(self.step_task, total=self.config.train.local_steps, rate="",
+                           description=f"client {k} of {len(ids)} steps")
+            self._tokens = 0
             yield cid
             self.bar.advance(self.client_task)
 
+    def step(self, tokens: int) -> None:
+        """Count one local step of ``tokens`` tokens (called by the client's training loop)."""
+        self._tokens += tokens
+        self.bar.advance(self.step_task)
+        elapsed = self.bar.tasks[self.step_task].elapsed or 0.0
+        rate = f"{self._tokens / elapsed:,.0f} tok/s" if elapsed > 0 else ""
+        self.bar.update(self.step_task, rate=rate)
+
     def round_done(self, round_: int, result, epsilon: float | None) -> None:
         self.bar.advance(self.rounds)
-        acc = f"acc {100 * result.accuracy:5.1f}%  " if result.accuracy is not None else ""
         eps = f"  epsilon {epsilon:.3f}" if epsilon is not None else ""
+        if result is None:  # not evaluated this round (federation.eval_every)
+            console.log(f"round {round_}: trained [{self.config.federation.aggregation}]{eps}")
+            return
+        acc = f"acc {100 * result.accuracy:5.1f}%  " if result.accuracy is not None else ""
         console.log(f"round {round_}: {acc}loss {result.loss:.4f}  "
                     f"[{self.config.federation.aggregation}]{eps}")
 

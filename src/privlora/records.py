@@ -32,20 +32,23 @@ def finite_or_text(x: float | None) -> float | str | None:
     return x if x is None or math.isfinite(x) else str(x)
 
 
-def round_row(round_: int, result: EvalResult, traffic: Mapping[int, Traffic],
+def round_row(round_: int, result: EvalResult | None, traffic: Mapping[int, Traffic],
               rejected: Sequence[int], train_losses: Sequence[float], seconds: float,
               epsilon: float | None, rule: str, diagnostic: str | None,
               diagnostics: Mapping[str, float], full_model_bytes: int,
               plan: PrivacyPlan) -> dict[str, Any]:
-    """Return one metrics.jsonl line, with the fields the plan hides set to None."""
+    """Return one metrics.jsonl line, with the fields the plan hides set to None.
+
+    ``result`` is None in a round that was not evaluated (``federation.eval_every``).
+    """
     up = sum(t.up for t in traffic.values())
     down = sum(t.down for t in traffic.values())
     per_up = up / len(traffic) if traffic else None
     row: dict[str, Any] = {
         "round": round_,
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "perplexity": result.perplexity,
+        "accuracy": None if result is None else result.accuracy,
+        "loss": None if result is None else result.loss,
+        "perplexity": None if result is None else result.perplexity,
         "clients": sorted(traffic),
         "rejected": list(rejected),
         "bytes_up": up,

@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt
 
 
 def plot_rounds(rows: list[dict], out: Path, title: str) -> None:
-    """Draw accuracy (if any) and eval loss per round, with epsilon so far in the legend."""
+    """Draw accuracy (if any) and eval loss per evaluated round, with the epsilon spent."""
+    eps = rows[-1].get("epsilon")
+    rows = [r for r in rows if r["loss"] is not None]  # rounds skipped by eval_every
     rounds = [r["round"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     accuracy = [r["accuracy"] for r in rows]
@@ -23,7 +25,6 @@ def plot_rounds(rows: list[dict], out: Path, title: str) -> None:
         axes[0].set_ylabel("eval perplexity")
     axes[1].plot(rounds, [r["loss"] for r in rows], marker="o", color="tab:red")
     axes[1].set_ylabel("eval loss (answer tokens)")
-    eps = rows[-1].get("epsilon")
     for ax in axes:
         ax.set_xlabel("round (0 = zero-shot)")
         ax.grid(alpha=0.3)

@@ -69,7 +69,7 @@ def prepare(config: RunConfig) -> Simulation:
     plan = make_plan(config, [len(p) for p in parts])  # before loading the model: fail fast
     rule = build_rule(config)
     tokenizer = load_tokenizer(config.model.name)
-    model = load_model(config.model.name, config.model.dtype)
+    model = load_model(config.model.name, config.model.dtype, config.model.device)
     full_bytes = full_finetune_bytes(model)
     handles = attach(model, lora_spec_of(config.lora), seed=config.seed)
     ranks = tuple(client.rank_of(config, cid) for cid in range(len(parts)))
@@ -104,19 +104,21 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
                 protocol.downlink(server.rule, global_adapter, server.ranks[cid]))
             up, up_bytes = protocol.transmit(client.run_round(
                 sim.handles, sim.init, sim.sites[cid], down, seed, round_,
-                sim.tokenizer.pad_token_id))
+                sim.tokenizer.pad_token_id, progress.step if progress else None))
             protocol.check_uplink(cid, down, up, plan)
             uplinks[cid], traffic[cid] = up, records.Traffic(up=up_bytes, down=down_bytes)
         global_adapter, diagnostics = protocol.aggregate(
             server.rule, plan, global_adapter, list(uplinks.values()),
             seeded_generator(seed, round_, "server", "noise"))
-        result = _evaluate(sim, global_adapter)
+        due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds
+        result = _evaluate(sim, global_adapter) if due else None
         files.log_round(_row(sim, round_, result, uplinks, traffic, time.time() - t0, ledger,
                              diagnostics))
         files.checkpoint(round_, flatten(global_adapter), _ledger_dict(ledger))
         if progress:
             progress.round_done(round_, result,
                                 ledger.epsilon(accountant=plan.accountant) if ledger else None)
+    assert result is not None  # the last round is always evaluated
     return _finish(sim, files, global_adapter, ledger, zero_shot, result, time.time() - started)
 
 
@@ -129,7 +131,7 @@ def _ledger_dict(ledger: PrivacyLedger | None) -> dict | None:
     return None if ledger is None else ledger.to_dict()
 
 
-def _row(sim: Simulation, round_: int, result: EvalResult, uplinks: dict[int, protocol.Payload],
+def _row(sim: Simulation, round_: int, result: EvalResult | None, uplinks: dict[int, protocol.Payload],
          traffic: dict[int, records.Traffic], seconds: float, ledger: PrivacyLedger | None,
          diagnostics: dict[str, float]) -> dict:
     server = sim.server
