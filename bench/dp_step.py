@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 
-import torch
 from _common import save, table
+from throughput import privlora_step  # the product's step: client.gradient_step + AdamW
 
 SEQ, BATCH = 128, 8
 
@@ -37,49 +37,20 @@ def build(model_name: str = "builtin"):
                                              for k in range(3)]), "label": r["label"]}
             for i, r in enumerate(task.rows[:BATCH])]
     # Why the margin: re-tokenizing a cut text can run a few tokens past max_length, and the
-    # batch is padded to a multiple of 32; SEQ - 8 keeps every example within SEQ tokens.
+    # batch is padded to a multiple of 8; SEQ - 8 keeps every example within SEQ tokens.
     examples = tokenize(rows, task, tokenizer, max_length=SEQ - 8)
     width = collate(examples, tokenizer.pad_token_id).input_ids.shape[1]
     assert width == SEQ, f"the batch is {width} tokens wide, not {SEQ}"
-    handles = attach(load_model(model_name, "bfloat16"), LoraSpec(), seed=0)
+    handles = attach(load_model(model_name, "auto"), LoraSpec(), seed=0)  # as the product runs
     return handles, examples, tokenizer.pad_token_id
-
-
-def specs():
-    """The two local steps compared: plain, and DP-SGD as the product runs it by default
-    (q = 1 over the 8 examples, so both steps see the same batch; OS CSPRNG noise)."""
-    from privlora.client import LocalSpec
-    from privlora.privacy.local import SampleDP
-
-    plain = LocalSpec(steps=1, batch_size=BATCH, lr=1e-4)
-    dp = LocalSpec(steps=1, batch_size=BATCH, lr=1e-4,
-                   sample_dp=SampleDP(clip=1.0, noise_multiplier=1.0, sample_rate=1.0,
-                                      divisor=float(BATCH), secure=True))
-    return {"plain": plain, "dp": dp}
-
-
-def make_step(handles, examples, pad_id, spec):
-    """Return one local step of the product: client.gradient_step, then the optimizer."""
-    from privlora.client import gradient_step
-    from privlora.lora import set_trainable, trained_parameters
-
-    optimizer = torch.optim.AdamW(set_trainable(handles, train_a=True), lr=spec.lr)
-    named = trained_parameters(handles, train_a=True)
-    rng = torch.Generator().manual_seed(0)
-
-    def step() -> None:
-        gradient_step(handles, examples, spec, named, rng, rng, pad_id)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def timed(reps: int) -> dict:
     handles, examples, pad_id = build()
     handles.model.train()
-    steps = {kind: make_step(handles, examples, pad_id, spec) for kind, spec in specs().items()}
-    for _ in range(2):  # warm-up: oneDNN compiles kernels for these shapes
+    steps = {kind: privlora_step(handles, examples, pad_id, dp=kind == "dp")
+             for kind in ("plain", "dp")}
+    for _ in range(2):  # warm-up: the first calls allocate and pick kernels
         steps["plain"]()
         steps["dp"]()
     times: dict[str, list[float]] = {"plain": [], "dp": []}
@@ -95,7 +66,7 @@ def timed(reps: int) -> dict:
 def peak_mb(kind: str) -> float:
     code = ("import sys, resource; sys.path.insert(0, 'bench'); import dp_step as d;"
             "h, e, pad = d.build(); h.model.train();"
-            f"step = d.make_step(h, e, pad, d.specs()[{kind!r}]); [step() for _ in range(3)];"
+            f"step = d.privlora_step(h, e, pad, dp={kind == 'dp'}); [step() for _ in range(3)];"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return int(done.stdout.strip().splitlines()[-1]) / 1024
