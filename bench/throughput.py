@@ -178,7 +178,7 @@ def main() -> None:
     examples = examples_of(tokenizer, args.batch, args.seq)
     pad = tokenizer.pad_token_id
     tokens = int(collate(examples, pad).attention_mask.sum())
-    dtype = "bfloat16" if device.type == "cuda" else train_dtype("auto")
+    dtype = train_dtype("auto", device)
     ours = attach(load_model("builtin", dtype, device.type), LoraSpec(), seed=0)
     ours.model.train()
     # the common recipe loads the model as transformers does by default (fp32, SDPA attention)

@@ -64,16 +64,16 @@ def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def train_dtype(name: str) -> str:
-    """Resolve ``model.dtype``: "auto" is bfloat16 with native bf16, float32 without."""
+def train_dtype(name: str, device: torch.device) -> str:
+    """Resolve ``model.dtype``: "auto" is bfloat16 on a GPU or a CPU with native bf16, else
+    float32."""
     if name != "auto":
         return name
-    return "bfloat16" if native_bf16() else "float32"
+    return "bfloat16" if device.type == "cuda" or native_bf16() else "float32"
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """Map a config dtype name ("auto" resolved for this machine) to a torch dtype."""
-    name = train_dtype(name)
+    """Map a resolved config dtype name (see ``train_dtype``) to a torch dtype."""
     if name not in _DTYPES:
         raise ConfigError(f"model.dtype = {name!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[name]
@@ -110,8 +110,7 @@ def load_model(name: str = BUILTIN, dtype: str = "auto", device: str = "cpu") ->
     else:
         model = _from_pretrained(AutoModelForCausalLM, local_source(name), name,
                                  dtype=torch.float32, attn_implementation=attention)
-    resolved = "bfloat16" if dtype == "auto" and where.type == "cuda" else dtype
-    model = model.to(device=where, dtype=torch_dtype(resolved))
+    model = model.to(device=where, dtype=torch_dtype(train_dtype(dtype, where)))
     model.requires_grad_(False)
     model.eval()
     return model

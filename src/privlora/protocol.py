@@ -167,7 +167,7 @@ def _check_downlink(payload: Payload, init: Adapter, train_a: bool) -> None:
                 + (f", A {tuple(a.shape)}" if a is not None else "")
                 + f" do not fit this model's B {tuple(f.B.shape)}, A {tuple(f.A.shape)}"
             )
-    if not all(torch.isfinite(t).all() for t in payload.tensors.values()):
+    if not is_finite(payload):
         raise InvalidUpdate("downlink payload holds NaN or inf; the server's adapter is broken")
 
 

@@ -105,9 +105,7 @@ def privacy_summary(plan: PrivacyPlan, spent_pld: float, spent_rdp: float) -> di
     planned = plan.to_dict()
     if planned is None:
         return None
-    return {**planned, "epsilon_planned": finite_or_text(planned["epsilon_pld"]
-                                                        if plan.accountant == "pld"
-                                                        else planned["epsilon_rdp"]),
+    return {**planned, "epsilon_planned": finite_or_text(planned["epsilon_planned"]),
             "epsilon_spent_pld": finite_or_text(spent_pld),
             "epsilon_spent_rdp": finite_or_text(spent_rdp)}
 

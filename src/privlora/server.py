@@ -97,7 +97,8 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
         ids = protocol.select_clients(plan, config.federation, seed, round_)
         protocol.check_budget(ledger, plan, ids)
         protocol.spend(ledger, plan, ids)  # before any release: a crash can only overcount
-        files.save_ledger(_ledger_dict(ledger))
+        spent = _ledger_dict(ledger)  # the round's whole spend: nothing is recorded after this
+        files.save_ledger(spent)
         uplinks, traffic = {}, {}
         for cid in progress.clients(round_, ids) if progress else ids:
             down, down_bytes = protocol.transmit(
@@ -114,7 +115,7 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
         result = _evaluate(sim, global_adapter) if due else None
         files.log_round(_row(sim, round_, result, uplinks, traffic, time.time() - t0, ledger,
                              diagnostics))
-        files.checkpoint(round_, flatten(global_adapter), _ledger_dict(ledger))
+        files.checkpoint(round_, flatten(global_adapter), spent)
         if progress:
             progress.round_done(round_, result,
                                 ledger.epsilon(accountant=plan.accountant) if ledger else None)

@@ -217,7 +217,7 @@ class _Private:
                 **dataclasses.asdict(self), "sample_rate": self.sample_rate,  # type: ignore[attr-defined]
                 "releases": self.releases, "sensitivity": self.sensitivity, "noise_std": self.noise_std,
                 "epsilon_pld": self.epsilon_pld, "epsilon_rdp": self.epsilon_rdp,
-                "noise_source": self.noise_source}
+                "epsilon_planned": self.epsilon, "noise_source": self.noise_source}
 
 
 @dataclass(frozen=True)
