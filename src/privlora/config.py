@@ -36,6 +36,9 @@ class LoraSection:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     client_ranks: tuple[int, ...] = ()  # heterogeneous ranks, cycled over client ids; () = all `rank`
+    # adapt only the last k decoder layers (0 = every layer): backward stops below the lowest
+    # adapted layer, so a step costs less, and fewer coordinates are released under DP
+    last_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,8 @@ def validate(c: RunConfig) -> None:
     _require(c.lora.alpha > 0, f"lora.alpha = {c.lora.alpha} must be > 0")
     _require(0 <= c.lora.dropout < 1, f"lora.dropout = {c.lora.dropout} must be in [0, 1)")
     _require(bool(c.lora.target_modules), "lora.target_modules is empty; name at least one module")
+    _require(c.lora.last_layers >= 0,
+             f"lora.last_layers = {c.lora.last_layers} must be >= 0 (0 adapts every layer)")
     for r in c.lora.client_ranks:
         _require(1 <= r <= c.lora.rank, f"lora.client_ranks has {r}; each must be in [1, lora.rank]")
     _require(0 < c.data.eval_fraction < 1, f"data.eval_fraction = {c.data.eval_fraction} not in (0,1)")

@@ -30,6 +30,7 @@ class LoraSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    last_layers: int = 0  # adapt only the last k decoder layers; 0 = all
 
     @property
     def scale(self) -> float:
@@ -38,7 +39,8 @@ class LoraSpec:
 
 def spec_of(section: LoraSection) -> LoraSpec:
     """Return the LoRA hyper-parameters of a validated ``[lora]`` config section."""
-    return LoraSpec(section.rank, section.alpha, section.dropout, tuple(section.target_modules))
+    return LoraSpec(section.rank, section.alpha, section.dropout, tuple(section.target_modules),
+                    section.last_layers)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
     """Wrap ``model`` with fresh LoRA factors (A seeded, B zero); only LoRA tensors train."""
     _check_targets(model, spec.target_modules)
     config = LoraConfig(
+        layers_to_transform=_last_layers(model, spec.last_layers),
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
@@ -85,6 +88,20 @@ def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
         module.lora_A[ADAPTER_NAME].float()
         module.lora_B[ADAPTER_NAME].float()
     return LoraHandles(peft_model, layers)
+
+
+def _last_layers(model: PreTrainedModel, k: int) -> list[int] | None:
+    """Return the indices of the last ``k`` decoder layers (None: every layer)."""
+    if k == 0:
+        return None
+    total = getattr(model.config, "num_hidden_layers", None)
+    if total is None:
+        raise ConfigError("lora.last_layers needs a model whose config has num_hidden_layers; "
+                          "set lora.last_layers = 0")
+    if k > total:
+        raise ConfigError(f"lora.last_layers = {k} but the model has {total} decoder layers; "
+                          f"use 1..{total}, or 0 for all")
+    return list(range(total - k, total))
 
 
 def _check_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> None:
