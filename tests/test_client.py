@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from privlora import client, protocol
 from privlora.client import Site
+from privlora.lora import set_trainable, trained_parameters, write_adapter
 from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import joint_l2_norm, seeded_generator
 from privlora.server import prepare
@@ -112,3 +114,29 @@ def test_local_release_of_a_nonfinite_update_is_noise_around_zero():
         update, torch.Generator())
     assert not finite and torch.equal(noised["w"], torch.zeros(3))
 
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_a_batch_split_into_microbatches_gives_the_same_step(tiny_config, private):
+    extra = (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.sample_rate=0.5",
+              "privacy.reproducible_noise=true"] if private else [])
+    sim = prepare(tiny_config("train.batch_size=12", *extra))
+    site = sim.sites[0]
+    assert len(site.examples) >= 20  # q = 0.5 or a batch of 12: several chunks of 5
+    grads = []
+    for microbatch in (100, 5):  # one forward, then chunks of 5
+        spec = dataclasses.replace(site.spec, microbatch=microbatch)
+        write_adapter(sim.handles, sim.init)
+        set_trainable(sim.handles, train_a=spec.train_a)
+        named = trained_parameters(sim.handles, spec.train_a)
+        for p in named.values():
+            p.grad = None
+        step = client.gradient_step(sim.handles, site.examples, spec, named,
+                                    seeded_generator(1, "b"), seeded_generator(1, "n"),
+                                    sim.tokenizer.pad_token_id)
+        grads.append(({k: p.grad.clone() for k, p in named.items()}, step))
+    (whole, whole_step), (split, split_step) = grads
+    assert whole_step.tokens == split_step.tokens > 0
+    assert split_step.loss == pytest.approx(whole_step.loss, rel=1e-5)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from privlora import builtin_task, data
-from privlora.evaluate import evaluate, majority_share
+from privlora.evaluate import evaluate, macro_f1, majority_share
 from privlora.lora import lora_linears
 
 
@@ -26,16 +26,37 @@ def _log_probs(model, prompt, continuation) -> torch.Tensor:
     return logits.log_softmax(-1).gather(1, torch.tensor(continuation)[:, None])[:, 0]
 
 
-def _reference(model, examples, task, tokenizer) -> tuple[float | None, float]:
-    losses, correct = [], 0
+def _confusion_macro_f1(gold: list[int], predicted: list[int]) -> float:
+    """Macro-F1 from a confusion matrix: per label, precision and recall, then their harmonic mean."""
+    labels = sorted(set(gold) | set(predicted))
+    matrix = {(g, p): 0 for g in labels for p in labels}
+    for g, p in zip(gold, predicted, strict=True):
+        matrix[g, p] += 1
+    f1s = []
+    for k in labels:
+        tp = matrix[k, k]
+        predicted_k = sum(matrix[g, k] for g in labels)
+        gold_k = sum(matrix[k, p] for p in labels)
+        precision = tp / predicted_k if predicted_k else 0.0
+        recall = tp / gold_k if gold_k else 0.0
+        f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    return sum(f1s) / len(f1s)
+
+
+def _reference(model, examples, task, tokenizer) -> tuple[float | None, float, float | None]:
+    losses, correct, gold, predicted = [], 0, [], []
     for e in examples:
         losses.append(-_log_probs(model, e.prompt, e.answer).mean().item())
         if task.kind == "classification":
             scores = [_log_probs(model, e.prompt, tokenizer(label, add_special_tokens=False)
                                  ["input_ids"]).sum().item() for label in task.labels]
-            correct += task.labels[max(range(len(scores)), key=scores.__getitem__)] == e.label
-    accuracy = correct / len(examples) if task.kind == "classification" else None
-    return accuracy, sum(losses) / len(losses)
+            best = max(range(len(scores)), key=scores.__getitem__)
+            correct += task.labels[best] == e.label
+            gold.append(task.labels.index(e.label))
+            predicted.append(best)
+    if task.kind != "classification":
+        return None, sum(losses) / len(losses), None
+    return correct / len(examples), sum(losses) / len(losses), _confusion_macro_f1(gold, predicted)
 
 
 @pytest.mark.parametrize("labels", [("red", "blue", "green", "amber"),  # one token each
@@ -49,8 +70,9 @@ def test_evaluate_matches_a_forward_per_example_and_label(tiny_lora, tokenizer, 
                      tuple(rows))
     examples = data.tokenize(rows, task, tokenizer, max_length=96)
     result = evaluate(tiny_lora.model, examples, task, tokenizer, batch_size=5)
-    accuracy, loss = _reference(tiny_lora.model, examples, task, tokenizer)
+    accuracy, loss, f1 = _reference(tiny_lora.model, examples, task, tokenizer)
     assert result.accuracy == accuracy
+    assert result.macro_f1 == pytest.approx(f1, rel=1e-12)
     assert result.loss == pytest.approx(loss, rel=1e-4)
     assert result.perplexity == pytest.approx(math.exp(loss), rel=1e-4)
     assert 0 < result.accuracy < 1  # a random adapter: some right, some wrong
@@ -61,11 +83,20 @@ def test_evaluate_generation_reports_loss_only(tiny_lora, tokenizer):
     task = data.Task("g", "generation", "", (), tuple(rows))
     examples = data.tokenize(rows, task, tokenizer, max_length=64)
     result = evaluate(tiny_lora.model, examples, task, tokenizer, batch_size=4)
-    _, loss = _reference(tiny_lora.model, examples, task, tokenizer)
-    assert result.accuracy is None and result.loss == pytest.approx(loss, rel=1e-4)
+    _, loss, _ = _reference(tiny_lora.model, examples, task, tokenizer)
+    assert result.accuracy is None and result.macro_f1 is None and result.loss == pytest.approx(loss, rel=1e-4)
 
 
 def test_majority_share_is_the_most_common_labels_fraction():
     assert majority_share(["a", "b", "a", "c"]) == 0.5
     assert majority_share(["a", None, "a"]) == 1.0  # unlabelled (generation) rows are skipped
     assert majority_share([None, None]) is None
+
+
+def test_macro_f1_on_an_imbalanced_example_worked_by_hand():
+    # gold: 6 x label 0, 2 x label 1; the model always says 0.
+    # label 0: TP 6, FP 2, FN 0 -> F1 = 12/14; label 1: TP 0 -> F1 0; mean 6/14.
+    assert macro_f1([0] * 6 + [1] * 2, [0] * 8, num_labels=3) == pytest.approx(6 / 14)
+    assert macro_f1([0, 1, 2], [0, 1, 2], num_labels=3) == 1.0
+    # accuracy 0.75 but macro-F1 far lower: why it sits beside accuracy for imbalanced tasks
+    assert macro_f1([0] * 6 + [1] * 2, [0] * 8, 3) < 0.75

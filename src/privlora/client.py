@@ -58,6 +58,7 @@ class LocalSpec:
     sample_dp: SampleDP | None = None  # DP-SGD inside the steps (sample mode)
     local_dp: LocalDP | None = None  # clip + noise on the release (local mode)
     send_counts: bool = True  # example count and loss beside the update: never under DP
+    microbatch: int = 32  # examples per forward; a larger batch is split and summed
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None)
     return LocalSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
                      optimizer=t.optimizer, weight_decay=t.weight_decay, train_a=rule.trains_a,
                      rank=rank, sample_dp=plan.training_mechanism(),
-                     local_dp=plan.release_mechanism(), send_counts=not plan.private)
+                     local_dp=plan.release_mechanism(), send_counts=not plan.private,
+                     microbatch=t.microbatch)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
@@ -170,23 +172,35 @@ def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec
     """
     dp, device = spec.sample_dp, device_of(handles.model)
     if dp is None:
-        batch = collate(_uniform_batch(examples, spec.batch_size, batch_rng), pad_id)
-        loss = per_example_loss(handles.model, batch.to(device)).mean()
-        loss.backward()
-        return StepResult(loss.item(), 0, int(batch.attention_mask.sum()))
-    draws = uniform(len(examples), batch_rng, secure=dp.secure)
-    chosen = (draws < dp.sample_rate).nonzero()[:, 0].tolist()
+        chosen = _uniform_batch(examples, spec.batch_size, batch_rng)
+    else:  # each example joins with probability q: Poisson, as the accountant assumes
+        draws = uniform(len(examples), batch_rng, secure=dp.secure)
+        chosen = [examples[i] for i in (draws < dp.sample_rate).nonzero()[:, 0].tolist()]
     summed = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
-    loss, nonfinite, tokens = 0.0, 0, 0
-    if chosen:
-        batch = collate([examples[i] for i in chosen], pad_id).to(device)
-        tokens = int(batch.attention_mask.sum())
-        with PerExampleGrads(handles, train_a=spec.train_a) as tracker:
+    loss_sum, nonfinite, tokens = 0.0, 0, 0
+    # Why: memory grows with the examples in one forward; chunks of similar length (sorted)
+    # bound it and waste little on padding. The sum over chunks is the sum over the batch.
+    chosen.sort(key=lambda e: len(e.prompt) + len(e.answer))
+    for start in range(0, len(chosen), spec.microbatch):
+        batch = collate(chosen[start : start + spec.microbatch], pad_id).to(device)
+        tokens += int(batch.attention_mask.sum())
+        if dp is None:
             per_example = per_example_loss(handles.model, batch)
-            per_example.sum().backward()  # a SUM: each example's gradient stays its own
-            summed, norms = clip_per_example(tracker.collect(), dp.clip)
-        nonfinite = int((~torch.isfinite(norms)).sum())
-        loss = per_example.detach().mean().item()
+            per_example.sum().backward()  # .grad accumulates the sum over chunks
+        else:
+            with PerExampleGrads(handles, train_a=spec.train_a) as tracker:
+                per_example = per_example_loss(handles.model, batch)
+                per_example.sum().backward()  # a SUM: each example's gradient stays its own
+                clipped, norms = clip_per_example(tracker.collect(), dp.clip)
+            summed = {name: summed[name] + clipped[name] for name in summed}
+            nonfinite += int((~torch.isfinite(norms)).sum())
+        loss_sum += float(per_example.detach().sum())
+    loss = loss_sum / len(chosen) if chosen else 0.0
+    if dp is None:  # the mean answer loss of the batch: divide the accumulated sum
+        for param in named.values():
+            if param.grad is not None:
+                param.grad /= len(chosen)
+        return StepResult(loss, 0, tokens)
     noisy = dp.noisy_gradient(summed, noise_rng)
     for name, param in named.items():
         param.grad = noisy[name].to(param.dtype)

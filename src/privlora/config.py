@@ -77,6 +77,9 @@ class TrainConfig:
     lr: float = 3e-3
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
+    # examples per forward pass: larger batches (DP's hundreds per step) are split into chunks
+    # and their (clipped) gradients summed, so memory stays flat; the result is the same
+    microbatch: int = 32
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ def validate(c: RunConfig) -> None:
              "set federation.clients_per_round or federation.client_fraction, not both")
     _require(c.train.local_steps >= 1, f"train.local_steps = {c.train.local_steps} must be >= 1")
     _require(c.train.batch_size >= 1, f"train.batch_size = {c.train.batch_size} must be >= 1")
+    _require(c.train.microbatch >= 1, f"train.microbatch = {c.train.microbatch} must be >= 1")
     _require(c.train.lr > 0, f"train.lr = {c.train.lr} must be > 0")
     if c.lora.client_ranks and f.aggregation == "fedavg":
         raise ConfigError(

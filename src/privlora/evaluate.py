@@ -17,12 +17,29 @@ from privlora.lm import answer_logits, answer_loss, device_of, first_answer_rows
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Metrics on an eval set; accuracy is None for generation tasks."""
+    """Metrics on an eval set; accuracy and macro-F1 are None for generation tasks."""
 
     accuracy: float | None
     loss: float
     perplexity: float
     examples: int
+    macro_f1: float | None = None  # mean over the task's labels of per-label F1 (imbalanced tasks)
+
+
+def macro_f1(gold: Sequence[int], predicted: Sequence[int], num_labels: int) -> float:
+    """Return the unweighted mean of per-label F1 = 2TP / (2TP + FP + FN).
+
+    The mean runs over the labels that occur in ``gold`` or ``predicted`` (scikit-learn's
+    ``f1_score(average="macro")`` default); a label seen on neither side is left out.
+    """
+    scores = []
+    for label in range(num_labels):
+        tp = sum(g == label and p == label for g, p in zip(gold, predicted, strict=True))
+        fp = sum(g != label and p == label for g, p in zip(gold, predicted, strict=True))
+        fn = sum(g == label and p != label for g, p in zip(gold, predicted, strict=True))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def majority_share(labels: Sequence[str | None]) -> float | None:
@@ -60,7 +77,7 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
     pad, device = tokenizer.pad_token_id, device_of(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt)
                    + len(examples[i].answer))
-    losses, correct = [], 0
+    losses, predicted = [], torch.zeros(len(examples), dtype=torch.long)
     for start in range(0, len(order), batch_size):
         picked = order[start : start + batch_size]
         batch = collate([examples[i] for i in picked], pad).to(device)
@@ -72,10 +89,14 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
             scores = logits[first_answer_rows(batch)].log_softmax(dim=-1)[:, columns]
         else:
             scores = label_scores(model, [examples[i].prompt for i in picked], label_ids, pad)
-        correct += int((scores.argmax(dim=1).cpu() == gold[picked]).sum())
+        predicted[picked] = scores.argmax(dim=1).cpu()
     loss = torch.cat(losses).mean().item()
-    accuracy = correct / len(examples) if label_ids else None
-    return EvalResult(accuracy, loss, math.exp(min(loss, 50.0)), len(examples))
+    perplexity = math.exp(min(loss, 50.0))
+    if not label_ids:
+        return EvalResult(None, loss, perplexity, len(examples))
+    accuracy = int((predicted == gold).sum()) / len(examples)
+    f1 = macro_f1(gold.tolist(), predicted.tolist(), len(task.labels))
+    return EvalResult(accuracy, loss, perplexity, len(examples), f1)
 
 
 def _gold(examples: list[Example], task: Task) -> torch.Tensor:

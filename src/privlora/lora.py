@@ -189,6 +189,11 @@ def flatten(adapter: Adapter) -> dict[str, torch.Tensor]:
     return flat
 
 
+def released_coordinates(adapter: Adapter, train_a: bool) -> int:
+    """Return how many numbers a client's update carries: A and B, or B alone when A is frozen."""
+    return sum(f.B.numel() + (f.A.numel() if train_a else 0) for f in adapter.values())
+
+
 def save_peft(handles: LoraHandles, adapter: Adapter, out_dir: Path) -> None:
     """Save ``adapter`` as adapter_config.json + adapter_model.safetensors that PeftModel loads."""
     write_adapter(handles, adapter)

@@ -15,6 +15,7 @@ from typing import Any
 
 from privlora.evaluate import EvalResult
 from privlora.privacy.plan import PrivacyPlan
+from privlora.privacy.signal import NoiseToSignal
 
 _PACKAGES = ("privlora", "torch", "transformers", "peft", "dp-accounting", "flwr", "safetensors")
 
@@ -47,6 +48,7 @@ def round_row(round_: int, result: EvalResult | None, traffic: Mapping[int, Traf
     row: dict[str, Any] = {
         "round": round_,
         "accuracy": None if result is None else result.accuracy,
+        "macro_f1": None if result is None else result.macro_f1,
         "loss": None if result is None else result.loss,
         "perplexity": None if result is None else result.perplexity,
         "clients": sorted(traffic),
@@ -100,14 +102,21 @@ def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: 
     }
 
 
-def privacy_summary(plan: PrivacyPlan, spent_pld: float, spent_rdp: float) -> dict | None:
-    """Return the plan and what was spent, or None without privacy."""
+def privacy_summary(plan: PrivacyPlan, spent_pld: float, spent_rdp: float,
+                    signal: NoiseToSignal | None = None) -> dict | None:
+    """Return the plan, what was spent and the noise-to-signal prediction, or None without DP."""
     planned = plan.to_dict()
     if planned is None:
         return None
     return {**planned, "epsilon_planned": finite_or_text(planned["epsilon_planned"]),
             "epsilon_spent_pld": finite_or_text(spent_pld),
-            "epsilon_spent_rdp": finite_or_text(spent_rdp)}
+            "epsilon_spent_rdp": finite_or_text(spent_rdp),
+            "noise_to_signal": None if signal is None else signal_dict(signal)}
+
+
+def signal_dict(signal: NoiseToSignal) -> dict[str, Any]:
+    """Return the prediction as plain fields (summary.json, `privacy plan --json`)."""
+    return {**asdict(signal), "verdict": signal.verdict, "fixes": signal.fixes()}
 
 
 def summary(task: str, labels: Sequence[str], model: str, majority: float | None,

@@ -24,6 +24,7 @@ from privlora.lora import (
     attach,
     flatten,
     read_adapter,
+    released_coordinates,
     save_peft,
     write_adapter,
 )
@@ -32,6 +33,7 @@ from privlora.models import load_model, load_tokenizer
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan, make_plan
+from privlora.privacy.signal import NoiseToSignal
 from privlora.rules import Rule, build_rule
 from privlora.run_dir import RunDir, check_target
 
@@ -46,6 +48,7 @@ class Server:
     task: data.Task
     eval_examples: list[data.Example]
     full_model_bytes: int
+    signal: NoiseToSignal | None  # the plan's learn / won't-learn prediction (None without DP)
 
 
 @dataclass
@@ -77,7 +80,11 @@ def prepare(config: RunConfig) -> Simulation:
                          client.spec_for(config, rule, plan, ranks[cid]))
              for cid, part in enumerate(parts)]
     eval_examples = data.tokenize(eval_rows, task, tokenizer, config.data.max_length)
-    server = Server(rule, plan, ranks, task, eval_examples, full_bytes)
+    fed = config.federation
+    signal = plan.noise_to_signal(
+        released_coordinates(read_adapter(handles), rule.trains_a),
+        plan.expected_participants(fed.num_clients, fed.per_round))
+    server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal)
     return Simulation(config, server, sites, handles, read_adapter(handles), tokenizer)
 
 
@@ -150,7 +157,8 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
     config, server = sim.config, sim.server
     save_peft(sim.handles, adapter, files.adapter_dir)
     privacy = None if ledger is None else records.privacy_summary(
-        server.plan, ledger.epsilon(accountant="pld"), ledger.epsilon(accountant="rdp"))
+        server.plan, ledger.epsilon(accountant="pld"), ledger.epsilon(accountant="rdp"),
+        server.signal)
     fed = config.federation
     comm = records.communication(files.rows, server.plan, fed.rounds, fed.num_clients,
                                  fed.per_round, _mean_transfer_bytes(sim),

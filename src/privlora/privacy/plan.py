@@ -27,6 +27,7 @@ from privlora.privacy.central import CentralDP
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import uniform
+from privlora.privacy.signal import NoiseToSignal, noise_norm_over_clip, noise_to_signal
 
 SECURE = "os-csprng: DP noise and privacy sampling drawn from os.urandom"
 SEEDED = (
@@ -75,6 +76,8 @@ class PrivacyPlan(Protocol):
     def new_ledger(self) -> PrivacyLedger | None: ...
     def redact(self, row: dict[str, Any]) -> dict[str, Any]: ...
     def to_dict(self) -> dict[str, Any] | None: ...
+    def noise_to_signal(self, coordinates: int,
+                        participants: float) -> NoiseToSignal | None: ...
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ class NoPrivacy:
 
     def redact(self, row: dict[str, Any]) -> dict[str, Any]:
         return dict(row)
+
+    def noise_to_signal(self, coordinates: int, participants: float) -> None:
+        return None
 
     def to_dict(self) -> None:
         return None
@@ -188,6 +194,10 @@ class _Private:
         """Return ``row`` with this mode's hidden fields set to None."""
         return {k: None if k in self.hidden else v for k, v in row.items()}
 
+    def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
+        """Predict whether the released noise lets the run learn (``privacy.signal``)."""
+        raise NotImplementedError
+
     def forecast(self) -> dp_accounting.DpEvent:
         """Return the worst party's composed events if it takes part in every round."""
         distinct: list[dp_accounting.DpEvent] = []
@@ -244,6 +254,11 @@ class SampleLevel(_Private):
                                              self.steps_per_round)
         return {party(i): event for i in participants}
 
+    def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
+        # one DP-SGD step at one client; steps and clients average into the adapter
+        per_step = noise_norm_over_clip(self.noise_multiplier, coordinates) / self.divisor
+        return noise_to_signal(per_step, self.releases * participants, coordinates)
+
     def training_mechanism(self) -> SampleDP:
         return SampleDP(self.clip, self.noise_multiplier, self.sample_rate, self.divisor,
                         self.secure)
@@ -272,6 +287,11 @@ class ClientLevel(_Private):
     def round_events(self, participants: Iterable[int]) -> dict[str, dp_accounting.DpEvent]:
         return {GLOBAL: accounting.client_mode_event(self.sample_rate, self.noise_multiplier, 1)}
 
+    def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
+        # one round's noised mean over the expected participants
+        per_round = noise_norm_over_clip(self.noise_multiplier, coordinates) / participants
+        return noise_to_signal(per_round, self.rounds, coordinates)
+
     def central_mechanism(self) -> CentralDP:
         return CentralDP(self.clip, self.noise_std, self.sample_rate * self.num_clients,
                          self.secure)
@@ -295,6 +315,11 @@ class LocalLevel(_Private):
     def round_events(self, participants: Iterable[int]) -> dict[str, dp_accounting.DpEvent]:
         event = accounting.local_mode_event(self.noise_multiplier, 1)
         return {party(i): event for i in participants}
+
+    def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
+        # one client's release, noise std sigma x 2C against a clipped update of norm C
+        per_release = noise_norm_over_clip(2 * self.noise_multiplier, coordinates)
+        return noise_to_signal(per_release, self.rounds * participants, coordinates)
 
     def release_mechanism(self) -> LocalDP:
         return LocalDP(self.clip, self.noise_multiplier, self.secure)

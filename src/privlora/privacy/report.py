@@ -6,12 +6,17 @@ which the run itself never does.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from privlora import data
 from privlora.config import load_config
+from privlora.lora import Adapter, attach, read_adapter, released_coordinates, spec_of
 from privlora.privacy.plan import lacks_sample_rate, make_plan, suggest_sample_rate
+from privlora.privacy.signal import LEARNS, NO_LEARNING, NoiseToSignal
 from privlora.privacy.variance import local_noise_variance, summarize
+from privlora.records import signal_dict
+from privlora.rules import build_rule
 
 
 def plan_report(config_path: Path, overrides: list[str]) -> dict:
@@ -43,8 +48,14 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
         f"noise source: {plan.noise_source}",
     ]
     report["suggested_sample_rate"] = suggested
+    adapter, rule = _initial_adapter(config), build_rule(config)
+    fed = config.federation
+    signal = plan.noise_to_signal(released_coordinates(adapter, rule.trains_a),
+                                  plan.expected_participants(fed.num_clients, fed.per_round))
+    report["noise_to_signal"] = signal_dict(signal)
+    lines += _signal_lines(plan, signal)
     if plan.release_mechanism() is not None:  # DP-FedLoRA: clients noise their own factors
-        report["variance"] = v = _local_variance(config, plan.noise_std)
+        report["variance"] = v = _local_variance(config, adapter, plan.noise_std)
         lines.append(
             "local-DP noise in the aggregated update (per round, at initialisation): "
             f"E||noise||_F^2 = {v['expected_sq_frobenius']:.4g} (cross term beta*alpha "
@@ -55,16 +66,30 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
     return report
 
 
-def _local_variance(config, noise_std: float) -> dict:
-    """Variance report from the real layer shapes (a meta-device model: no weights loaded)."""
-    from dataclasses import asdict
+def _signal_lines(plan, signal: NoiseToSignal) -> list[str]:
+    """Say whether the noise lets the run learn, and the smallest changes that would fix it."""
+    unit = {"sample": "one DP-SGD step at one client", "client": "one round's noised mean",
+            "local": "one client's noised release"}[plan.mode]
+    lines = [
+        (f"noise-to-signal (noise norm / clip) of {unit}: {signal.per_release:.3g} over "
+        f"{signal.coordinates:,} released coordinates"),
+        (f"  whole run: {signal.whole_run:.3g} after averaging {signal.releases:g} releases "
+        f"-> {signal.verdict.upper()} (learns <= {LEARNS}, too noisy > {NO_LEARNING})"),
+    ]
+    if signal.whole_run > LEARNS:
+        needed = plan.noise_multiplier * LEARNS / signal.whole_run
+        epsilon = dataclasses.replace(plan, noise_multiplier=needed).epsilon
+        lines.append(f"  to reach {LEARNS}, change any one of: " + "; ".join(
+            [*signal.fixes(), f"epsilon {epsilon:.3g} (sigma {needed:.3g})"]))
+    return lines
 
+
+def _initial_adapter(config) -> Adapter:
+    """The adapter at initialisation, from the real layer shapes (a meta-device model)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from privlora import models
-    from privlora.lora import attach, read_adapter, spec_of
-    from privlora.rules import build_rule
 
     name = config.model.name
     if name == models.TINY_RANDOM:
@@ -74,9 +99,14 @@ def _local_variance(config, noise_std: float) -> dict:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
         model = model.to_empty(device="cpu")
-    spec = spec_of(config.lora)
-    adapter = read_adapter(attach(model, spec, config.seed))
-    rule = build_rule(config)
+    return read_adapter(attach(model, spec_of(config.lora), config.seed))
+
+
+def _local_variance(config, adapter: Adapter, noise_std: float) -> dict:
+    """Variance report from the real layer shapes."""
+    from dataclasses import asdict
+
+    spec, rule = spec_of(config.lora), build_rule(config)
     # At initialisation B = 0, so the B-alpha term is 0; later rounds use the trained factors.
     rows = local_noise_variance(adapter, noise_std, config.federation.per_round, spec.scale,
                                 noise_a=rule.trains_a,

@@ -1,0 +1,76 @@
+"""Will a private run learn? The noise-to-signal of what is released, predicted before training.
+
+A DP mechanism releases a clipped quantity of norm at most C plus Gaussian noise over all d
+released coordinates. The noise norm concentrates at std x sqrt(d), so the ratio
+
+    per release  = noise norm / C  of one released quantity, as the trained model receives it
+    whole run    = per release / sqrt(n)
+
+where n is how many independent releases are averaged or summed into the final adapter: a
+consistent gradient direction adds up linearly over them, the noise only as sqrt(n). Per mode:
+
+    sample  one DP-SGD step at one client:      sigma sqrt(d) / divisor;        n = steps x m
+    client  one round's noised mean:            sigma sqrt(d) / m;               n = rounds
+    local   one client's noised release:        2 sigma sqrt(d);                 n = rounds x m
+
+with m the expected clients per round and ``divisor`` the expected batch (train.batch_size).
+The signal side is an upper bound (every clipped contribution pointing the same way), so the
+ratios are optimistic; the thresholds below come from measured runs (bench/README.md) and the
+tables say wherever a call disagreed with the outcome.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# whole-run ratios: below LEARNS the measured runs learned; above NO_LEARNING none did
+LEARNS = 0.25
+NO_LEARNING = 1.0
+
+
+@dataclass(frozen=True)
+class NoiseToSignal:
+    """The prediction for one plan and adapter shape."""
+
+    coordinates: int  # d: released coordinates per client (B only under FFA)
+    per_release: float  # noise norm / clip of one released quantity
+    releases: float  # n: independent releases summed into the final adapter
+    whole_run: float  # per_release / sqrt(n)
+
+    @property
+    def verdict(self) -> str:
+        """'learns', 'marginal' or 'too noisy to learn', from the whole-run ratio."""
+        if self.whole_run <= LEARNS:
+            return "learns"
+        if self.whole_run <= NO_LEARNING:
+            return "marginal"
+        return "too noisy to learn"
+
+    def fixes(self, target: float = LEARNS) -> list[str]:
+        """Return the smallest single change of each knob that brings the run to ``target``.
+
+        The ratio scales as sqrt(d) / (examples per step or clients) / sqrt(n), so each knob's
+        factor follows from one division; epsilon is left to the caller (it needs the accountant).
+        """
+        factor = self.whole_run / target
+        if factor <= 1:
+            return []
+        fewer = self.coordinates / factor**2
+        return [
+            (f"x{factor:.1f} examples per step (train.batch_size with privacy.sample_rate) or "
+             "clients per round"),
+            (f"/{factor**2:.0f} released coordinates, to under {fewer:,.0f} (aggregation = 'ffa', "
+             "a lower lora.rank, fewer lora.target_modules, lora.last_layers)"),
+            f"x{factor**2:.1f} releases (more steps or rounds; each costs budget, so sigma rises)",
+        ]
+
+
+def noise_to_signal(per_release: float, releases: float, coordinates: int) -> NoiseToSignal:
+    """Return the prediction for ``releases`` releases of ratio ``per_release`` each."""
+    return NoiseToSignal(coordinates, per_release, releases, per_release / math.sqrt(releases))
+
+
+def noise_norm_over_clip(noise_std_over_clip: float, coordinates: int) -> float:
+    """Return E||N(0, s^2 I_d)|| / C ~ s sqrt(d) / C: the noise norm of one release over the clip."""
+    return noise_std_over_clip * math.sqrt(coordinates)
