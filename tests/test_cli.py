@@ -147,3 +147,14 @@ def test_privacy_plan_suggests_a_sample_rate_from_the_sizes_it_sees(tmp_path):
     # 96 training rows over 4 clients: 24 each; train.batch_size = 8
     assert report["suggested_sample_rate"] == report["sample_rate"] == 8 / 24
     assert "suggested privacy.sample_rate = 0.3333" in report["text"]
+
+
+def test_no_privacy_runs_a_private_config_without_dp(tmp_path):
+    private = ["--set", "privacy.mode=sample", "--set", "privacy.noise_multiplier=1",
+               "--set", "privacy.sample_rate=0.1"]
+    result = runner.invoke(app, ["run", *TINY, *private, "--no-privacy", "--out",
+                                 str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["privacy"] is None
+    assert "[privacy]\nmode = \"none\"" in (tmp_path / "r" / "config.toml").read_text()

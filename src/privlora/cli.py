@@ -43,9 +43,11 @@ def run(
     data: Annotated[str | None, typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
     model: Annotated[str | None, typer.Option(help="Shortcut for --set model.name=...")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    no_privacy: Annotated[bool, typer.Option(
+        help="Drop the config's [privacy] section: the same run without DP, to compare.")] = False,
 ) -> None:
     """Run a federated LoRA fine-tune and write the run directory."""
-    from privlora.config import load_config
+    from privlora.config import load_config, without_privacy
 
     overrides = list(set_)
     if data:
@@ -54,6 +56,8 @@ def run(
         overrides.append(f"model.name={json.dumps(model)}")
     try:
         cfg = load_config(config, overrides)
+        if no_privacy:
+            cfg = without_privacy(cfg)
         out_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         from privlora.progress import RichProgress
         from privlora.server import run as run_federation

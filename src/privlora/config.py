@@ -275,6 +275,11 @@ def _validate_privacy(p: PrivacyConfig) -> None:
         _require(0 < p.sample_rate <= 1, f"privacy.sample_rate = {p.sample_rate} not in (0, 1]")
 
 
+def without_privacy(config: RunConfig) -> RunConfig:
+    """Return ``config`` with the default [privacy] section (mode 'none'): the non-private twin."""
+    return dataclasses.replace(config, privacy=PrivacyConfig())
+
+
 def to_toml(config: RunConfig) -> str:
     """Render the resolved config as TOML (None fields are omitted)."""
     lines = [f"seed = {config.seed}"]
