@@ -41,6 +41,19 @@ def test_classification_task_discovers_labels(tmp_path):
     assert not {r["text"] for r in train} & {r["text"] for r in evaluation}
 
 
+def test_a_fixed_eval_file_is_the_eval_set_and_every_row_trains(tmp_path):
+    path = _write(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]}
+                                             for i in range(20)])
+    held = _write(tmp_path / "val.jsonl", [{"text": f"v{i}", "label": "ab"[i % 2]}
+                                           for i in range(8)])
+    task = load_task(DataConfig(path=str(path), eval_path=str(held)), seed=0)
+    train, evaluation = split(task, 0.2, 5, seed=0)
+    assert len(train) == 20 and [r["text"] for r in evaluation] == [f"v{i}" for i in range(5)]
+    other = _write(tmp_path / "bad_val.jsonl", [{"text": "v", "label": "c"}])
+    with pytest.raises(DataError, match=r"labels \['c'\] do not occur"):
+        load_task(DataConfig(path=str(path), eval_path=str(other)), seed=0)
+
+
 def test_generation_task(tmp_path):
     path = _write(tmp_path / "g.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)])
     assert load_task(DataConfig(path=str(path)), seed=0).kind == "generation"

@@ -44,6 +44,9 @@ class LoraSection:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "builtin"  # 'builtin' (generated ticket-routing task) or a JSONL file
+    # a fixed evaluation file (e.g. SST-2's validation set): all of `path` then trains, and the
+    # eval set is the first max_eval rows of this file; "" = hold out eval_fraction of `path`
+    eval_path: str = ""
     kind: Literal["auto", "classification", "generation"] = "auto"
     eval_fraction: float = 0.2
     max_eval: int = 200

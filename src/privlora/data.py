@@ -34,6 +34,7 @@ class Task:
     instruction: str
     labels: tuple[str, ...]
     rows: tuple[dict, ...]
+    eval_rows: tuple[dict, ...] = ()  # a fixed eval set (data.eval_path); () = hold out from rows
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,32 @@ def load_task(config: DataConfig, seed: int) -> Task:
     path = Path(config.path)
     rows = read_jsonl(path)
     kind = _detect_kind(rows[0], config.kind, path)
+    _check_fields(rows, kind, path)
+    eval_rows: list[dict] = []
+    if config.eval_path:
+        eval_rows = read_jsonl(Path(config.eval_path))
+        _check_fields(eval_rows, kind, Path(config.eval_path))
+    if kind == "generation":
+        return Task(path.stem, kind, "", (), tuple(rows), tuple(eval_rows))
+    labels = tuple(sorted({str(r["label"]) for r in rows}))
+    if len(labels) < 2:
+        raise DataError(f"{path}: only one label {labels}; classification needs at least two")
+    unknown = sorted({str(r["label"]) for r in eval_rows} - set(labels))
+    if unknown:
+        raise DataError(f"{config.eval_path}: labels {unknown} do not occur in {path} "
+                        f"{list(labels)}; evaluate on data with the training labels")
+    instruction = f"Classify the text. Answer with one word: {', '.join(labels)}."
+    rows = [{**r, "label": str(r["label"])} for r in rows]
+    eval_rows = [{**r, "label": str(r["label"])} for r in eval_rows]
+    return Task(path.stem, kind, instruction, labels, tuple(rows), tuple(eval_rows))
+
+
+def _check_fields(rows: list[dict], kind: TaskKind, path: Path) -> None:
     fields = ("text", "label") if kind == "classification" else ("question", "answer")
     for number, row in enumerate(rows, start=1):
         missing = [f for f in fields if f not in row or row[f] in (None, "")]
         if missing:
             raise DataError(f"{path}: row {number} lacks {missing}; every {kind} row needs {fields}")
-    if kind == "generation":
-        return Task(path.stem, kind, "", (), tuple(rows))
-    labels = tuple(sorted({str(r["label"]) for r in rows}))
-    if len(labels) < 2:
-        raise DataError(f"{path}: only one label {labels}; classification needs at least two")
-    instruction = f"Classify the text. Answer with one word: {', '.join(labels)}."
-    rows = [{**r, "label": str(r["label"])} for r in rows]
-    return Task(path.stem, kind, instruction, labels, tuple(rows))
 
 
 def _detect_kind(row: dict, kind: str, path: Path) -> TaskKind:
@@ -122,9 +136,14 @@ def _detect_kind(row: dict, kind: str, path: Path) -> TaskKind:
 
 
 def split(task: Task, eval_fraction: float, max_eval: int, seed: int) -> tuple[list, list]:
-    """Shuffle with ``seed`` and split rows into (train, eval); eval capped at ``max_eval``."""
+    """Shuffle with ``seed`` and split rows into (train, eval); eval capped at ``max_eval``.
+
+    With a fixed eval set (``task.eval_rows``) every row trains and eval is its first max_eval.
+    """
     rows = list(task.rows)
     random.Random(seed).shuffle(rows)
+    if task.eval_rows:
+        return rows, list(task.eval_rows[:max_eval])
     n_eval = min(max_eval, max(1, round(len(rows) * eval_fraction)))
     if len(rows) - n_eval < 1:
         raise DataError(f"{task.name}: {len(rows)} rows leave nothing to train on; add data")
