@@ -197,14 +197,31 @@ def tokenize(rows: list[dict], task: Task, tokenizer: PreTrainedTokenizerBase,
 
 
 def render_prompt(task: Task, text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Return the chat-formatted prompt ids, ending where the assistant's answer begins."""
-    content = f"{task.instruction}\n\n{text}" if task.instruction else text
+    """Return the chat-formatted prompt ids, ending where the assistant's answer begins.
+
+    The task's instruction is the system message. Why: without one, chat templates such as
+    SmolLM2's insert a default system prompt ("You are a helpful AI assistant named SmolLM...",
+    20 tokens, 22% of a built-in ticket) that every forward and backward pays for and that says
+    nothing about the task. A template that refuses a system role gets the instruction in the
+    user turn instead.
+    """
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if task.instruction:
+            messages = [{"role": "system", "content": task.instruction},
+                        {"role": "user", "content": text}]
+            try:
+                return _chat_ids(tokenizer, messages)
+            except Exception:  # noqa: BLE001 - templates raise their own error types
+                pass
+        content = f"{task.instruction}\n\n{text}" if task.instruction else text
+        return _chat_ids(tokenizer, [{"role": "user", "content": content}])
+    content = f"{task.instruction}\n\n{text}" if task.instruction else text
     return tokenizer(f"{content}\nAnswer: ", add_special_tokens=False)["input_ids"]
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _prompt_overhead(task: Task, tokenizer: PreTrainedTokenizerBase) -> int:

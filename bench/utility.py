@@ -1,0 +1,197 @@
+"""Privacy/utility tables: accuracy (and macro-F1) against epsilon, per task, mode and rule.
+
+One command per table; each cell is one federated run through the product's own code, with the
+plan's noise-to-signal call printed beside the measured outcome.
+
+    .venv/bin/python bench/utility.py --task builtin                  # the default cells
+    .venv/bin/python bench/utility.py --task sst2 --cells nodp,sample-8,sample-2
+    .venv/bin/python bench/utility.py --task builtin --quick          # a smoke run (tiny budget)
+    .venv/bin/python bench/utility.py --task builtin --report         # the table from the JSON
+
+Cells: ``zero`` is read from every run's zero-shot eval. ``central`` = one client, no DP;
+``nodp`` = the federated recipe without DP; ``sample-E`` / ``client-E`` / ``local-E`` = that mode
+at target epsilon E (delta 1e-5, secure noise). Suffixes ``+fedavg`` and ``+dirichlet`` switch
+the rule and the partition. Rows accumulate in bench/results/utility_<task>.json (a rerun of a
+cell with the same seed replaces it); the Markdown table and a plot of accuracy against epsilon
+(bench/results/utility_<task>.png) are remade from all rows each time.
+
+Gain kept = (accuracy - floor) / (non-private accuracy - floor), floor = the larger of zero-shot
+and the majority class: the share of what fine-tuning adds that survives DP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from _common import RESULTS, load, pct, run_variant, save, table
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# The DP recipe per task (see README "Private training that learns"): many examples per step,
+# few released coordinates (FFA, low rank, the last layers only), Adam at a DP learning rate.
+RECIPE = {
+    "builtin": [
+        "data.builtin_examples=40000", "data.max_eval=200",
+        "federation.num_clients=4", "federation.rounds=3", "federation.aggregation=ffa",
+        "train.local_steps=4", "train.batch_size=96", "train.lr=0.01",
+        "lora.rank=2", "lora.last_layers=8",
+        "privacy.sample_rate=0.012",
+    ],
+    "sst2": [
+        f"data.path={DATA / 'sst2' / 'sst2_train.jsonl'}",
+        f"data.eval_path={DATA / 'sst2' / 'sst2_validation.jsonl'}", "data.max_eval=872",
+        "data.max_length=96",
+        "federation.num_clients=4", "federation.rounds=3", "federation.aggregation=ffa",
+        "train.local_steps=4", "train.batch_size=128", "train.lr=0.01",
+        "lora.rank=2", "lora.last_layers=8",
+        "privacy.sample_rate=0.0076",  # 128 / 16,837 examples per client
+    ],
+    "fpb": [
+        f"data.path={DATA / 'financial_phrasebank' / 'fpb_sentences_allagree.jsonl'}",
+        "data.max_eval=200", "federation.num_clients=4", "federation.rounds=3",
+        "federation.aggregation=ffa", "train.local_steps=4", "train.batch_size=64",
+        "train.lr=0.01", "lora.rank=2", "lora.last_layers=8",
+        "privacy.sample_rate=0.125",  # 64 / ~516 examples per client
+    ],
+}
+DEFAULT_CELLS = {
+    "builtin": "nodp,sample-8,sample-2",
+    "sst2": "nodp,sample-8,sample-2",
+    "fpb": "nodp,sample-8,sample-2",
+}
+QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=400",
+         "data.max_eval=16", "federation.rounds=1", "train.local_steps=1", "train.batch_size=4",
+         "lora.last_layers=1"]
+
+
+def cell_overrides(cell: str) -> list[str]:
+    """Return the config overrides that turn the task's recipe into ``cell``."""
+    name, *switches = cell.split("+")
+    extra = [{"fedavg": "federation.aggregation=fedavg", "dirichlet": "data.partition=dirichlet"}[s]
+             for s in switches]
+    if name == "central":
+        return ["federation.num_clients=1", "privacy.sample_rate=0.003", *extra]
+    if name == "nodp":
+        return extra
+    mode, target = name.split("-")
+    return [f"privacy.mode={mode}", f"privacy.target_epsilon={float(target)}", "privacy.delta=1e-5",
+            *extra]
+
+
+def overrides_for(task: str, cell: str, seed: int, quick: bool) -> list[str]:
+    """The whole override list of one cell: recipe, cell, seed (and the quick budget)."""
+    recipe = [o for o in RECIPE[task] if not (quick and o.startswith("data.builtin_examples"))]
+    mine = cell_overrides(cell)
+    private = any(o.startswith("privacy.mode=") for o in mine)
+    if not private:  # the recipe's sample rate is a DP setting; mode none refuses it
+        recipe = [o for o in recipe if not o.startswith("privacy.")]
+    if not private or not mine[0].startswith("privacy.mode=sample"):
+        recipe = [o for o in recipe if not o.startswith("privacy.sample_rate")]
+    if cell.startswith("central") and not private:
+        mine = [o for o in mine if not o.startswith("privacy.")]
+    return [*recipe, *mine, f"seed={seed}", *(QUICK if quick else [])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="builtin", choices=sorted(RECIPE))
+    parser.add_argument("--cells", default=None, help="comma-separated; see the module docstring")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives the "
+                        "median and the min-max over them")
+    parser.add_argument("--quick", action="store_true", help="tiny random model: a smoke run")
+    parser.add_argument("--report", action="store_true", help="only print the table")
+    args = parser.parse_args()
+    name = f"utility_{args.task}" + ("_quick" if args.quick else "")
+    rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+    if not args.report:
+        cells = (args.cells or DEFAULT_CELLS[args.task]).split(",")
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for cell in cells:
+                out = RESULTS / "runs" / name / f"{cell}-seed{seed}"
+                result = run_variant(overrides_for(args.task, cell, seed, args.quick), out)
+                row = {"task": args.task, "cell": cell, "seed": seed, **result}
+                rows = [r for r in rows if (r["cell"], r["seed"]) != (cell, seed)] + [row]
+                save(name, {"task": args.task, "rows": rows})
+                print(f"{cell} seed {seed}: acc {pct(row['accuracy'])} in {row['seconds']} s",
+                      flush=True)
+    print(render(rows))
+    plot(rows, RESULTS / f"{name}.png")
+
+
+def _cells(rows: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for r in rows:
+        grouped.setdefault(r["cell"], []).append(r)
+    return grouped
+
+
+def _spread(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    if len(known) == 1:
+        return pct(known[0])
+    return f"{pct(statistics.median(known))} ({pct(min(known))}-{pct(max(known))})"
+
+
+def render(rows: list[dict]) -> str:
+    """The Markdown table: one line per cell, medians over seeds with min-max."""
+    grouped = _cells(rows)
+    floor = max(statistics.median(r["zero_shot_accuracy"] for r in rows),
+                statistics.median(r["majority_accuracy"] for r in rows)) if rows else 0.0
+    nodp = grouped.get("nodp")
+    top = statistics.median(r["accuracy"] for r in nodp) if nodp else None
+    lines = []
+    for cell, group in grouped.items():
+        acc = statistics.median(r["accuracy"] for r in group)
+        kept = "-" if top is None or top <= floor else f"{100 * (acc - floor) / (top - floor):.0f}%"
+        signal = group[0].get("noise_to_signal")
+        call = "-" if signal is None else f"{signal['whole_run']:.3g} {signal['verdict']}"
+        epsilon = group[0]["epsilon_pld"]
+        lines.append([cell, len(group), "inf" if epsilon is None else f"{epsilon:.2f}",
+                      "-" if group[0]["noise_multiplier"] is None
+                      else f"{group[0]['noise_multiplier']:.3f}",
+                      _spread([r["accuracy"] for r in group]),
+                      _spread([r.get("macro_f1") for r in group]), kept, call,
+                      f"{statistics.median(r['seconds'] for r in group):.0f}"])
+    header = (f"floor {pct(floor)} (max of zero-shot "
+              f"{pct(statistics.median(r['zero_shot_accuracy'] for r in rows)) if rows else '-'} "
+              f"and majority class)\n\n")
+    return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "accuracy", "macro-F1",
+                           "gain kept", "noise-to-signal (plan's call)", "seconds"], lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against epsilon, one line per mode (non-private as a dashed level)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    grouped = _cells(rows)
+    for mode in ("sample", "client", "local"):
+        points = sorted((float(c.split("-")[1].split("+")[0]),
+                         statistics.median(r["accuracy"] for r in g))
+                        for c, g in grouped.items() if c.startswith(mode + "-") and "+" not in c)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"{mode}-level DP")
+    if "nodp" in grouped:
+        ax.axhline(statistics.median(r["accuracy"] for r in grouped["nodp"]), ls="--",
+                   color="grey", label="no DP")
+    if rows:
+        ax.axhline(statistics.median(r["zero_shot_accuracy"] for r in rows), ls=":",
+                   color="black", label="zero-shot")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("epsilon (delta = 1e-5)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
