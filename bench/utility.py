@@ -136,6 +136,16 @@ def _spread(values: list[float | None]) -> str:
     return f"{pct(statistics.median(known))} ({pct(min(known))}-{pct(max(known))})"
 
 
+def agrees(verdict: str, kept: float) -> bool:
+    """Whether the plan's call matches the outcome: 'learns' needs >= 50% of the gain kept,
+    'too noisy to learn' < 25%, 'marginal' anything from 10% to 90%."""
+    if verdict == "learns":
+        return kept >= 0.5
+    if verdict == "too noisy to learn":
+        return kept < 0.25
+    return 0.1 <= kept <= 0.9
+
+
 def render(rows: list[dict]) -> str:
     """The Markdown table: one line per cell, medians over seeds with min-max."""
     grouped = _cells(rows)
@@ -146,9 +156,12 @@ def render(rows: list[dict]) -> str:
     lines = []
     for cell, group in grouped.items():
         acc = statistics.median(r["accuracy"] for r in group)
-        kept = "-" if top is None or top <= floor else f"{100 * (acc - floor) / (top - floor):.0f}%"
+        share = None if top is None or top <= floor else (acc - floor) / (top - floor)
+        kept = "-" if share is None else f"{100 * share:.0f}%"
         signal = group[0].get("noise_to_signal")
         call = "-" if signal is None else f"{signal['whole_run']:.3g} {signal['verdict']}"
+        if signal is not None and share is not None:
+            call += "" if agrees(signal["verdict"], share) else " (**disagrees**)"
         epsilon = group[0]["epsilon_pld"]
         lines.append([cell, len(group), "inf" if epsilon is None else f"{epsilon:.2f}",
                       "-" if group[0]["noise_multiplier"] is None
