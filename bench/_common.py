@@ -89,11 +89,16 @@ def run_config(config, out: Path) -> dict:
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's warnings per cell
     started = time.time()
     summary = run(config, out, overwrite=True)
+    return summary_row(summary, to_toml(config), time.time() - started, out)
+
+
+def summary_row(summary: dict, config_toml: str, seconds: float | None, out: Path) -> dict:
+    """The numbers a table needs from one run's summary.json."""
     rounds = summary["rounds"]
     privacy = summary["privacy"] or {}
     comm = summary["communication"]
     return {
-        "config": to_toml(config),
+        "config": config_toml,
         "majority_accuracy": summary["majority_class_accuracy"],
         "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
         "accuracy": summary["final"]["accuracy"],
@@ -106,7 +111,7 @@ def run_config(config, out: Path) -> dict:
         "bytes_up_per_round": comm["bytes_up_total"] / rounds,
         "bytes_down_per_round": comm["bytes_down_total"] / rounds,
         "full_finetune_bytes_per_round": comm["full_finetune_bytes_up_total"] / rounds,
-        "seconds": round(time.time() - started, 1),
+        "seconds": None if seconds is None else round(seconds, 1),
         "run_dir": str(out),
     }
 

@@ -26,7 +26,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, load, pct, run_config, save, table
+from _common import RESULTS, load, pct, run_config, save, summary_row, table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -73,6 +73,9 @@ def main() -> None:
                         "median and the min-max over them")
     parser.add_argument("--quick", action="store_true", help="tiny random model: a smoke run")
     parser.add_argument("--report", action="store_true", help="only print the table")
+    parser.add_argument("--from-run", type=Path, default=None,
+                        help="add a finished run directory as the one cell in --cells (its "
+                        "config must be that cell's, data paths resolved) instead of running it")
     args = parser.parse_args()
     name = f"utility_{args.task}" + ("_quick" if args.quick else "")
     rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
@@ -81,7 +84,11 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for cell in cells:
                 out = RESULTS / "runs" / name / f"{cell}-seed{seed}"
-                result = run_config(cell_config(args.task, cell, seed, args.quick), out)
+                config = cell_config(args.task, cell, seed, args.quick)
+                if args.from_run is not None:
+                    result = imported(args.from_run, config)
+                else:
+                    result = run_config(config, out)
                 row = {"task": args.task, "cell": cell, "seed": seed, **result}
                 # re-read first: another process may have added cells to the same table
                 rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
@@ -107,6 +114,25 @@ def _spread(values: list[float | None]) -> str:
     if len(known) == 1:
         return pct(known[0])
     return f"{pct(statistics.median(known))} ({pct(min(known))}-{pct(max(known))})"
+
+
+def imported(run_dir: Path, config) -> dict:
+    """The row of a finished run directory whose config is ``config`` (refused otherwise)."""
+    import json
+
+    from privlora.config import load_config, to_toml
+
+    def resolved(c):
+        data = dataclasses.replace(c.data, path=str(Path(c.data.path).resolve()),
+                                   eval_path=str(Path(c.data.eval_path).resolve())
+                                   if c.data.eval_path else "")
+        return dataclasses.replace(c, data=data)
+
+    ran = load_config(run_dir / "config.toml")
+    if resolved(ran) != resolved(config):
+        raise SystemExit(f"{run_dir}: its config.toml is not this cell's; run the cell instead")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary_row(summary, to_toml(config), summary["wall_seconds"], run_dir)
 
 
 def agrees(verdict: str, kept: float) -> bool:
@@ -141,12 +167,17 @@ def render(rows: list[dict]) -> str:
                       else f"{group[0]['noise_multiplier']:.3f}",
                       _spread([r["accuracy"] for r in group]),
                       _spread([r.get("macro_f1") for r in group]), kept, call,
-                      f"{statistics.median(r['seconds'] for r in group):.0f}"])
+                      _seconds(group)])
     header = (f"floor {pct(floor)} (max of zero-shot "
               f"{pct(statistics.median(r['zero_shot_accuracy'] for r in rows)) if rows else '-'} "
               f"and majority class)\n\n")
     return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "accuracy", "macro-F1",
                            "gain kept", "noise-to-signal (plan's call)", "seconds"], lines)
+
+
+def _seconds(group: list[dict]) -> str:
+    known = [r["seconds"] for r in group if r["seconds"] is not None]
+    return f"{statistics.median(known):.0f}" if known else "-"
 
 
 def plot(rows: list[dict], path: Path) -> None:
