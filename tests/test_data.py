@@ -6,7 +6,16 @@ import pytest
 
 from privlora import builtin_task
 from privlora.config import DataConfig
-from privlora.data import PAD_MULTIPLE, collate, load_task, partition, read_jsonl, split, tokenize
+from privlora.data import (
+    PAD_MULTIPLE,
+    collate,
+    load_task,
+    partition,
+    read_jsonl,
+    render_prompt,
+    split,
+    tokenize,
+)
 from privlora.errors import DataError
 
 
@@ -109,3 +118,19 @@ def test_long_texts_are_cut_to_fit(tokenizer):
     assert len(example.prompt) + len(example.answer) <= 64 + 2
     assert example.answer[-1] == tokenizer.eos_token_id
 
+
+
+def test_the_instruction_is_the_system_message_and_a_refusing_template_falls_back(tokenizer):
+    import copy
+
+    task = load_task(DataConfig(), seed=0)
+    ids = render_prompt(task, "My bill is wrong.", tokenizer)
+    text = tokenizer.decode(ids)
+    assert "SmolLM" not in text  # no default system prompt paid for by every example
+    assert text.index(task.instruction) < text.index("My bill is wrong.")
+    refusing = copy.deepcopy(tokenizer)
+    refusing.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                              "{{ raise_exception('no system role') }}{% endif %}"
+                              "{{ m['content'] }}{% endfor %}")
+    fallback = refusing.decode(render_prompt(task, "My bill is wrong.", refusing))
+    assert fallback.startswith(task.instruction) and fallback.endswith("My bill is wrong.")

@@ -8,6 +8,7 @@ Loss and scoring use only the answer tokens.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,14 @@ from typing import Literal
 import torch
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from privlora import builtin_task
 from privlora.config import DataConfig
 from privlora.errors import DataError
+
+local_log = logging.getLogger("privlora.local")
 
 TaskKind = Literal["classification", "generation"]
 
@@ -205,18 +209,16 @@ def render_prompt(task: Task, text: str, tokenizer: PreTrainedTokenizerBase) -> 
     nothing about the task. A template that refuses a system role gets the instruction in the
     user turn instead.
     """
-    if tokenizer.chat_template:
-        if task.instruction:
-            messages = [{"role": "system", "content": task.instruction},
-                        {"role": "user", "content": text}]
-            try:
-                return _chat_ids(tokenizer, messages)
-            except Exception:  # noqa: BLE001 - templates raise their own error types
-                pass
-        content = f"{task.instruction}\n\n{text}" if task.instruction else text
-        return _chat_ids(tokenizer, [{"role": "user", "content": content}])
     content = f"{task.instruction}\n\n{text}" if task.instruction else text
-    return tokenizer(f"{content}\nAnswer: ", add_special_tokens=False)["input_ids"]
+    if not tokenizer.chat_template:
+        return tokenizer(f"{content}\nAnswer: ", add_special_tokens=False)["input_ids"]
+    if task.instruction:
+        try:
+            return _chat_ids(tokenizer, [{"role": "system", "content": task.instruction},
+                                         {"role": "user", "content": text}])
+        except TemplateError:  # e.g. a template that refuses a system role: one user turn
+            local_log.info("chat template refused a system message; instruction in the user turn")
+    return _chat_ids(tokenizer, [{"role": "user", "content": content}])
 
 
 def _chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
