@@ -36,6 +36,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPE = {
     "builtin": CONFIGS / "demo.toml",
     "sst2": CONFIGS / "sst2.toml",
+    "fpb": CONFIGS / "fpb.toml",
 }
 DEFAULT_CELLS = "nodp,sample-8,sample-2"
 QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=400",
