@@ -163,7 +163,8 @@ def render(rows: list[dict]) -> str:
         if signal is not None and share is not None:
             call += "" if agrees(signal["verdict"], share) else " (**disagrees**)"
         epsilon = group[0]["epsilon_pld"]
-        lines.append([cell, len(group), "inf" if epsilon is None else f"{epsilon:.2f}",
+        lines.append([cell, len(group),
+                      f"{epsilon:.2f}" if isinstance(epsilon, float) else "inf",
                       "-" if group[0]["noise_multiplier"] is None
                       else f"{group[0]['noise_multiplier']:.3f}",
                       _spread([r["accuracy"] for r in group]),

@@ -75,3 +75,8 @@ def test_missing_and_malformed_config_file(tmp_path):
     bad.write_text("[federation\nrounds = 2")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_an_eval_file_needs_a_data_file():
+    with pytest.raises(ConfigError, match="data.eval_path"):
+        load_config(None, ["data.eval_path=val.jsonl"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -52,22 +53,52 @@ def test_per_release_ratio_is_the_noise_norm_the_mechanism_draws(tiny_config, mo
     assert measured / 0.5 == pytest.approx(predicted, rel=0.03)  # ratio to the clip
 
 
-def test_whole_run_averages_steps_and_clients_in_sample_mode(tiny_config):
-    plan = make_plan(tiny_config("privacy.mode=sample", "privacy.noise_multiplier=1",
-                                 "privacy.sample_rate=0.01", "train.batch_size=20",
-                                 "federation.rounds=3", "train.local_steps=5"), SIZES)
-    signal = plan.noise_to_signal(D, 4)
-    assert signal.releases == 3 * 5 * 4
-    assert signal.whole_run == pytest.approx(math.sqrt(D) / 20 / math.sqrt(60))
+@pytest.mark.parametrize("mode, extra, releases, divisor", [
+    ("sample", ["privacy.sample_rate=0.01", "train.batch_size=20"], 3 * 5 * 4, 20),
+    ("client", ["federation.clients_per_round=2"], 3, 2),  # one noised mean per round
+    ("local", [], 3 * 4, 0.5),  # every client's release, std 2 sigma C
+])
+def test_whole_run_averages_the_releases_each_mode_makes(tiny_config, mode, extra, releases,
+                                                         divisor):
+    plan = make_plan(tiny_config(f"privacy.mode={mode}", "privacy.noise_multiplier=1",
+                                 "federation.rounds=3", "train.local_steps=5", *extra), SIZES)
+    participants = plan.expected_participants(4, 2 if mode == "client" else 4)
+    signal = plan.noise_to_signal(D, participants)
+    assert signal.releases == releases
+    assert signal.whole_run == pytest.approx(math.sqrt(D) / divisor / math.sqrt(releases))
 
 
-def test_verdicts_and_fixes_follow_the_thresholds():
-    assert noise_to_signal(LEARNS, 1, 10).verdict == "learns"
-    assert noise_to_signal(NO_LEARNING, 1, 10).verdict == "marginal"
-    assert noise_to_signal(NO_LEARNING * 1.01, 1, 10).verdict == "too noisy to learn"
-    assert noise_to_signal(LEARNS, 1, 10).fixes() == []
-    fixes = noise_to_signal(4 * LEARNS, 1, 160_000).fixes()
-    assert fixes[0].startswith("x4.0 examples") and "to under 10,000" in fixes[1]
+def test_verdicts_follow_the_thresholds():
+    assert noise_to_signal(LEARNS, 1, 10, "", "n").verdict == "learns"
+    assert noise_to_signal(NO_LEARNING, 1, 10, "", "n").verdict == "marginal"
+    assert noise_to_signal(NO_LEARNING * 1.01, 1, 10, "", "n").verdict == "too noisy to learn"
+    assert noise_to_signal(LEARNS, 1, 10, "", "n").fixes() == []
+
+
+@pytest.mark.parametrize("mode", ["sample", "client", "local"])
+def test_each_suggested_fix_reaches_the_target(tiny_config, mode):
+    extra = {"sample": ["privacy.sample_rate=0.01", "train.batch_size=20"],
+             "client": ["federation.clients_per_round=2"], "local": []}[mode]
+    config = tiny_config(f"privacy.mode={mode}", "privacy.noise_multiplier=3", *extra)
+    plan = make_plan(config, SIZES)
+    signal = plan.noise_to_signal(D, 2.0)
+    factor = signal.whole_run / LEARNS
+    assert factor > 1
+    fixes = signal.fixes()
+    # apply each knob to the plan itself and recompute: every fix lands on the target
+    fewer = plan.noise_to_signal(D / factor**2, 2.0).whole_run
+    assert fewer == pytest.approx(LEARNS, rel=0.02) and "to under" in fixes[-2]
+    if mode == "sample":  # examples per step: the divisor grows by the factor
+        wider = dataclasses.replace(plan, divisor=plan.divisor * factor)
+        assert wider.noise_to_signal(D, 2.0).whole_run == pytest.approx(LEARNS)
+        assert fixes[0].startswith(f"x{factor:.1f} examples per step")
+    if mode == "client":  # clients per round: the noised mean's divisor grows by the factor
+        assert plan.noise_to_signal(D, 2.0 * factor).whole_run == pytest.approx(LEARNS)
+        assert fixes[0].startswith(f"x{factor:.1f} clients per round")
+    if mode == "local":  # no linear knob: batch size does not enter local mode's release
+        assert len(fixes) == 2
+    more = dataclasses.replace(plan, rounds=plan.rounds * factor**2)
+    assert more.noise_to_signal(D, 2.0).whole_run == pytest.approx(LEARNS)
 
 
 def test_privacy_plan_prints_the_call_and_its_fixes(tiny_config, tmp_path):

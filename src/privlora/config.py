@@ -224,6 +224,9 @@ def validate(c: RunConfig) -> None:
     _require(c.data.dirichlet_alpha > 0, f"data.dirichlet_alpha = {c.data.dirichlet_alpha} must be > 0")
     _require(c.data.max_length >= 16, f"data.max_length = {c.data.max_length} must be >= 16")
     _require(c.data.builtin_examples >= 20, "data.builtin_examples must be >= 20")
+    _require(not (c.data.eval_path and c.data.path == "builtin"),
+             "data.eval_path is set but data.path = 'builtin' (the generated task holds out its "
+             "own eval set); remove data.eval_path or point data.path at a JSONL file")
     f = c.federation
     _require(f.num_clients >= 1, f"federation.num_clients = {f.num_clients} must be >= 1")
     _require(f.rounds >= 1, f"federation.rounds = {f.rounds} must be >= 1")

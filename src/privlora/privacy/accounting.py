@@ -43,6 +43,7 @@ _PLD_TARGET_RESOLUTION = 2000.0
 
 # Calibration searches sigma in [_SIGMA_MIN, _SIGMA_MAX] and accepts [0.98, 1] x target.
 _SIGMA_MIN = 2.0**-4
+SIGMA_MIN = _SIGMA_MIN  # the smallest sigma calibration considers (public: the plan report uses it)
 _SIGMA_MAX = 2.0**20
 _CALIBRATION_TOLERANCE = 0.98
 

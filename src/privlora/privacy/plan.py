@@ -257,7 +257,10 @@ class SampleLevel(_Private):
     def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
         # one DP-SGD step at one client; steps and clients average into the adapter
         per_step = noise_norm_over_clip(self.noise_multiplier, coordinates) / self.divisor
-        return noise_to_signal(per_step, self.releases * participants, coordinates)
+        return noise_to_signal(
+            per_step, self.releases * participants, coordinates,
+            "examples per step (train.batch_size, with privacy.sample_rate to match)",
+            "steps x rounds x clients per round")
 
     def training_mechanism(self) -> SampleDP:
         return SampleDP(self.clip, self.noise_multiplier, self.sample_rate, self.divisor,
@@ -290,7 +293,9 @@ class ClientLevel(_Private):
     def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
         # one round's noised mean over the expected participants
         per_round = noise_norm_over_clip(self.noise_multiplier, coordinates) / participants
-        return noise_to_signal(per_round, self.rounds, coordinates)
+        return noise_to_signal(
+            per_round, self.rounds, coordinates,
+            "clients per round (a higher client sampling rate also raises epsilon)", "rounds")
 
     def central_mechanism(self) -> CentralDP:
         return CentralDP(self.clip, self.noise_std, self.sample_rate * self.num_clients,
@@ -319,7 +324,8 @@ class LocalLevel(_Private):
     def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
         # one client's release, noise std sigma x 2C against a clipped update of norm C
         per_release = noise_norm_over_clip(2 * self.noise_multiplier, coordinates)
-        return noise_to_signal(per_release, self.rounds * participants, coordinates)
+        return noise_to_signal(per_release, self.rounds * participants, coordinates, "",
+                               "rounds x clients per round")
 
     def release_mechanism(self) -> LocalDP:
         return LocalDP(self.clip, self.noise_multiplier, self.secure)

@@ -12,6 +12,7 @@ from pathlib import Path
 from privlora import data
 from privlora.config import load_config
 from privlora.lora import Adapter, attach, read_adapter, released_coordinates, spec_of
+from privlora.privacy import accounting
 from privlora.privacy.plan import lacks_sample_rate, make_plan, suggest_sample_rate
 from privlora.privacy.signal import LEARNS, NO_LEARNING, NoiseToSignal
 from privlora.privacy.variance import local_noise_variance, summarize
@@ -78,9 +79,13 @@ def _signal_lines(plan, signal: NoiseToSignal) -> list[str]:
     ]
     if signal.whole_run > LEARNS:
         needed = plan.noise_multiplier * LEARNS / signal.whole_run
-        epsilon = dataclasses.replace(plan, noise_multiplier=needed).epsilon
+        if needed < accounting.SIGMA_MIN:  # accounting that little noise is slow and useless
+            budget = f"no useful epsilon (it would need sigma {needed:.3g} < {accounting.SIGMA_MIN})"
+        else:
+            epsilon = dataclasses.replace(plan, noise_multiplier=needed).epsilon
+            budget = f"epsilon {epsilon:.3g} (sigma {needed:.3g})"
         lines.append(f"  to reach {LEARNS}, change any one of: " + "; ".join(
-            [*signal.fixes(), f"epsilon {epsilon:.3g} (sigma {needed:.3g})"]))
+            [*signal.fixes(), budget]))
     return lines
 
 

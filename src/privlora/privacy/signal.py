@@ -37,6 +37,8 @@ class NoiseToSignal:
     per_release: float  # noise norm / clip of one released quantity
     releases: float  # n: independent releases summed into the final adapter
     whole_run: float  # per_release / sqrt(n)
+    divided_by: str  # what divides the per-release ratio linearly ("" if nothing does)
+    counted: str  # what n counts
 
     @property
     def verdict(self) -> str:
@@ -50,25 +52,25 @@ class NoiseToSignal:
     def fixes(self, target: float = LEARNS) -> list[str]:
         """Return the smallest single change of each knob that brings the run to ``target``.
 
-        The ratio scales as sqrt(d) / (examples per step or clients) / sqrt(n), so each knob's
+        The ratio is linear in the mode's divisor, in sqrt(d) and in 1 / sqrt(n), so each knob's
         factor follows from one division; epsilon is left to the caller (it needs the accountant).
         """
         factor = self.whole_run / target
         if factor <= 1:
             return []
         fewer = self.coordinates / factor**2
-        return [
-            (f"x{factor:.1f} examples per step (train.batch_size with privacy.sample_rate) or "
-             "clients per round"),
-            (f"/{factor**2:.0f} released coordinates, to under {fewer:,.0f} (aggregation = 'ffa', "
-             "a lower lora.rank, fewer lora.target_modules, lora.last_layers)"),
-            f"x{factor**2:.1f} releases (more steps or rounds; each costs budget, so sigma rises)",
-        ]
+        fixes = [f"x{factor:.1f} {self.divided_by}"] if self.divided_by else []
+        return [*fixes,
+                (f"/{factor**2:.0f} released coordinates, to under {fewer:,.0f} (aggregation = "
+                 "'ffa', a lower lora.rank, fewer lora.target_modules, lora.last_layers)"),
+                f"x{factor**2:.1f} {self.counted} (each costs budget, so sigma rises)"]
 
 
-def noise_to_signal(per_release: float, releases: float, coordinates: int) -> NoiseToSignal:
+def noise_to_signal(per_release: float, releases: float, coordinates: int, divided_by: str,
+                    counted: str) -> NoiseToSignal:
     """Return the prediction for ``releases`` releases of ratio ``per_release`` each."""
-    return NoiseToSignal(coordinates, per_release, releases, per_release / math.sqrt(releases))
+    return NoiseToSignal(coordinates, per_release, releases, per_release / math.sqrt(releases),
+                         divided_by, counted)
 
 
 def noise_norm_over_clip(noise_std_over_clip: float, coordinates: int) -> float:
