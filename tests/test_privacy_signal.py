@@ -69,10 +69,10 @@ def test_whole_run_averages_the_releases_each_mode_makes(tiny_config, mode, extr
 
 
 def test_verdicts_follow_the_thresholds():
-    assert noise_to_signal(LEARNS, 1, 10, "", "n").verdict == "learns"
-    assert noise_to_signal(NO_LEARNING, 1, 10, "", "n").verdict == "marginal"
-    assert noise_to_signal(NO_LEARNING * 1.01, 1, 10, "", "n").verdict == "too noisy to learn"
-    assert noise_to_signal(LEARNS, 1, 10, "", "n").fixes() == []
+    assert noise_to_signal("a step", LEARNS, 1, 10, "", "n").verdict == "learns"
+    assert noise_to_signal("a step", NO_LEARNING, 1, 10, "", "n").verdict == "marginal"
+    assert noise_to_signal("a step", NO_LEARNING * 1.01, 1, 10, "", "n").verdict == "too noisy to learn"
+    assert noise_to_signal("a step", LEARNS, 1, 10, "", "n").fixes() == []
 
 
 @pytest.mark.parametrize("mode", ["sample", "client", "local"])

@@ -32,7 +32,7 @@ from privlora.lora import spec_of as lora_spec_of
 from privlora.models import load_model, load_tokenizer
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
-from privlora.privacy.plan import PrivacyPlan, make_plan
+from privlora.privacy.plan import PrivacyPlan, make_plan, predicted_signal
 from privlora.privacy.signal import NoiseToSignal
 from privlora.rules import Rule, build_rule
 from privlora.run_dir import RunDir, check_target
@@ -80,10 +80,8 @@ def prepare(config: RunConfig) -> Simulation:
                          client.spec_for(config, rule, plan, ranks[cid]))
              for cid, part in enumerate(parts)]
     eval_examples = data.tokenize(eval_rows, task, tokenizer, config.data.max_length)
-    fed = config.federation
-    signal = plan.noise_to_signal(
-        released_coordinates(read_adapter(handles), rule.trains_a),
-        plan.expected_participants(fed.num_clients, fed.per_round))
+    signal = predicted_signal(plan, released_coordinates(read_adapter(handles), rule.trains_a),
+                              config.federation)
     server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal)
     return Simulation(config, server, sites, handles, read_adapter(handles), tokenizer)
 

@@ -41,9 +41,8 @@ _PLD_MIN_INTERVAL = 1e-7
 _PLD_MIN_RESOLUTION = 1000.0
 _PLD_TARGET_RESOLUTION = 2000.0
 
-# Calibration searches sigma in [_SIGMA_MIN, _SIGMA_MAX] and accepts [0.98, 1] x target.
-_SIGMA_MIN = 2.0**-4
-SIGMA_MIN = _SIGMA_MIN  # the smallest sigma calibration considers (public: the plan report uses it)
+# Calibration searches sigma in [SIGMA_MIN, _SIGMA_MAX] and accepts [0.98, 1] x target.
+SIGMA_MIN = 2.0**-4  # public: the plan report uses it
 _SIGMA_MAX = 2.0**20
 _CALIBRATION_TOLERANCE = 0.98
 
@@ -274,7 +273,7 @@ def _bracket_sigma(eps_at: Callable[[float], float], target: float) -> tuple[flo
     while eps <= target:  # more noise than needed: halve until the target is exceeded
         if eps >= _CALIBRATION_TOLERANCE * target:
             return sigma / 2.0, sigma, eps
-        if sigma <= _SIGMA_MIN:
+        if sigma <= SIGMA_MIN:
             raise ConfigError(
                 f"privacy.target_epsilon = {target!r} is unreachable from below: even noise "
                 f"multiplier {sigma:g} spends only epsilon {eps:.4g}, so the events barely "

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 import dp_accounting
 import torch
 
-from privlora.config import RunConfig
+from privlora.config import FederationConfig, RunConfig
 from privlora.errors import ConfigError, PrivacyBudgetExceeded
 from privlora.privacy import accounting
 from privlora.privacy.central import CentralDP
@@ -258,7 +258,7 @@ class SampleLevel(_Private):
         # one DP-SGD step at one client; steps and clients average into the adapter
         per_step = noise_norm_over_clip(self.noise_multiplier, coordinates) / self.divisor
         return noise_to_signal(
-            per_step, self.releases * participants, coordinates,
+            "one DP-SGD step at one client", per_step, self.releases * participants, coordinates,
             "examples per step (train.batch_size, with privacy.sample_rate to match)",
             "steps x rounds x clients per round")
 
@@ -294,7 +294,7 @@ class ClientLevel(_Private):
         # one round's noised mean over the expected participants
         per_round = noise_norm_over_clip(self.noise_multiplier, coordinates) / participants
         return noise_to_signal(
-            per_round, self.rounds, coordinates,
+            "one round's noised mean", per_round, self.rounds, coordinates,
             "clients per round (a higher client sampling rate also raises epsilon)", "rounds")
 
     def central_mechanism(self) -> CentralDP:
@@ -324,11 +324,20 @@ class LocalLevel(_Private):
     def noise_to_signal(self, coordinates: int, participants: float) -> NoiseToSignal:
         # one client's release, noise std sigma x 2C against a clipped update of norm C
         per_release = noise_norm_over_clip(2 * self.noise_multiplier, coordinates)
-        return noise_to_signal(per_release, self.rounds * participants, coordinates, "",
+        return noise_to_signal("one client's noised release", per_release,
+                               self.rounds * participants, coordinates, "",
                                "rounds x clients per round")
 
     def release_mechanism(self) -> LocalDP:
         return LocalDP(self.clip, self.noise_multiplier, self.secure)
+
+
+def predicted_signal(plan: PrivacyPlan, coordinates: int,
+                     federation: FederationConfig) -> NoiseToSignal | None:
+    """Return the plan's noise-to-signal for ``coordinates`` released numbers per client and the
+    federation's expected clients per round (None without privacy)."""
+    participants = plan.expected_participants(federation.num_clients, federation.per_round)
+    return plan.noise_to_signal(coordinates, participants)
 
 
 def _check_batch(q: float, largest: int, batch_size: int) -> None:

@@ -13,7 +13,12 @@ from privlora import data
 from privlora.config import load_config
 from privlora.lora import Adapter, attach, read_adapter, released_coordinates, spec_of
 from privlora.privacy import accounting
-from privlora.privacy.plan import lacks_sample_rate, make_plan, suggest_sample_rate
+from privlora.privacy.plan import (
+    lacks_sample_rate,
+    make_plan,
+    predicted_signal,
+    suggest_sample_rate,
+)
 from privlora.privacy.signal import LEARNS, NO_LEARNING, NoiseToSignal
 from privlora.privacy.variance import local_noise_variance, summarize
 from privlora.records import signal_dict
@@ -49,10 +54,9 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
         f"noise source: {plan.noise_source}",
     ]
     report["suggested_sample_rate"] = suggested
-    adapter, rule = _initial_adapter(config), build_rule(config)
-    fed = config.federation
-    signal = plan.noise_to_signal(released_coordinates(adapter, rule.trains_a),
-                                  plan.expected_participants(fed.num_clients, fed.per_round))
+    adapter = _initial_adapter(config)
+    signal = predicted_signal(plan, released_coordinates(adapter, build_rule(config).trains_a),
+                              config.federation)
     report["noise_to_signal"] = signal_dict(signal)
     lines += _signal_lines(plan, signal)
     if plan.release_mechanism() is not None:  # DP-FedLoRA: clients noise their own factors
@@ -69,10 +73,8 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
 
 def _signal_lines(plan, signal: NoiseToSignal) -> list[str]:
     """Say whether the noise lets the run learn, and the smallest changes that would fix it."""
-    unit = {"sample": "one DP-SGD step at one client", "client": "one round's noised mean",
-            "local": "one client's noised release"}[plan.mode]
     lines = [
-        (f"noise-to-signal (noise norm / clip) of {unit}: {signal.per_release:.3g} over "
+        (f"noise-to-signal (noise norm / clip) of {signal.release}: {signal.per_release:.3g} over "
         f"{signal.coordinates:,} released coordinates"),
         (f"  whole run: {signal.whole_run:.3g} after averaging {signal.releases:g} releases "
         f"-> {signal.verdict.upper()} (learns <= {LEARNS}, too noisy > {NO_LEARNING})"),

@@ -33,6 +33,7 @@ NO_LEARNING = 1.0
 class NoiseToSignal:
     """The prediction for one plan and adapter shape."""
 
+    release: str  # what one release is, in words ("one DP-SGD step at one client")
     coordinates: int  # d: released coordinates per client (B only under FFA)
     per_release: float  # noise norm / clip of one released quantity
     releases: float  # n: independent releases summed into the final adapter
@@ -66,11 +67,11 @@ class NoiseToSignal:
                 f"x{factor**2:.1f} {self.counted} (each costs budget, so sigma rises)"]
 
 
-def noise_to_signal(per_release: float, releases: float, coordinates: int, divided_by: str,
-                    counted: str) -> NoiseToSignal:
+def noise_to_signal(release: str, per_release: float, releases: float, coordinates: int,
+                    divided_by: str, counted: str) -> NoiseToSignal:
     """Return the prediction for ``releases`` releases of ratio ``per_release`` each."""
-    return NoiseToSignal(coordinates, per_release, releases, per_release / math.sqrt(releases),
-                         divided_by, counted)
+    return NoiseToSignal(release, coordinates, per_release, releases,
+                         per_release / math.sqrt(releases), divided_by, counted)
 
 
 def noise_norm_over_clip(noise_std_over_clip: float, coordinates: int) -> float:
