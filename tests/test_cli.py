@@ -158,3 +158,24 @@ def test_no_privacy_runs_a_private_config_without_dp(tmp_path):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["privacy"] is None
     assert "[privacy]\nmode = \"none\"" in (tmp_path / "r" / "config.toml").read_text()
+
+
+def test_quantize_writes_a_bundle_a_client_can_load(tmp_path):
+    from privlora.quantization.bundle import load_bundle
+
+    code, out, err = cli("quantize", "--model", "tiny-random", "--scheme", "q8_0",
+                         "--out", str(tmp_path / "bundle"))
+    assert code == 0, err
+    assert "bits per weight" in out and "Q8_0" in out
+    _, manifest = load_bundle(tmp_path / "bundle", dtype="float32")
+    assert manifest.scheme == "q8_0" and manifest.source == "tiny-random"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--scheme", "q3_k"], ["--scheme", "q3_k"]),
+    (["--scheme", "q4_0", "--model", "/no/such/model"], ["model.name", "/no/such/model"]),
+])
+def test_quantize_bad_input(tmp_path, args, words):
+    code, _, err = cli("quantize", *args, "--out", str(tmp_path / "b"))
+    assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "b").exists()

@@ -28,12 +28,13 @@ def test_a_round_row_totals_bytes_and_names_the_rules_diagnostic():
 
 def test_communication_totals_are_measured_or_expected_by_the_plan(tiny_config):
     rows = [{"round": 0}, {"round": 1, "clients": [0, 2], "bytes_up": 240, "bytes_down": 200}]
-    comm = records.communication(rows, NoPrivacy(), 1, 4, 4, 999.0, 1000)
+    comm = records.communication(rows, NoPrivacy(), 1, 4, 4, 999.0, 999.0, 1000)
     assert (comm["bytes_up_total"], comm["client_participations"]) == (240, 2)
     client = make_plan(tiny_config("privacy.mode=client", "privacy.noise_multiplier=1",
                                    "federation.clients_per_round=2"), [24] * 4)
     hidden = [{"round": 0}, client.redact(rows[1])]
-    comm = records.communication(hidden, client, 3, 4, 2, 100.0, 1000)
+    comm = records.communication(hidden, client, 3, 4, 2, 40.0, 100.0, 1000, bundle_bytes=7)
     assert comm["participations_are_expected_values"]
     assert comm["client_participations"] == 0.5 * 4 * 3  # q * N * rounds
-    assert comm["bytes_up_total"] == comm["bytes_down_total"] == 100.0 * 6
+    assert (comm["bytes_up_total"], comm["bytes_down_total"]) == (40.0 * 6, 100.0 * 6)
+    assert (comm["bundle_bytes_per_client"], comm["bundle_bytes_down_total"]) == (7, 7 * 4)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from privlora.errors import ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded
+from privlora.errors import (
+    BundleError,
+    ConfigError,
+    DataError,
+    InvalidUpdate,
+    PrivacyBudgetExceeded,
+)
 
 
 def _quiet_libraries() -> None:
@@ -27,7 +35,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 privacy_app = typer.Typer(no_args_is_help=True, help="Epsilon, calibration and run plans.")
 app.add_typer(privacy_app, name="privacy")
 
-_USER_ERRORS = (ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded)
+_USER_ERRORS = (ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded, BundleError)
 
 
 def _fail(err: Exception) -> None:
@@ -89,6 +97,36 @@ def eval_(
     except _USER_ERRORS as err:
         _fail(err)
     typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def quantize(
+    scheme: Annotated[str, typer.Option(
+        help="q8_0, q5_0, q5_1, q4_0, q4_1 or tq2_0 (gguf's block quantizers).")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to create.")],
+    model: Annotated[str, typer.Option(
+        help="'builtin', a .gguf file, a Hugging Face directory or hub id.")] = "builtin",
+) -> None:
+    """Write the quantized base-model bundle a FedLPP client receives (GGUF + manifest)."""
+    from privlora.models import load_model, load_tokenizer
+    from privlora.quantization.bundle import write_bundle
+    from privlora.quantization.schemes import SCHEMES
+
+    try:
+        if scheme not in SCHEMES:
+            raise BundleError(f"--scheme {scheme!r} is not one of {sorted(SCHEMES)}")
+        if out.exists():
+            raise BundleError(f"--out {out} already exists; remove it or choose another path")
+        manifest = write_bundle(load_model(model, "float32", "cpu"), load_tokenizer(model),
+                                scheme, out, model)
+    except _USER_ERRORS as err:
+        _fail(err)
+    numel = sum(math.prod(t.shape) for t in manifest.tensors)
+    types = Counter(t.type for t in manifest.tensors)
+    typer.echo(f"{out}: {manifest.model_bytes:,} bytes ({8 * manifest.model_bytes / numel:.2f} "
+               f"bits per weight, {manifest.model_bytes / manifest.full_precision_bytes:.3f}x "
+               f"float32), tensors {dict(sorted(types.items()))}, sha256 "
+               f"{manifest.model_sha256[:16]}...")
 
 
 @privacy_app.command("epsilon")

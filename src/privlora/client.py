@@ -1,8 +1,9 @@
 """One client's round: start from the downlink payload, train LoRA locally, return the uplink.
 
 ``run_round`` is what a site runs each round, in the simulation and in a Flower ClientApp: it
-rebuilds its start adapter from the payload alone (``protocol.client_start``), runs
-``local_update`` (K steps on the LoRA parameters, one visible loop) and sends the update.
+rebuilds its start adapter from the (decoded) payload alone (``protocol.client_start``), runs
+``local_update`` (K steps on the LoRA parameters, one visible loop) and sends the update,
+compressed by stochastic rounding when ``quantization.uplink_bits`` is set.
 In sample mode each step is a DP-SGD step (``gradient_step``): Poisson-sampled examples,
 per-example gradients clipped by their joint L2 norm over all trained LoRA tensors, summed,
 noised, divided by a configured constant. In local mode the whole update is clipped jointly
@@ -38,6 +39,7 @@ from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import clip_per_example, seeded_generator, uniform
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.privacy.plan import PrivacyPlan
+from privlora.quantization import codec
 from privlora.rules import Rule
 
 # Messages that stay with the party that logs them: never written to the run directory.
@@ -59,6 +61,7 @@ class LocalSpec:
     local_dp: LocalDP | None = None  # clip + noise on the release (local mode)
     send_counts: bool = True  # example count and loss beside the update: never under DP
     microbatch: int = 32  # examples per forward; a larger batch is split and summed
+    uplink_bits: int = 0  # 8 or 4: stochastic rounding of the update as sent (after any noise)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None)
                      optimizer=t.optimizer, weight_decay=t.weight_decay, train_a=rule.trains_a,
                      rank=rank, sample_dp=plan.training_mechanism(),
                      local_dp=plan.release_mechanism(), send_counts=not plan.private,
-                     microbatch=t.microbatch)
+                     microbatch=t.microbatch, uplink_bits=config.quantization.uplink_bits)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
@@ -118,7 +121,8 @@ def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol
                           on_step)
     if any(result.local_log.values()):
         local_log.warning("client %d round %d: %s", site.client_id, round_, result.local_log)
-    return protocol.Payload(result.delta, result.meta)
+    return codec.pack_update(protocol.Payload(result.delta, result.meta), site.spec.uplink_bits,
+                             seeded_generator(seed, round_, site.client_id, "rounding"))
 
 
 def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], spec: LocalSpec,

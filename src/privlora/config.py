@@ -18,6 +18,8 @@ from privlora.errors import ConfigError
 
 PrivacyMode = Literal["none", "sample", "client", "local"]
 Aggregation = Literal["fedavg", "ffa", "exact"]
+BaseScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "tq2_0"]
+AdapterScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,19 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class QuantizationConfig:
+    # FedLPP: clients receive the base model quantized (a GGUF bundle, gguf's quantizers) and
+    # train on it; the server keeps full precision. "none": clients get the server's model.
+    base: BaseScheme = "none"
+    adapter: AdapterScheme = "none"  # the global adapter on the downlink, same block schemes
+    uplink_bits: int = 0  # 8 or 4: unbiased stochastic rounding of the update (0 = float32)
+    # JSONL of general text the fine-tune does not see (e.g. Dolly answers): the perplexity of
+    # the central vs the client-visible model on it is the model-privacy gap; "" = not measured
+    general_text: str = ""
+    general_examples: int = 64  # texts read from general_text (its first rows)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -109,6 +124,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -251,6 +267,18 @@ def validate(c: RunConfig) -> None:
     if c.lora.client_ranks and f.aggregation == "ffa":
         raise ConfigError("lora.client_ranks needs federation.aggregation = 'exact', not 'ffa'")
     _validate_privacy(c.privacy)
+    _validate_quantization(c.quantization)
+
+
+def _validate_quantization(q: QuantizationConfig) -> None:
+    _require(q.uplink_bits in (0, 4, 8),
+             f"quantization.uplink_bits = {q.uplink_bits} must be 0 (off), 8 or 4")
+    _require(q.general_examples >= 1,
+             f"quantization.general_examples = {q.general_examples} must be >= 1")
+    _require(not (q.general_text and q.base == "none"),
+             "quantization.general_text is set but quantization.base = 'none': the perplexity gap "
+             "compares the central model with a client's quantized one; set quantization.base "
+             "(e.g. 'q4_0') or remove general_text")
 
 
 def _validate_privacy(p: PrivacyConfig) -> None:

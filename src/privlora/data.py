@@ -41,6 +41,10 @@ class Task:
     eval_rows: tuple[dict, ...] = ()  # a fixed eval set (data.eval_path); () = hold out from rows
 
 
+# The general-text perplexity set is scored as a generation task with no instruction.
+GENERAL_TEXT = Task("general text", "generation", "", (), ())
+
+
 @dataclass(frozen=True)
 class Example:
     """One tokenized example: prompt ids, answer ids (label/answer + end of turn), gold label."""
@@ -252,3 +256,26 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         target_mask[b, start : start + len(e.answer)] = True
         targets[b, start : start + len(e.answer)] = torch.tensor(e.answer)
     return Batch(input_ids, attention, target_mask, targets)
+
+
+def general_texts(path: Path | str, count: int, tokenizer: PreTrainedTokenizerBase,
+                  max_length: int) -> list[Example]:
+    """Return up to ``count`` plain texts (the first rows' ``text``, else ``answer``) as examples
+    whose every token after the first is scored: the general-text perplexity set.
+
+    No chat template: this measures the language model itself, on text the fine-tune never saw.
+    """
+    examples = []
+    for number, row in enumerate(read_jsonl(Path(path)), start=1):
+        text = row.get("text", row.get("answer"))
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{number}: general text needs a string field 'text' or "
+                            "'answer' (e.g. Dolly's rows)")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+        if len(ids) >= 2:
+            examples.append(Example((ids[0],), tuple(ids[1:]), None))
+        if len(examples) == count:
+            break
+    if not examples:
+        raise DataError(f"{path}: no text of two tokens or more; give a JSONL of general text")
+    return examples

@@ -15,3 +15,7 @@ class PrivacyBudgetExceeded(RuntimeError):
 
 class InvalidUpdate(ValueError):
     """A client update has the wrong names, shapes or values for the chosen aggregation rule."""
+
+
+class BundleError(ValueError):
+    """A quantized model bundle is missing, damaged, or does not match its manifest."""

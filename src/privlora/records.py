@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -73,17 +74,20 @@ def round_row(round_: int, result: EvalResult | None, traffic: Mapping[int, Traf
 
 
 def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: int,
-                  num_clients: int, per_round: int, expected_transfer_bytes: float,
-                  full_model_bytes: int) -> dict[str, Any]:
+                  num_clients: int, per_round: int, expected_up_bytes: float,
+                  expected_down_bytes: float, full_model_bytes: int,
+                  bundle_bytes: int | None = None) -> dict[str, Any]:
     """Return the run's communication totals against full fine-tuning.
 
     When the plan hides participation the totals are expected values: q * N * rounds transfers
-    of the mean payload size, which depends on shapes only.
+    of the mean payload sizes, which depend on shapes only. A FedLPP base-model bundle is sent
+    once to every client, before the first round.
     """
     trained = [r for r in rows if r["round"] > 0]
     if plan.hides_participation:
         participations = plan.expected_participants(num_clients, per_round) * rounds
-        up = down = expected_transfer_bytes * participations
+        up = expected_up_bytes * participations
+        down = expected_down_bytes * participations
     else:
         participations = sum(len(r["clients"]) for r in trained)
         up = sum(r["bytes_up"] for r in trained)
@@ -99,7 +103,45 @@ def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: 
         "full_finetune_bytes_down_total": full,
         "ratio_up_vs_full": up / full if full else None,
         "ratio_down_vs_full": down / full if full else None,
+        "bundle_bytes_per_client": bundle_bytes,
+        "bundle_bytes_down_total": None if bundle_bytes is None else bundle_bytes * num_clients,
     }
+
+
+def model_privacy_summary(quantization: Any, bundle: Any, first: Mapping[str, Any],
+                          last: Mapping[str, Any]) -> dict[str, Any]:
+    """Return summary.json's FedLPP report from the first and last evaluated rounds.
+
+    ``first`` (before training, a zero adapter) gives the full-precision base and the quantized
+    base alone; ``last`` the central model (full precision + adapter) against the
+    client-visible one (quantized base + the adapter as sent).
+    """
+    central, visible = last["central"], last["client_visible"]
+    ratio = None
+    if central["general_perplexity"] and visible["general_perplexity"]:
+        ratio = visible["general_perplexity"] / central["general_perplexity"]
+    types = Counter(t.type for t in bundle.tensors) if bundle is not None else {}
+    return {
+        "base_scheme": quantization.base,
+        "adapter_scheme": quantization.adapter,
+        "uplink_bits": quantization.uplink_bits,
+        "bundle_bytes": None if bundle is None else bundle.model_bytes,
+        "full_precision_bytes": None if bundle is None else bundle.full_precision_bytes,
+        "bundle_vs_full_precision": None if bundle is None
+        else bundle.model_bytes / bundle.full_precision_bytes,
+        "tensor_types": dict(sorted(types.items())),
+        "general_text": quantization.general_text or None,
+        "full_precision_base": first["central"],
+        "quantized_base": first["client_visible"],
+        "central": central,
+        "client_visible": visible,
+        "accuracy_gap": _gap(central["accuracy"], visible["accuracy"]),
+        "general_perplexity_ratio": ratio,
+    }
+
+
+def _gap(central: float | None, visible: float | None) -> float | None:
+    return None if central is None or visible is None else central - visible
 
 
 def privacy_summary(plan: PrivacyPlan, spent_pld: float, spent_rdp: float,

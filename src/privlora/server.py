@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from privlora import client, data, protocol, records
@@ -34,6 +35,8 @@ from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan, make_plan, predicted_signal
 from privlora.privacy.signal import NoiseToSignal
+from privlora.quantization import codec
+from privlora.quantization.bundle import Manifest, distribute
 from privlora.rules import Rule, build_rule
 from privlora.run_dir import RunDir, check_target
 
@@ -49,6 +52,8 @@ class Server:
     eval_examples: list[data.Example]
     full_model_bytes: int
     signal: NoiseToSignal | None  # the plan's learn / won't-learn prediction (None without DP)
+    bundle: Manifest | None  # FedLPP: the quantized base-model bundle the clients received
+    general: list[data.Example]  # general text for the model-privacy perplexity ([] = none)
 
 
 @dataclass
@@ -58,7 +63,8 @@ class Simulation:
     config: RunConfig
     server: Server
     sites: list[client.Site]
-    handles: LoraHandles
+    handles: LoraHandles  # the clients' model: the dequantized bundle under FedLPP
+    central: LoraHandles  # the server's full-precision model (``handles`` itself without FedLPP)
     init: Adapter  # the LoRA init every party derives from the shared seed
     tokenizer: PreTrainedTokenizerBase
 
@@ -72,9 +78,18 @@ def prepare(config: RunConfig) -> Simulation:
     plan = make_plan(config, [len(p) for p in parts])  # before loading the model: fail fast
     rule = build_rule(config)
     tokenizer = load_tokenizer(config.model.name)
+    q = config.quantization
+    general = data.general_texts(q.general_text, q.general_examples, tokenizer,
+                                 config.data.max_length) if q.general_text else []
     model = load_model(config.model.name, config.model.dtype, config.model.device)
     full_bytes = full_finetune_bytes(model)
-    handles = attach(model, lora_spec_of(config.lora), seed=config.seed)
+    client_model, bundle = model, None
+    if q.base != "none":
+        client_model, bundle = distribute(model, tokenizer, q.base, config.model.name,
+                                          config.model.dtype, config.model.device)
+    central = attach(model, lora_spec_of(config.lora), seed=config.seed)
+    handles = central if bundle is None else attach(client_model, lora_spec_of(config.lora),
+                                                    seed=config.seed)
     ranks = tuple(client.rank_of(config, cid) for cid in range(len(parts)))
     sites = [client.Site(cid, data.tokenize(part, task, tokenizer, config.data.max_length),
                          client.spec_for(config, rule, plan, ranks[cid]))
@@ -82,8 +97,8 @@ def prepare(config: RunConfig) -> Simulation:
     eval_examples = data.tokenize(eval_rows, task, tokenizer, config.data.max_length)
     signal = predicted_signal(plan, released_coordinates(read_adapter(handles), rule.trains_a),
                               config.federation)
-    server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal)
-    return Simulation(config, server, sites, handles, read_adapter(handles), tokenizer)
+    server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal, bundle, general)
+    return Simulation(config, server, sites, handles, central, read_adapter(handles), tokenizer)
 
 
 def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = False) -> dict:
@@ -96,7 +111,8 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
     ledger = plan.new_ledger()
     global_adapter = sim.init
     zero_shot = result = _evaluate(sim, global_adapter)
-    files.log_round(_row(sim, 0, result, {}, {}, 0.0, ledger, {}))
+    files.log_round(_row(sim, 0, result, {}, {}, 0.0, ledger, {},
+                         _model_privacy(sim, global_adapter)))
     for round_ in range(1, config.federation.rounds + 1):
         t0 = time.time()
         ids = protocol.select_clients(plan, config.federation, seed, round_)
@@ -106,11 +122,14 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
         files.save_ledger(spent)
         uplinks, traffic = {}, {}
         for cid in progress.clients(round_, ids) if progress else ids:
-            down, down_bytes = protocol.transmit(
-                protocol.downlink(server.rule, global_adapter, server.ranks[cid]))
-            up, up_bytes = protocol.transmit(client.run_round(
+            arrived, down_bytes = protocol.transmit(codec.pack_adapter(
+                protocol.downlink(server.rule, global_adapter, server.ranks[cid]),
+                config.quantization.adapter))
+            down = codec.unpack_adapter(arrived)  # what the client trains from
+            sent_up, up_bytes = protocol.transmit(client.run_round(
                 sim.handles, sim.init, sim.sites[cid], down, seed, round_,
                 sim.tokenizer.pad_token_id, progress.step if progress else None))
+            up = codec.unpack_update(sent_up, config.quantization.uplink_bits, down)
             protocol.check_uplink(cid, down, up, plan)
             uplinks[cid], traffic[cid] = up, records.Traffic(up=up_bytes, down=down_bytes)
         global_adapter, diagnostics = protocol.aggregate(
@@ -119,7 +138,7 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
         due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds
         result = _evaluate(sim, global_adapter) if due else None
         files.log_round(_row(sim, round_, result, uplinks, traffic, time.time() - t0, ledger,
-                             diagnostics))
+                             diagnostics, _model_privacy(sim, global_adapter) if due else None))
         files.checkpoint(round_, flatten(global_adapter), spent)
         if progress:
             progress.round_done(round_, result,
@@ -129,8 +148,38 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
 
 
 def _evaluate(sim: Simulation, adapter: Adapter) -> EvalResult:
-    write_adapter(sim.handles, adapter)
-    return evaluate(sim.handles.model, sim.server.eval_examples, sim.server.task, sim.tokenizer)
+    """Score the central model: the server's base (full precision) with ``adapter``."""
+    write_adapter(sim.central, adapter)
+    return evaluate(sim.central.model, sim.server.eval_examples, sim.server.task, sim.tokenizer)
+
+
+def _model_privacy(sim: Simulation, adapter: Adapter) -> dict | None:
+    """Return the model-privacy scores of this global adapter (None without FedLPP).
+
+    central: the server's full-precision base + the global adapter; client_visible: the
+    quantized base a client holds + the adapter as a client rebuilds it from the downlink (as
+    quantized on the wire). Each with the task's accuracy and answer loss, and the perplexity
+    of the general text (when configured). Before any training the adapter is zero, so the
+    round-0 client_visible scores are the quantized base alone.
+    """
+    config, server = sim.config, sim.server
+    if server.bundle is None and config.quantization.adapter == "none":
+        return None
+    down = codec.unpack_adapter(protocol.transmit(codec.pack_adapter(
+        protocol.downlink(server.rule, adapter, None), config.quantization.adapter))[0])
+    visible = protocol.client_start(down, sim.init, server.rule.trains_a)
+    return {"central": _scores(sim, sim.central, adapter),
+            "client_visible": _scores(sim, sim.handles, visible)}
+
+
+def _scores(sim: Simulation, handles: LoraHandles, adapter: Adapter) -> dict:
+    server = sim.server
+    write_adapter(handles, adapter)
+    task = evaluate(handles.model, server.eval_examples, server.task, sim.tokenizer)
+    general = evaluate(handles.model, server.general, data.GENERAL_TEXT,
+                       sim.tokenizer) if server.general else None
+    return {"accuracy": task.accuracy, "macro_f1": task.macro_f1, "loss": task.loss,
+            "general_perplexity": None if general is None else general.perplexity}
 
 
 def _ledger_dict(ledger: PrivacyLedger | None) -> dict | None:
@@ -139,33 +188,41 @@ def _ledger_dict(ledger: PrivacyLedger | None) -> dict | None:
 
 def _row(sim: Simulation, round_: int, result: EvalResult | None, uplinks: dict[int, protocol.Payload],
          traffic: dict[int, records.Traffic], seconds: float, ledger: PrivacyLedger | None,
-         diagnostics: dict[str, float]) -> dict:
+         diagnostics: dict[str, float], model_privacy: dict | None) -> dict:
     server = sim.server
     rejected = [cid for cid, u in uplinks.items() if not protocol.is_finite(u)]
     losses = [u.meta["train_loss"] for u in uplinks.values() if "train_loss" in u.meta]
     epsilon = ledger.epsilon(accountant=server.plan.accountant) if ledger else None
-    return records.round_row(round_, result, traffic, rejected, losses, seconds, epsilon,
-                             server.rule.name, server.rule.diagnostic, diagnostics,
-                             server.full_model_bytes, server.plan)
+    row = records.round_row(round_, result, traffic, rejected, losses, seconds, epsilon,
+                            server.rule.name, server.rule.diagnostic, diagnostics,
+                            server.full_model_bytes, server.plan)
+    if model_privacy is not None:  # scores of public and held-out text only: nothing per client
+        row["model_privacy"] = model_privacy
+    return row
 
 
 def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLedger | None,
             zero_shot: EvalResult, final: EvalResult, wall: float) -> dict:
     """Save the adapter in PEFT format, the ledger, summary.json and report.png."""
     config, server = sim.config, sim.server
-    save_peft(sim.handles, adapter, files.adapter_dir)
+    save_peft(sim.central, adapter, files.adapter_dir)  # for the server's base
     privacy = None if ledger is None else records.privacy_summary(
         server.plan, ledger.epsilon(accountant="pld"), ledger.epsilon(accountant="rdp"),
         server.signal)
     fed = config.federation
     comm = records.communication(files.rows, server.plan, fed.rounds, fed.num_clients,
-                                 fed.per_round, _mean_transfer_bytes(sim),
-                                 server.full_model_bytes)
+                                 fed.per_round, *_mean_transfer_bytes(sim),
+                                 server.full_model_bytes,
+                                 None if server.bundle is None else server.bundle.model_bytes)
     summary = records.summary(
         server.task.name, server.task.labels, config.model.name,
         majority_share([e.label for e in server.eval_examples]), zero_shot, final,
         config.federation.rounds, server.rule.name, privacy, comm,
         None if server.plan.private else wall)  # the duration grows with private batch sizes
+    marked = [r["model_privacy"] for r in files.rows if "model_privacy" in r]
+    if marked:
+        summary["model_privacy"] = records.model_privacy_summary(
+            config.quantization, server.bundle, marked[0], marked[-1])
     task_meta = {"task": server.task.name, "kind": server.task.kind,
                  "labels": list(server.task.labels), "instruction": server.task.instruction,
                  "model": config.model.name, "max_length": config.data.max_length}
@@ -173,9 +230,17 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
     return summary
 
 
-def _mean_transfer_bytes(sim: Simulation) -> float:
-    """Mean over all clients of one downlink's size: shapes only, so it reveals no participation
-    (a private uplink has the same tensors and nothing beside them, see ``check_uplink``)."""
-    sizes = {rank: len(protocol.downlink(sim.server.rule, sim.init, rank).to_bytes())
-             for rank in set(sim.server.ranks)}
-    return sum(sizes[rank] for rank in sim.server.ranks) / len(sim.server.ranks)
+def _mean_transfer_bytes(sim: Simulation) -> tuple[float, float]:
+    """Mean over all clients of one uplink's and one downlink's size, as encoded on the wire:
+    shapes only, so it reveals no participation (a private uplink has the downlink's tensors and
+    nothing beside them, see ``check_uplink``)."""
+    q = sim.config.quantization
+    sizes = {}
+    for rank in set(sim.server.ranks):
+        down = protocol.downlink(sim.server.rule, sim.init, rank)
+        zero = protocol.Payload({k: torch.zeros_like(v) for k, v in down.tensors.items()})
+        sizes[rank] = (len(codec.pack_update(zero, q.uplink_bits, torch.Generator()).to_bytes()),
+                       len(codec.pack_adapter(down, q.adapter).to_bytes()))
+    n = len(sim.server.ranks)
+    return (sum(sizes[r][0] for r in sim.server.ranks) / n,
+            sum(sizes[r][1] for r in sim.server.ranks) / n)

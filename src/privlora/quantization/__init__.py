@@ -1,0 +1,1 @@
+"""FedLPP: what crosses the wire quantized (the base-model bundle, the adapter, the uplink)."""

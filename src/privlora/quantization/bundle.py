@@ -1,0 +1,223 @@
+"""The base-model bundle a client receives (FedLPP): quantized weights in a GGUF file, a manifest.
+
+A bundle is a directory::
+
+    model.gguf      every weight of the model, quantized by gguf-py (1-D norms stay float32);
+                    tensor names are the Hugging Face parameter names
+    config.json     the model's Hugging Face config (shapes, no weights)
+    tokenizer files the tokenizer, saved by ``save_pretrained``
+    manifest.json   scheme, per-tensor GGML type and shape, file sizes and SHA-256 digests
+
+``write_bundle`` makes one from the server's full-precision model; ``load_bundle`` is all a
+client needs: it verifies the manifest (checksums, then every tensor's name, type and shape)
+and builds the model from the dequantized values only, so the weights a client holds are the
+quantized ones, nothing finer. The GGUF file is a standard GGUF container (any GGUF reader
+lists and dequantizes its tensors), but with Hugging Face tensor names and no llama.cpp
+architecture metadata, llama.cpp's runtime would not run it as a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from privlora.errors import BundleError
+from privlora.models import attention_for, resolve_device, torch_dtype, train_dtype
+from privlora.quantization.schemes import SCHEMES, bits_per_weight, decode, encode, tensor_type
+
+MODEL_FILE, MANIFEST, CONFIG = "model.gguf", "manifest.json", "config.json"
+FORMAT = "privlora-bundle-1"
+_ARCH = "privlora"  # the GGUF architecture key: tensors carry Hugging Face names
+_MAX_NAME = 63  # GGML_MAX_NAME - 1
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    type: str  # GGML type name: Q4_0, Q8_0, F32, ...
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a bundle holds: enough to verify it before any weight is read."""
+
+    format: str
+    scheme: str
+    source: str  # the model the server quantized (its name; never its weights)
+    tensors: tuple[TensorEntry, ...]
+    model_bytes: int  # size of model.gguf
+    model_sha256: str
+    config_sha256: str
+    full_precision_bytes: int  # the same weights as float32, for the downlink comparison
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        raw["tensors"] = tuple(TensorEntry(t["name"], tuple(t["shape"]), t["type"])
+                               for t in raw["tensors"])
+        return cls(**raw)
+
+
+def model_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Return the model's distinct parameters by name (a tied output head counted once)."""
+    return {name: p.detach() for name, p in model.named_parameters(remove_duplicate=True)}
+
+
+def predicted_bytes(shapes: dict[str, tuple[int, ...]], scheme: str) -> int:
+    """Return the tensor bytes a bundle of these shapes takes under ``scheme`` (no header)."""
+    total = 0.0
+    for shape in shapes.values():
+        numel = 1
+        for n in shape:
+            numel *= n
+        total += numel * bits_per_weight(tensor_type(scheme, shape)) / 8
+    return int(total)
+
+
+def write_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scheme: str,
+                 out: Path | str, source: str) -> Manifest:
+    """Quantize every weight of ``model`` with ``scheme`` and write the bundle directory ``out``.
+
+    The directory is written beside ``out`` and renamed into place, so a half-written bundle is
+    never left under the final name.
+    """
+    if scheme not in SCHEMES:
+        raise BundleError(f"quantization scheme {scheme!r} is not one of {sorted(SCHEMES)}")
+    out = Path(out)
+    if out.exists():
+        raise BundleError(f"{out} already exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        entries = _write_gguf(model_weights(model), scheme, tmp / MODEL_FILE)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        full = sum(4 * int(w.numel()) for w in model_weights(model).values())
+        manifest = Manifest(FORMAT, scheme, source, entries, (tmp / MODEL_FILE).stat().st_size,
+                            sha256_of(tmp / MODEL_FILE), sha256_of(tmp / CONFIG), full)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_gguf(weights: dict[str, torch.Tensor], scheme: str,
+                path: Path) -> tuple[TensorEntry, ...]:
+    writer = gguf.GGUFWriter(path, _ARCH)
+    writer.add_string("privlora.scheme", scheme)
+    entries = []
+    for name, weight in weights.items():
+        if len(name) > _MAX_NAME:
+            raise BundleError(f"tensor name {name!r} is longer than GGUF's {_MAX_NAME} characters")
+        qtype = tensor_type(scheme, tuple(weight.shape))
+        raw = encode(weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight, qtype)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, raw.reshape(tuple(weight.shape)))
+        else:
+            writer.add_tensor(name, raw, raw_dtype=qtype)
+        entries.append(TensorEntry(name, tuple(weight.shape), qtype.name))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tuple(entries)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle: Path | str) -> Manifest:
+    """Read and check a bundle's manifest and file digests; raise a one-line BundleError."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {MANIFEST}; give a directory written by "
+                          "`privlora quantize`")
+    try:
+        manifest = Manifest.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as err:
+        raise BundleError(f"{path} is not a valid manifest ({err}); quantize the model again") \
+            from None
+    if manifest.format != FORMAT:
+        raise BundleError(f"{path}: format {manifest.format!r}, this privlora reads {FORMAT!r}")
+    for name, want in ((MODEL_FILE, manifest.model_sha256), (CONFIG, manifest.config_sha256)):
+        file = bundle / name
+        if not file.is_file():
+            raise BundleError(f"{bundle}: {name} is missing; download the bundle again")
+        if sha256_of(file) != want:
+            raise BundleError(f"{file}: SHA-256 does not match the manifest (damaged or "
+                              "truncated download); download the bundle again")
+    return manifest
+
+
+def read_weights(bundle: Path | str, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """Return the dequantized float32 weights of a verified bundle, checked against the
+    manifest: the same tensor names, GGML types and shapes, in the same order."""
+    path = Path(bundle) / MODEL_FILE
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as err:
+        raise BundleError(f"{path} is not a readable GGUF file ({err}); download it again") \
+            from None
+    found = [TensorEntry(t.name, tuple(int(n) for n in reversed(t.shape)), t.tensor_type.name)
+             for t in reader.tensors]
+    if tuple(found) != manifest.tensors:
+        diff = next((f"{w} != {g}" for w, g in zip(manifest.tensors, found, strict=False)
+                     if w != g), f"{len(manifest.tensors)} tensors listed, {len(found)} in file")
+        raise BundleError(f"{path}: tensors do not match the manifest ({diff}); the bundle is "
+                          "inconsistent, quantize the model again")
+    return {t.name: decode(t.data, t.tensor_type).reshape(e.shape)
+            for t, e in zip(reader.tensors, found, strict=True)}
+
+
+def load_bundle(bundle: Path | str, dtype: str = "auto",
+                device: str = "cpu") -> tuple[PreTrainedModel, Manifest]:
+    """Build the client's model from a bundle alone: verified, dequantized, frozen.
+
+    Its weights are exactly gguf's dequantization of the file (then cast to the training
+    dtype); nothing else is read but the bundle's config.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    weights = read_weights(bundle, manifest)
+    where = resolve_device(device)
+    config = AutoConfig.from_pretrained(bundle)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(where))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(
+        model_weights(model))
+    if unexpected or set(missing) - tied:
+        raise BundleError(f"{bundle}: the weights do not fit the bundle's config (missing "
+                          f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    model = model.to(device=where, dtype=torch_dtype(train_dtype(dtype, where)))
+    model.requires_grad_(False)
+    model.eval()
+    return model, manifest
+
+
+def distribute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scheme: str,
+               source: str, dtype: str, device: str) -> tuple[PreTrainedModel, Manifest]:
+    """The simulation's downlink of the base model: write the bundle and load it back from the
+    file, as a site would, so the clients' model is exactly what the bundle holds."""
+    with tempfile.TemporaryDirectory(prefix="privlora-bundle-") as tmp:
+        write_bundle(model, tokenizer, scheme, Path(tmp) / "bundle", source)
+        return load_bundle(Path(tmp) / "bundle", dtype, device)

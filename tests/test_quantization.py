@@ -1,0 +1,272 @@
+"""FedLPP: the quantized base-model bundle, the adapter and uplink codecs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from privlora.errors import BundleError, InvalidUpdate
+from privlora.protocol import Payload
+from privlora.quantization import codec
+from privlora.quantization.bundle import (
+    MANIFEST,
+    MODEL_FILE,
+    load_bundle,
+    model_weights,
+    predicted_bytes,
+    write_bundle,
+)
+from privlora.quantization.schemes import (
+    SCHEMES,
+    bits_per_weight,
+    block_error_bound,
+    decode,
+    encode,
+    tensor_type,
+)
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture()
+def bundle(tmp_path, tiny_model, tokenizer):
+    """A q4_0 bundle of the tiny Llama, and the float32 weights it was made from."""
+    weights = {k: v.clone() for k, v in model_weights(tiny_model).items()}
+    write_bundle(tiny_model, tokenizer, "q4_0", tmp_path / "bundle", "tiny-random")
+    return tmp_path / "bundle", weights
+
+
+def test_bits_per_weight_are_gguf_block_sizes():
+    assert bits_per_weight(Q.Q8_0) == 8.5 and bits_per_weight(Q.Q4_0) == 4.5
+    assert bits_per_weight(Q.Q4_1) == 5.0 and bits_per_weight(Q.TQ2_0) == 2.0625
+
+
+def test_tensor_types_fall_back_where_rows_do_not_fit_the_blocks():
+    assert tensor_type("q4_0", (64, 32)) == Q.Q4_0
+    assert tensor_type("q4_0", (32,)) == Q.F32  # norms stay float32
+    assert tensor_type("q4_0", (8, 40)) == Q.F32  # 40 is not a multiple of 32
+    assert tensor_type("tq2_0", (8, 512)) == Q.TQ2_0
+    assert tensor_type("tq2_0", (8, 576)) == Q.Q4_0  # ternary blocks are 256 wide
+    assert tensor_type("none", (64, 32)) == Q.F32
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_bundle_size_is_what_the_bits_per_weight_predict(tmp_path, tiny_model, tokenizer, scheme):
+    manifest = write_bundle(tiny_model, tokenizer, scheme, tmp_path / "b", "tiny-random")
+    shapes = {k: tuple(v.shape) for k, v in model_weights(tiny_model).items()}
+    predicted = predicted_bytes(shapes, scheme)
+    size = (tmp_path / "b" / MODEL_FILE).stat().st_size
+    assert size == manifest.model_bytes
+    # GGUF's overhead: the header, one entry per tensor (name, dims, type, offset), 32-byte
+    # alignment of each tensor's data
+    overhead = 4096 + sum(len(name) + 8 * 4 + 32 + 32 for name in shapes)
+    assert predicted <= size <= predicted + overhead
+
+
+def _blocks_of_test_data(scheme: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    width = 512 if scheme == "tq2_0" else 64
+    x = torch.randn(48, width, generator=gen) * torch.logspace(-4, 1, 48)[:, None]
+    x[3, 5] = 40.0  # one outlier in a block
+    x[4] = 0.0  # an all-zero row
+    x[5] = -0.25  # a constant row
+    x[6] = torch.rand(width, generator=gen) + 3.0  # all positive, away from zero
+    return x
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_round_trip_error_is_within_the_scheme_bound_in_every_block(scheme):
+    x = _blocks_of_test_data(scheme)
+    qtype = tensor_type(scheme, tuple(x.shape))
+    assert qtype == SCHEMES[scheme]
+    y = decode(encode(x, qtype), qtype)
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    xb, yb = x.reshape(-1, block).numpy(), y.reshape(-1, block).numpy()
+    err = np.abs(yb - xb).max(axis=1)
+    bounds = np.array([block_error_bound(qtype, b) for b in xb])
+    assert (err <= bounds).all(), f"block {int(np.argmax(err - bounds))} exceeds the bound"
+    assert err[[4 * x.shape[1] // block]].max() == 0.0  # zeros come back exactly
+    # the bound is not slack: some block comes within 30% of it (nearest-rounding half steps)
+    assert (err / np.maximum(bounds, 1e-30)).max() > 0.7
+
+
+def test_a_weaker_bound_would_fail():
+    """The bound test can fail: half of Q4_0's documented worst case is exceeded somewhere."""
+    x = _blocks_of_test_data("q4_0")
+    y = decode(encode(x, Q.Q4_0), Q.Q4_0)
+    xb, yb = x.reshape(-1, 32).numpy(), y.reshape(-1, 32).numpy()
+    halved = np.array([block_error_bound(Q.Q4_0, b) / 2 for b in xb])
+    assert (np.abs(yb - xb).max(axis=1) > halved).any()
+
+
+def test_client_model_is_exactly_the_dequantized_bundle(bundle, tmp_path):
+    """The client's weights are gguf's own dequantization of the file, bit for bit, and the
+    load reads nothing but the bundle (the full-precision source is deleted first, and every
+    file Python opens is recorded)."""
+    path, _ = bundle
+    source = tmp_path / "full-precision"
+    source.mkdir()
+    opened: list[str] = []
+    listening = [True]
+
+    def audit(event, args):  # an audit hook stays for the process: it stops recording after
+        if listening[0] and event == "open" and isinstance(args[0], str | bytes):
+            opened.append(str(args[0]))
+
+    shutil.rmtree(source)
+    sys.addaudithook(audit)
+    model, manifest = load_bundle(path, dtype="float32")
+    listening[0] = False
+    reader = gguf.GGUFReader(path / MODEL_FILE)
+    reference = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    loaded = model_weights(model)
+    assert set(loaded) == set(reference) == {t.name for t in manifest.tensors}
+    for name, value in loaded.items():
+        np.testing.assert_array_equal(value.numpy(), reference[name].reshape(value.shape))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert not [p for p in opened if str(source) in p]
+    assert not [p for p in opened if p.endswith((".safetensors", ".bin", ".pt"))]
+
+
+def test_bundle_weights_differ_from_the_full_precision_ones_within_bounds(bundle):
+    path, weights = bundle
+    model, manifest = load_bundle(path, dtype="float32")
+    loaded = model_weights(model)
+    for entry in manifest.tensors:
+        x, y = weights[entry.name], loaded[entry.name]
+        if entry.type == "F32":
+            assert torch.equal(x, y)
+            continue
+        assert not torch.equal(x, y)  # the client does not hold the full-precision values
+        xb, yb = x.reshape(-1, 32).numpy(), y.reshape(-1, 32).numpy()
+        bounds = np.array([block_error_bound(Q[entry.type], b) for b in xb])
+        assert (np.abs(yb - xb).max(axis=1) <= bounds).all()
+
+
+def test_damaged_bundle_is_refused_with_one_line(bundle):
+    path, _ = bundle
+    gguf_file = path / MODEL_FILE
+    data = bytearray(gguf_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    gguf_file.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="SHA-256 does not match") as err:
+        load_bundle(path)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_bundle_is_refused(bundle):
+    path, _ = bundle
+    gguf_file = path / MODEL_FILE
+    gguf_file.write_bytes(gguf_file.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="truncated"):
+        load_bundle(path)
+
+
+def test_truncated_file_with_a_matching_manifest_is_refused_by_the_reader(bundle):
+    """Even when the manifest's checksum is rewritten to match, a truncated GGUF cannot load."""
+    path, _ = bundle
+    gguf_file = path / MODEL_FILE
+    gguf_file.write_bytes(gguf_file.read_bytes()[:-4096])
+    manifest = json.loads((path / MANIFEST).read_text())
+    from privlora.quantization.bundle import sha256_of
+
+    manifest["model_sha256"] = sha256_of(gguf_file)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not a readable GGUF file"):
+        load_bundle(path)
+
+
+def test_shapes_that_do_not_match_the_manifest_are_refused(bundle):
+    path, _ = bundle
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["tensors"][1]["shape"] = [16, 16]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="do not match the manifest"):
+        load_bundle(path)
+
+
+def test_missing_manifest_and_existing_output_are_refused(bundle, tiny_model, tokenizer):
+    path, _ = bundle
+    with pytest.raises(BundleError, match="already exists"):
+        write_bundle(tiny_model, tokenizer, "q8_0", path, "tiny-random")
+    (path / MANIFEST).unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(path)
+
+
+def _payload() -> Payload:
+    gen = torch.Generator().manual_seed(0)
+    return Payload({"x.lora_B": torch.randn(24, 2, generator=gen),
+                    "y.lora_B": torch.randn(7, 5, generator=gen) * 1e-3})
+
+
+@pytest.mark.parametrize("bits", codec.UPLINK_BITS)
+def test_stochastic_rounding_is_unbiased(bits):
+    payload, draws = _payload(), 4000
+    rng = torch.Generator().manual_seed(3)
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in payload.tensors.items()}
+    for _ in range(draws):
+        decoded = codec.unpack_update(codec.pack_update(payload, bits, rng), bits, payload)
+        for k, v in decoded.tensors.items():
+            step = codec._blocks(payload.tensors[k]).abs().amax(dim=1) / (2 ** (bits - 1) - 1)
+            # each value lands on one of its two neighbouring levels
+            assert (codec._blocks(v - payload.tensors[k]).abs() <= step[:, None] * 1.0001).all()
+            total[k] += v.double()
+    for k, x in payload.tensors.items():
+        step = float(x.abs().max()) / (2 ** (bits - 1) - 1)
+        # the mean of n draws is within 5 standard errors (std <= step / 2 per value)
+        assert (total[k] / draws - x.double()).abs().max() < 5 * (step / 2) / math.sqrt(draws)
+
+
+def test_nearest_rounding_would_be_biased():
+    """The unbiasedness test can fail: deterministic rounding of the same values is biased."""
+    x = torch.full((32,), 0.3)
+    x[0] = 1.0  # scale 1/127: 0.3 * 127 = 38.1 -> 38, a bias of 0.1 steps in every draw
+    _codes, scales = codec.stochastic_codes(x, 8, torch.Generator().manual_seed(0))
+    nearest = (x / scales[0]).round() * scales[0]
+    assert (nearest - x).abs()[1:].min() > 0.05 * float(scales[0])
+
+
+def test_compressed_uplink_is_smaller_and_carries_no_meta_under_dp():
+    payload = _payload()
+    packed = codec.pack_update(payload, 4, torch.Generator())
+    assert packed.meta == {}
+    assert len(packed.to_bytes()) < len(payload.to_bytes())
+
+
+@pytest.mark.parametrize("broken", ["missing scale", "wrong shape", "extra tensor", "wrong dtype"])
+def test_malformed_compressed_uplink_is_refused(broken):
+    payload = _payload()
+    packed = dict(codec.pack_update(payload, 8, torch.Generator()).tensors)
+    if broken == "missing scale":
+        del packed["x.lora_B" + codec.SCALE]
+    elif broken == "wrong shape":
+        packed["x.lora_B"] = packed["x.lora_B"][:1]
+    elif broken == "extra tensor":
+        packed["z"] = torch.zeros(1)
+    else:
+        packed["x.lora_B"] = packed["x.lora_B"].float()
+    with pytest.raises(InvalidUpdate):
+        codec.unpack_update(Payload(packed), 8, payload)
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0"])
+def test_adapter_downlink_codec_round_trips_within_the_bound(scheme):
+    payload = Payload(_payload().tensors, {"frozen_a_sha256": "abc"})
+    packed = codec.pack_adapter(payload, scheme)
+    decoded = codec.unpack_adapter(Payload.from_bytes(packed.to_bytes()))
+    assert decoded.meta == payload.meta
+    qtype = SCHEMES[scheme]
+    for k, x in payload.tensors.items():
+        assert decoded.tensors[k].shape == x.shape
+        xb, yb = codec._blocks(x).numpy(), codec._blocks(decoded.tensors[k]).numpy()
+        bounds = np.array([block_error_bound(qtype, b) for b in xb])
+        assert (np.abs(yb - xb).max(axis=1) <= bounds).all()
+    assert codec.pack_adapter(payload, "none") is payload
