@@ -1,0 +1,116 @@
+"""FedLPP: what a client holds (a quantized base) against what the server keeps (full precision).
+
+One non-private federated run per quantization scheme of the base model, the same recipe and
+seed for each; ``none`` is the unquantized run every scheme is compared with.
+
+    .venv/bin/python bench/fedlpp.py --task builtin                      # the default schemes
+    .venv/bin/python bench/fedlpp.py --task fpb --schemes none,q8_0,q4_0
+    .venv/bin/python bench/fedlpp.py --task builtin --report             # the table from the JSON
+    .venv/bin/python bench/fedlpp.py --task builtin --quick              # tiny random model
+
+Per scheme: accuracy of the central model (full-precision base + the global adapter), the
+client-visible model (the quantized base + the adapter as sent) and the quantized base alone;
+the perplexity of general text the fine-tune never saw (the first 64 answers of
+../shared/data/dolly15k) for the central and the client-visible model; the bundle's bytes; and
+the central model's accuracy minus the unquantized run's. Rows accumulate in
+bench/results/fedlpp_<task>.json (a rerun of a scheme replaces its row).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _common import RESULTS, load, pct, save, table
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GENERAL = DATA / "dolly15k" / "dolly15k.jsonl"
+# One recipe for both tasks, non-private: the FPB job of bench/end_to_end.py (4 IID clients,
+# LoRA r=8 on q_proj and v_proj, FedAvg, AdamW 3e-3, batches of 8), evaluated at the start and
+# after the last round on 200 held-out examples.
+RECIPE = ["federation.num_clients=4", "federation.rounds=3", "train.local_steps=10",
+          "train.batch_size=8", "train.lr=0.003", "federation.eval_every=3",
+          "data.max_eval=200", f"quantization.general_text={str(GENERAL)!r}",
+          "quantization.general_examples=64"]
+TASKS = {"builtin": ["data.builtin_examples=1200"],
+         "fpb": [f"data.path={str(DATA / 'financial_phrasebank' / 'fpb_sentences_allagree.jsonl')!r}"]}
+DEFAULT_SCHEMES = "none,q8_0,q4_1,q4_0,tq2_0"
+QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=120",
+         "data.max_eval=16", "federation.rounds=1", "train.local_steps=1",
+         "quantization.general_examples=4"]
+
+
+def scheme_config(task: str, scheme: str, quick: bool):
+    from privlora.config import load_config
+
+    overrides = [*RECIPE, *TASKS[task], *(QUICK if quick else [])]
+    if scheme == "none":  # general text needs a quantized base: the unquantized run skips it
+        overrides = [o for o in overrides if not o.startswith("quantization.")]
+    else:
+        overrides.append(f"quantization.base={scheme}")
+    return load_config(None, overrides)
+
+
+def run_scheme(task: str, scheme: str, quick: bool, out: Path) -> dict:
+    import time
+
+    from privlora.config import to_toml
+    from privlora.server import run
+
+    config = scheme_config(task, scheme, quick)
+    started = time.time()
+    summary = run(config, out, overwrite=True)
+    report = summary.get("model_privacy")
+    return {"task": task, "scheme": scheme, "config": to_toml(config),
+            "seconds": round(time.time() - started, 1), "run_dir": str(out),
+            "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
+            "majority_accuracy": summary["majority_class_accuracy"],
+            "accuracy": summary["final"]["accuracy"], "model_privacy": report}
+
+
+def render(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["scheme"] == "none"), None)
+    lines = []
+    for r in rows:
+        m = r["model_privacy"]
+        if m is None:
+            lines.append([r["scheme"], "-", pct(r["accuracy"]), "-", "-", "-", "-", "-", "-"])
+            continue
+        central, visible, alone = m["central"], m["client_visible"], m["quantized_base"]
+        delta = "-" if base is None else f"{100 * (central['accuracy'] - base['accuracy']):+.1f}"
+        lines.append([
+            r["scheme"], f"{m['bundle_bytes'] / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
+            pct(central["accuracy"]), delta, pct(visible["accuracy"]), pct(alone["accuracy"]),
+            f"{central['general_perplexity']:.2f}", f"{visible['general_perplexity']:.2f}",
+            f"{m['general_perplexity_ratio']:.3f}"])
+    zero = rows[0]["zero_shot_accuracy"] if rows else None
+    return (f"zero-shot (full precision) {pct(zero)}, majority class "
+            f"{pct(rows[0]['majority_accuracy']) if rows else '-'}\n\n") + table(
+        ["base scheme", "bundle (vs float32)", "central acc", "central - unquantized (points)",
+         "client-visible acc", "quantized base alone", "general ppl central",
+         "general ppl client-visible", "ppl ratio"], lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="builtin", choices=sorted(TASKS))
+    parser.add_argument("--schemes", default=DEFAULT_SCHEMES)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    name = f"fedlpp_{args.task}" + ("_quick" if args.quick else "")
+    rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+    if not args.report:
+        for scheme in args.schemes.split(","):
+            row = run_scheme(args.task, scheme, args.quick, RESULTS / "runs" / name / scheme)
+            rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+            rows = [r for r in rows if r["scheme"] != scheme] + [row]
+            order = DEFAULT_SCHEMES.split(",")
+            rows.sort(key=lambda r: order.index(r["scheme"]) if r["scheme"] in order else 99)
+            save(name, {"task": args.task, "rows": rows})
+            print(f"{scheme}: central {pct(row['accuracy'])} in {row['seconds']} s", flush=True)
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()
