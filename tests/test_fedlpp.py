@@ -124,3 +124,21 @@ def test_bad_quantization_settings_are_config_errors(tiny_config):
         tiny_config('quantization.general_text="x.jsonl"')
     with pytest.raises(ConfigError, match="quantization.base"):
         tiny_config("quantization.base=q3_k")
+
+
+def test_the_plans_wire_costs_are_what_a_run_sends(tiny_config, tmp_path, read_metrics):
+    from privlora.config import to_toml
+    from privlora.privacy.report import plan_report
+
+    config = tiny_config(*FEDLPP, "quantization.adapter=q8_0", "quantization.uplink_bits=4")
+    (tmp_path / "run.toml").write_text(to_toml(config))
+    wire = plan_report(tmp_path / "run.toml", [])["wire"]
+    summary = run(config, tmp_path / "run")
+    row = read_metrics(tmp_path / "run")[1]
+    assert wire["uplink_bytes"] < wire["uplink_float32_bytes"]
+    # a non-private uplink adds its two counts in the header; everything else is as planned
+    assert 0 < row["bytes_up_per_client"] - wire["uplink_bytes"] < 100
+    assert row["bytes_down_per_client"] == wire["downlink_bytes"]
+    actual = summary["model_privacy"]["bundle_bytes"]
+    assert wire["bundle_bytes"] <= actual <= wire["bundle_bytes"] + 8192
+    assert wire["full_precision_bytes"] == summary["model_privacy"]["full_precision_bytes"]

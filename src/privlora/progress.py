@@ -99,6 +99,18 @@ def print_summary(summary: dict, out_dir: Path) -> None:
     if c["ratio_up_vs_full"]:
         table.add_row("upload vs full fine-tuning", f"{c['ratio_up_vs_full']:.5f}x "
                       f"({1 / c['ratio_up_vs_full']:.0f}x less)")
+    m = summary.get("model_privacy")
+    if m and m["bundle_bytes"] is not None:
+        table.add_row(f"base model sent to clients ({m['base_scheme']})",
+                      f"{_mb(m['bundle_bytes'])} ({m['bundle_vs_full_precision']:.3f}x float32)")
+    if m and m["client_visible"]["accuracy"] is not None:
+        table.add_row("client-visible accuracy (quantized base)",
+                      f"{100 * m['client_visible']['accuracy']:.1f}% (base alone "
+                      f"{100 * m['quantized_base']['accuracy']:.1f}%)")
+    if m and m["general_perplexity_ratio"] is not None:
+        table.add_row("general-text perplexity central -> client-visible",
+                      f"{m['central']['general_perplexity']:.2f} -> "
+                      f"{m['client_visible']['general_perplexity']:.2f}")
     if summary["wall_seconds"] is not None:  # hidden under client-level DP
         table.add_row("wall time", f"{summary['wall_seconds']:.0f} s")
     table.add_row("run directory", str(out_dir))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from privlora import data
 from privlora.config import load_config
-from privlora.lora import Adapter, attach, read_adapter, released_coordinates, spec_of
+from privlora.lora import Adapter, Factors, attach, read_adapter, released_coordinates, spec_of
 from privlora.privacy import accounting
 from privlora.privacy.plan import (
     lacks_sample_rate,
@@ -39,9 +39,13 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
                      "client size); put it in the config: the run uses a fixed, public rate")
         config = load_config(config_path, [*overrides, f"privacy.sample_rate={suggested!r}"])
     plan = make_plan(config, sizes)
+    model = _skeleton(config)
+    adapter = read_adapter(attach(model, spec_of(config.lora), config.seed))
+    wire = wire_costs(config, model, adapter)
     report = plan.to_dict()
     if report is None:
-        return {"mode": "none", "text": "privacy.mode = 'none': no privacy events, epsilon = inf"}
+        return {"mode": "none", "wire": wire, "text": "\n".join(
+            ["privacy.mode = 'none': no privacy events, epsilon = inf", *_wire_lines(wire)])}
     per_round = plan.round_events(range(config.federation.num_clients))
     parties = "global" if list(per_round) == ["global"] else "per client (worst case: every round)"
     lines += [
@@ -54,7 +58,6 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
         f"noise source: {plan.noise_source}",
     ]
     report["suggested_sample_rate"] = suggested
-    adapter = _initial_adapter(config)
     signal = predicted_signal(plan, released_coordinates(adapter, build_rule(config).trains_a),
                               config.federation)
     report["noise_to_signal"] = signal_dict(signal)
@@ -67,8 +70,51 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
             f"{v['cross_term']:.4g}); max per-entry variance {v['max_per_entry_variance']:.4g}; "
             "E[update] is unbiased"
         )
-    report["text"] = "\n".join(lines)
+    report["wire"] = wire
+    report["text"] = "\n".join([*lines, *_wire_lines(wire)])
     return report
+
+
+def wire_costs(config, model, adapter: Adapter) -> dict:
+    """Bytes of what crosses the wire, per layer of FedLPP, from the real shapes: the base-model
+    bundle (once per client), one downlink and one uplink (as encoded), against float32."""
+    import torch
+
+    from privlora.protocol import Payload, downlink
+    from privlora.quantization import codec
+    from privlora.quantization.bundle import model_weights, predicted_bytes
+
+    q = config.quantization
+    shapes = {k: tuple(v.shape) for k, v in model_weights(model).items() if "lora_" not in k}
+    zero = {k: Factors(torch.zeros_like(f.A), torch.zeros_like(f.B)) for k, f in adapter.items()}
+    down = downlink(build_rule(config), zero, None)
+    up = Payload({k: torch.zeros_like(v) for k, v in down.tensors.items()})
+    return {
+        "base_scheme": q.base,
+        "bundle_bytes": None if q.base == "none" else predicted_bytes(shapes, q.base),
+        "full_precision_bytes": predicted_bytes(shapes, "none"),
+        "adapter_scheme": q.adapter,
+        "downlink_bytes": len(codec.pack_adapter(down, q.adapter).to_bytes()),
+        "downlink_float32_bytes": len(down.to_bytes()),
+        "uplink_bits": q.uplink_bits,
+        "uplink_bytes": len(codec.pack_update(up, q.uplink_bits, torch.Generator()).to_bytes()),
+        "uplink_float32_bytes": len(up.to_bytes()),
+    }
+
+
+def _wire_lines(wire: dict) -> list[str]:
+    """The wire costs in words; quantization is post-processing and costs no privacy."""
+    full = wire["full_precision_bytes"]
+    lines = []
+    if wire["bundle_bytes"] is not None:
+        lines.append(f"base model to each client, once: {wire['base_scheme']} bundle about "
+                     f"{wire['bundle_bytes']:,} bytes of weights ({wire['bundle_bytes'] / full:.3f}x "
+                     f"the float32 {full:,}); clients never hold the server's weights")
+    lines.append(f"per client per round: down {wire['downlink_bytes']:,} bytes ({wire['adapter_scheme']}"
+                 f"; float32 {wire['downlink_float32_bytes']:,}), up {wire['uplink_bytes']:,} bytes ("
+                 + (f"{wire['uplink_bits']}-bit stochastic rounding after any noise, no privacy cost"
+                    if wire["uplink_bits"] else "float32") + ")")
+    return lines
 
 
 def _signal_lines(plan, signal: NoiseToSignal) -> list[str]:
@@ -91,8 +137,8 @@ def _signal_lines(plan, signal: NoiseToSignal) -> list[str]:
     return lines
 
 
-def _initial_adapter(config) -> Adapter:
-    """The adapter at initialisation, from the real layer shapes (a meta-device model)."""
+def _skeleton(config):
+    """The model's real layer shapes without its weights (a meta-device model, emptied)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -106,7 +152,8 @@ def _initial_adapter(config) -> Adapter:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
         model = model.to_empty(device="cpu")
-    return read_adapter(attach(model, spec_of(config.lora), config.seed))
+        model.tie_weights()  # to_empty gives each parameter its own storage
+    return model
 
 
 def _local_variance(config, adapter: Adapter, noise_std: float) -> dict:
