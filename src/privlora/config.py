@@ -18,7 +18,7 @@ from privlora.errors import ConfigError
 
 PrivacyMode = Literal["none", "sample", "client", "local"]
 Aggregation = Literal["fedavg", "ffa", "exact"]
-BaseScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "tq2_0"]
+BaseScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "tq2_0", "nf4"]
 AdapterScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"]
 
 

@@ -20,23 +20,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from privlora.errors import BundleError
 from privlora.models import attention_for, resolve_device, torch_dtype, train_dtype
-from privlora.quantization.schemes import SCHEMES, bits_per_weight, decode, encode, tensor_type
+from privlora.quantization.schemes import (
+    BASE_SCHEMES,
+    NF4,
+    NF4_BLOCK,
+    decode,
+    decode_nf4,
+    encode,
+    encode_nf4,
+    stored_bits,
+    stored_type,
+    tensor_type,
+)
 
 MODEL_FILE, MANIFEST, CONFIG = "model.gguf", "manifest.json", "config.json"
 FORMAT = "privlora-bundle-1"
 _ARCH = "privlora"  # the GGUF architecture key: tensors carry Hugging Face names
 _MAX_NAME = 63  # GGML_MAX_NAME - 1
+ABSMAX = ".nf4_absmax"  # an NF4 weight NAME is stored as NAME (codes) and NAME.nf4_absmax
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,7 @@ def predicted_bytes(shapes: dict[str, tuple[int, ...]], scheme: str) -> int:
         numel = 1
         for n in shape:
             numel *= n
-        total += numel * bits_per_weight(tensor_type(scheme, shape)) / 8
+        total += numel * stored_bits(stored_type(scheme, shape)) / 8
     return int(total)
 
 
@@ -93,8 +107,8 @@ def write_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sch
     The directory is written beside ``out`` and renamed into place, so a half-written bundle is
     never left under the final name.
     """
-    if scheme not in SCHEMES:
-        raise BundleError(f"quantization scheme {scheme!r} is not one of {sorted(SCHEMES)}")
+    if scheme not in BASE_SCHEMES:
+        raise BundleError(f"quantization scheme {scheme!r} is not one of {sorted(BASE_SCHEMES)}")
     out = Path(out)
     if out.exists():
         raise BundleError(f"{out} already exists; remove it or choose another --out")
@@ -121,15 +135,22 @@ def _write_gguf(weights: dict[str, torch.Tensor], scheme: str,
     writer.add_string("privlora.scheme", scheme)
     entries = []
     for name, weight in weights.items():
-        if len(name) > _MAX_NAME:
+        if len(name) + len(ABSMAX) > _MAX_NAME:
             raise BundleError(f"tensor name {name!r} is longer than GGUF's {_MAX_NAME} characters")
-        qtype = tensor_type(scheme, tuple(weight.shape))
-        raw = encode(weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight, qtype)
-        if qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, raw.reshape(tuple(weight.shape)))
+        entry = TensorEntry(name, tuple(weight.shape), stored_type(scheme, tuple(weight.shape)))
+        if entry.type == NF4.upper():  # no GGML type: the codes and the absmax as plain tensors
+            codes, absmax = encode_nf4(weight)
+            writer.add_tensor(name, codes.view(np.int8))
+            writer.add_tensor(name + ABSMAX, absmax)
         else:
-            writer.add_tensor(name, raw, raw_dtype=qtype)
-        entries.append(TensorEntry(name, tuple(weight.shape), qtype.name))
+            qtype = tensor_type(scheme, entry.shape)
+            raw = encode(weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight,
+                         qtype)
+            if qtype == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(name, raw.reshape(entry.shape))
+            else:
+                writer.add_tensor(name, raw, raw_dtype=qtype)
+        entries.append(entry)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -180,13 +201,31 @@ def read_weights(bundle: Path | str, manifest: Manifest) -> dict[str, torch.Tens
             from None
     found = [TensorEntry(t.name, tuple(int(n) for n in reversed(t.shape)), t.tensor_type.name)
              for t in reader.tensors]
-    if tuple(found) != manifest.tensors:
-        diff = next((f"{w} != {g}" for w, g in zip(manifest.tensors, found, strict=False)
-                     if w != g), f"{len(manifest.tensors)} tensors listed, {len(found)} in file")
+    want = [stored for entry in manifest.tensors for stored in _stored(entry)]
+    if found != want:
+        diff = next((f"{w} != {g}" for w, g in zip(want, found, strict=False) if w != g),
+                    f"{len(want)} tensors listed, {len(found)} in file")
         raise BundleError(f"{path}: tensors do not match the manifest ({diff}); the bundle is "
                           "inconsistent, quantize the model again")
-    return {t.name: decode(t.data, t.tensor_type).reshape(e.shape)
-            for t, e in zip(reader.tensors, found, strict=True)}
+    data = {t.name: t for t in reader.tensors}
+    weights = {}
+    for entry in manifest.tensors:
+        stored = data[entry.name]
+        if entry.type == NF4.upper():
+            weights[entry.name] = decode_nf4(stored.data.view(np.uint8),
+                                             data[entry.name + ABSMAX].data, entry.shape)
+        else:
+            weights[entry.name] = decode(stored.data, stored.tensor_type).reshape(entry.shape)
+    return weights
+
+
+def _stored(entry: TensorEntry) -> list[TensorEntry]:
+    """The GGUF tensors that hold one manifest entry: itself, or NF4's codes and absmax."""
+    if entry.type != NF4.upper():
+        return [entry]
+    numel = math.prod(entry.shape)
+    return [TensorEntry(entry.name, (numel // 2,), "I8"),
+            TensorEntry(entry.name + ABSMAX, (numel // NF4_BLOCK,), "F32")]
 
 
 def load_bundle(bundle: Path | str, dtype: str = "auto",
