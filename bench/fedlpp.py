@@ -34,7 +34,7 @@ RECIPE = ["federation.num_clients=4", "federation.rounds=3", "train.local_steps=
           "quantization.general_examples=64"]
 TASKS = {"builtin": ["data.builtin_examples=1200"],
          "fpb": [f"data.path={str(DATA / 'financial_phrasebank' / 'fpb_sentences_allagree.jsonl')!r}"]}
-DEFAULT_SCHEMES = "none,q8_0,q4_1,q4_0,tq2_0"
+DEFAULT_SCHEMES = "none,q8_0,q4_1,q4_0,nf4,tq2_0"
 QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=120",
          "data.max_eval=16", "federation.rounds=1", "train.local_steps=1",
          "quantization.general_examples=4"]
@@ -68,25 +68,51 @@ def run_scheme(task: str, scheme: str, quick: bool, out: Path) -> dict:
             "accuracy": summary["final"]["accuracy"], "model_privacy": report}
 
 
+def weight_error(scheme: str, quick: bool) -> dict:
+    """How far the bundle's weights are from the server's: relative Frobenius error of the
+    decoder's linear layers and of the token embeddings (the built-in model's own GGUF already
+    stores those as Q4_1 and Q8_0, so re-quantizing to the same grid loses nothing)."""
+    import tempfile
+
+    from privlora.models import TINY_RANDOM, load_model, load_tokenizer
+    from privlora.quantization.bundle import load_bundle, model_weights, write_bundle
+
+    name = TINY_RANDOM if quick else "builtin"
+    model = load_model(name, "float32" if quick else "auto", "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_bundle(model, load_tokenizer(name), scheme, f"{tmp}/b", name)
+        bundle, _ = load_bundle(f"{tmp}/b", "float32" if quick else "auto", "cpu")
+    full, quant = model_weights(model), model_weights(bundle)
+
+    def relative(names: list[str]) -> float:
+        num = sum(float((quant[n].float() - full[n].float()).norm() ** 2) for n in names)
+        return (num / sum(float(full[n].float().norm() ** 2) for n in names)) ** 0.5
+
+    linear = [n for n, w in full.items() if w.dim() == 2 and "embed" not in n]
+    return {"linear": relative(linear), "embeddings": relative(["model.embed_tokens.weight"])}
+
+
 def render(rows: list[dict]) -> str:
     base = next((r for r in rows if r["scheme"] == "none"), None)
     lines = []
     for r in rows:
         m = r["model_privacy"]
         if m is None:
-            lines.append([r["scheme"], "-", pct(r["accuracy"]), "-", "-", "-", "-", "-", "-"])
+            lines.append([r["scheme"], "-", "-", pct(r["accuracy"]), "-", "-", "-", "-", "-", "-"])
             continue
+        error = r.get("weight_error") or {}
         central, visible, alone = m["central"], m["client_visible"], m["quantized_base"]
         delta = "-" if base is None else f"{100 * (central['accuracy'] - base['accuracy']):+.1f}"
         lines.append([
             r["scheme"], f"{m['bundle_bytes'] / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
+            f"{error.get('linear', float('nan')):.3f} / {error.get('embeddings', float('nan')):.3f}",
             pct(central["accuracy"]), delta, pct(visible["accuracy"]), pct(alone["accuracy"]),
             f"{central['general_perplexity']:.2f}", f"{visible['general_perplexity']:.2f}",
             f"{m['general_perplexity_ratio']:.3f}"])
     zero = rows[0]["zero_shot_accuracy"] if rows else None
     return (f"zero-shot (full precision) {pct(zero)}, majority class "
             f"{pct(rows[0]['majority_accuracy']) if rows else '-'}\n\n") + table(
-        ["base scheme", "bundle (vs float32)", "central acc", "central - unquantized (points)",
+        ["base scheme", "bundle (vs float32)", "weight error linear / embeddings", "central acc", "central - unquantized (points)",
          "client-visible acc", "quantized base alone", "general ppl central",
          "general ppl client-visible", "ppl ratio"], lines)
 
@@ -100,10 +126,17 @@ def main() -> None:
     args = parser.parse_args()
     name = f"fedlpp_{args.task}" + ("_quick" if args.quick else "")
     rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+    missing = [r for r in rows if r["scheme"] != "none" and "weight_error" not in r]
+    for row in missing:  # rows measured before the column existed: the same bundle, recomputed
+        row["weight_error"] = weight_error(row["scheme"], args.quick)
+    if missing:
+        save(name, {"task": args.task, "rows": rows})
     if not args.report:
         for scheme in args.schemes.split(","):
             row = run_scheme(args.task, scheme, args.quick, RESULTS / "runs" / name / scheme)
             rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+            if scheme != "none":
+                row["weight_error"] = weight_error(scheme, args.quick)
             rows = [r for r in rows if r["scheme"] != scheme] + [row]
             order = DEFAULT_SCHEMES.split(",")
             rows.sort(key=lambda r: order.index(r["scheme"]) if r["scheme"] in order else 99)
