@@ -179,3 +179,10 @@ def test_quantize_bad_input(tmp_path, args, words):
     code, _, err = cli("quantize", *args, "--out", str(tmp_path / "b"))
     assert_one_line_error(code, err, *words)
     assert not (tmp_path / "b").exists()
+
+
+def test_run_with_a_quantized_base_prints_what_clients_hold(tmp_path):
+    code, out, err = cli("run", *TINY, "--set", "quantization.base=q8_0", "--out",
+                         str(tmp_path / "run"))
+    assert code == 0, err
+    assert "base model sent to clients (q8_0)" in out and "client-visible accuracy" in out

@@ -12,11 +12,15 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from privlora.evaluate import EvalResult
 from privlora.privacy.plan import PrivacyPlan
 from privlora.privacy.signal import NoiseToSignal
+
+if TYPE_CHECKING:
+    from privlora.config import QuantizationConfig
+    from privlora.quantization.bundle import Manifest
 
 _PACKAGES = ("privlora", "torch", "transformers", "peft", "dp-accounting", "flwr", "safetensors")
 
@@ -108,7 +112,8 @@ def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: 
     }
 
 
-def model_privacy_summary(quantization: Any, bundle: Any, first: Mapping[str, Any],
+def model_privacy_summary(quantization: QuantizationConfig, bundle: Manifest | None,
+                          first: Mapping[str, Any],
                           last: Mapping[str, Any]) -> dict[str, Any]:
     """Return summary.json's FedLPP report from the first and last evaluated rounds.
 
