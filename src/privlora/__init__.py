@@ -7,6 +7,12 @@ The three calls most users need::
     print(summary["final"]["accuracy"], summary["privacy"])
 """
 
+import logging
+
+# bitsandbytes (the nf4 extra) is imported by PEFT whenever it is installed; its CPU backend then
+# logs that an optional 4-bit matmul kernel package is missing. privlora only quantizes with it.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 __version__ = "0.1.0"
 __all__ = ["load_config", "run"]
 

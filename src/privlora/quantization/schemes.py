@@ -107,11 +107,8 @@ def block_error_bound(qtype: GGMLQuantizationType, block: np.ndarray) -> float:
 
 
 def _bnb():
-    """Import bitsandbytes' functional API (quietly: its CPU backend logs a missing optional
-    kernel package at import); a one-line error names the extra to install."""
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    """Import bitsandbytes' functional API (its import-time log is silenced in
+    ``privlora/__init__``); a one-line error names the extra to install."""
     try:
         import bitsandbytes.functional as bnb
     except ImportError:
