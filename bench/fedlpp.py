@@ -105,10 +105,14 @@ def render(rows: list[dict]) -> str:
             lines.append([r["scheme"], "-", "-", pct(r["accuracy"]), "-", "-", "-", "-", "-", "-"])
             continue
         error = r.get("weight_error") or {}
-        central, visible, alone = m["central"], m["client_visible"], m["quantized_base"]
+        # rows from before the manifest listed every file name the base and the weights' bytes
+        # the old way (quantized_base; bundle_bytes = model.gguf only)
+        alone = m.get("client_base", m.get("quantized_base"))
+        weights = m.get("bundle_weights_bytes", m["bundle_bytes"])
+        central, visible = m["central"], m["client_visible"]
         delta = "-" if base is None else f"{100 * (central['accuracy'] - base['accuracy']):+.1f}"
         lines.append([
-            r["scheme"], f"{m['bundle_bytes'] / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
+            r["scheme"], f"{weights / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
             f"{error.get('linear', float('nan')):.3f} / {error.get('embeddings', float('nan')):.3f}",
             pct(central["accuracy"]), delta, pct(visible["accuracy"]), pct(alone["accuracy"]),
             f"{central['general_perplexity']:.2f}", f"{visible['general_perplexity']:.2f}",
@@ -116,7 +120,7 @@ def render(rows: list[dict]) -> str:
     zero = rows[0]["zero_shot_accuracy"] if rows else None
     return (f"zero-shot (full precision) {pct(zero)}, majority class "
             f"{pct(rows[0]['majority_accuracy']) if rows else '-'}\n\n") + table(
-        ["base scheme", "bundle (vs float32)", "weight error linear / embeddings", "central acc", "central - unquantized (points)",
+        ["base scheme", "bundle weights (vs float32)", "weight error linear / embeddings", "central acc", "central - unquantized (points)",
          "client-visible acc", "quantized base alone", "general ppl central",
          "general ppl client-visible", "ppl ratio"], lines)
 

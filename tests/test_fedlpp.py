@@ -67,8 +67,8 @@ def test_the_run_reports_central_against_client_visible(fedlpp_run, read_metrics
     rows = read_metrics(out)
     assert [("model_privacy" in r) for r in rows] == [True, True, True]
     first, last = rows[0]["model_privacy"], rows[-1]["model_privacy"]
-    assert report["quantized_base"] == first["client_visible"]
-    assert report["full_precision_base"] == first["central"]
+    assert report["client_base"] == first["client_visible"]
+    assert report["server_base"] == first["central"]
     assert report["central"] == last["central"] and report["client_visible"] == last["client_visible"]
     assert last["central"]["accuracy"] == rows[-1]["accuracy"]  # the headline is the central model
     assert first["central"]["loss"] == pytest.approx(summary["zero_shot"]["loss"])
@@ -77,14 +77,20 @@ def test_the_run_reports_central_against_client_visible(fedlpp_run, read_metrics
     assert first["client_visible"]["general_perplexity"] != first["central"]["general_perplexity"]
     ratio = last["client_visible"]["general_perplexity"] / last["central"]["general_perplexity"]
     assert report["general_perplexity_ratio"] == pytest.approx(ratio)
-    assert report["bundle_bytes"] < 0.2 * report["full_precision_bytes"]  # 4.5 of 32 bits
+    assert report["bundle_weights_bytes"] < 0.2 * report["full_precision_bytes"]  # 4.5 of 32 bits
+    assert report["bundle_bytes"] > report["bundle_weights_bytes"]  # + config and tokenizer
     assert summary["communication"]["bundle_bytes_down_total"] == 4 * report["bundle_bytes"]
+    assert report["quantized_tensors_identical"] == 0  # random weights are on no grid
 
 
-def test_the_saved_adapter_names_the_servers_base(fedlpp_run):
+def test_the_saved_adapter_names_the_servers_base(fedlpp_run, tiny_config):
     out, _ = fedlpp_run
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert "bundle" not in str(config.get("base_model_name_or_path"))
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    sim = prepare(tiny_config(*FEDLPP))
+    client_base = sim.handles.model.get_base_model().config.name_or_path
+    assert "bundle" in client_base  # the clients' model was loaded from the bundle directory
+    assert saved["base_model_name_or_path"] == (
+        sim.central.model.get_base_model().config.name_or_path or None)
 
 
 @pytest.mark.parametrize("rule,mode", [("fedavg", "none"), ("ffa", "sample"),
@@ -139,6 +145,30 @@ def test_the_plans_wire_costs_are_what_a_run_sends(tiny_config, tmp_path, read_m
     # a non-private uplink adds its two counts in the header; everything else is as planned
     assert 0 < row["bytes_up_per_client"] - wire["uplink_bytes"] < 100
     assert row["bytes_down_per_client"] == wire["downlink_bytes"]
-    actual = summary["model_privacy"]["bundle_bytes"]
-    assert wire["bundle_bytes"] <= actual <= wire["bundle_bytes"] + 8192
+    actual = summary["model_privacy"]["bundle_weights_bytes"]
+    assert wire["bundle_weights_bytes"] <= actual <= wire["bundle_weights_bytes"] + 8192
     assert wire["full_precision_bytes"] == summary["model_privacy"]["full_precision_bytes"]
+
+
+def test_client_mode_publishes_the_encoded_sizes_times_expected_participations(tiny_config,
+                                                                               tmp_path):
+    """Participation is hidden in client mode: the totals are the planned encoded sizes times
+    q N rounds, which must be what each encoded payload really weighs."""
+    from privlora.config import to_toml
+    from privlora.privacy.report import plan_report
+
+    config = tiny_config(*FEDLPP, "quantization.adapter=q4_0", "quantization.uplink_bits=4",
+                         "privacy.mode=client", "privacy.noise_multiplier=1.0",
+                         "federation.clients_per_round=2")
+    (tmp_path / "run.toml").write_text(to_toml(config))
+    wire = plan_report(tmp_path / "run.toml", [])["wire"]
+    comm = run(config, tmp_path / "run")["communication"]
+    assert comm["participations_are_expected_values"]
+    assert comm["bytes_up_total"] == wire["uplink_bytes"] * comm["client_participations"]
+    assert comm["bytes_down_total"] == wire["downlink_bytes"] * comm["client_participations"]
+
+
+def test_nf4_base_runs_end_to_end(tiny_config, tmp_path):
+    report = run(tiny_config("quantization.base=nf4"), tmp_path / "run")["model_privacy"]
+    assert report["tensor_types"]["NF4"] == 2  # the tiny model's 64-wide down_proj rows
+    assert report["client_base"]["loss"] != report["server_base"]["loss"]

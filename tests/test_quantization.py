@@ -147,13 +147,18 @@ def test_a_weaker_bound_would_fail():
     assert (np.abs(yb - xb).max(axis=1) > halved).any()
 
 
-def test_client_model_is_exactly_the_dequantized_bundle(bundle, tmp_path):
+def test_client_model_is_exactly_the_dequantized_bundle(tmp_path, tiny_model, tokenizer):
     """The client's weights are gguf's own dequantization of the file, bit for bit, and the
-    load reads nothing but the bundle (the full-precision source is deleted first, and every
-    file Python opens is recorded)."""
-    path, _ = bundle
+    load reads nothing but the bundle: the full-precision checkpoint the bundle was made from is
+    deleted first, and every file Python opens during the load is recorded."""
+    from privlora.models import load_model
+
     source = tmp_path / "full-precision"
-    source.mkdir()
+    tiny_model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    write_bundle(load_model(str(source), "float32", "cpu"), tokenizer, "q4_0", tmp_path / "b",
+                 str(source))
+    shutil.rmtree(source)
     opened: list[str] = []
     listening = [True]
 
@@ -161,18 +166,17 @@ def test_client_model_is_exactly_the_dequantized_bundle(bundle, tmp_path):
         if listening[0] and event == "open" and isinstance(args[0], str | bytes):
             opened.append(str(args[0]))
 
-    shutil.rmtree(source)
     sys.addaudithook(audit)
-    model, manifest = load_bundle(path, dtype="float32")
+    model, manifest = load_bundle(tmp_path / "b", dtype="float32")
     listening[0] = False
-    reader = gguf.GGUFReader(path / MODEL_FILE)
+    reader = gguf.GGUFReader(tmp_path / "b" / MODEL_FILE)
     reference = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
     loaded = model_weights(model)
     assert set(loaded) == set(reference) == {t.name for t in manifest.tensors}
     for name, value in loaded.items():
         np.testing.assert_array_equal(value.numpy(), reference[name].reshape(value.shape))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert not [p for p in opened if str(source) in p]
+    assert opened and all(str(tmp_path / "b") in p or "full-precision" not in p for p in opened)
     assert not [p for p in opened if p.endswith((".safetensors", ".bin", ".pt"))]
 
 
@@ -218,7 +222,7 @@ def test_truncated_file_with_a_matching_manifest_is_refused_by_the_reader(bundle
     manifest = json.loads((path / MANIFEST).read_text())
     from privlora.quantization.bundle import sha256_of
 
-    manifest["model_sha256"] = sha256_of(gguf_file)
+    manifest["files"][MODEL_FILE] = [gguf_file.stat().st_size, sha256_of(gguf_file)]
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="not a readable GGUF file"):
         load_bundle(path)
@@ -228,6 +232,15 @@ def test_shapes_that_do_not_match_the_manifest_are_refused(bundle):
     path, _ = bundle
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["tensors"][1]["shape"] = [16, 16]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="do not match the manifest"):
+        load_bundle(path)
+
+
+def test_tensors_out_of_the_manifests_order_are_refused(bundle):
+    path, _ = bundle
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["tensors"][1], manifest["tensors"][2] = manifest["tensors"][2], manifest["tensors"][1]
     (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="do not match the manifest"):
         load_bundle(path)
@@ -311,3 +324,28 @@ def test_adapter_downlink_codec_round_trips_within_the_bound(scheme):
         bounds = np.array([block_error_bound(qtype, b) for b in xb])
         assert (np.abs(yb - xb).max(axis=1) <= bounds).all()
     assert codec.pack_adapter(payload, "none") is payload
+
+
+@pytest.mark.parametrize("broken", ["too many blocks", "too few blocks", "wrong width"])
+def test_malformed_adapter_downlink_is_refused(broken):
+    packed = codec.pack_adapter(_payload(), "q8_0")
+    tensors = dict(packed.tensors)
+    raw = tensors["x.lora_B"]
+    tensors["x.lora_B"] = {"too many blocks": torch.cat([raw, raw]), "too few blocks": raw[:1],
+                           "wrong width": raw[:, :-2]}[broken]
+    with pytest.raises(InvalidUpdate, match="x.lora_B"):
+        codec.unpack_adapter(Payload(tensors, dict(packed.meta)))
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_1", "nf4"])
+def test_weights_already_on_the_grid_are_reported_identical(tmp_path, tiny_model, tokenizer,
+                                                            scheme):
+    """Re-quantizing a dequantized bundle gives the same values (the built-in SmolLM2 is such a
+    model for q4_1 and q8_0): the manifest says so per tensor, so nobody believes the bundle
+    hides weights it hands over exactly."""
+    first = write_bundle(tiny_model, tokenizer, scheme, tmp_path / "first", "tiny-random")
+    assert not any(t.identical for t in first.tensors if t.type != "F32")
+    on_grid, _ = load_bundle(tmp_path / "first", dtype="float32")
+    second = write_bundle(on_grid, tokenizer, scheme, tmp_path / "second", "first")
+    quantized = [t for t in second.tensors if t.type != "F32"]
+    assert quantized and all(t.identical for t in quantized)

@@ -123,10 +123,12 @@ def quantize(
         _fail(err)
     numel = sum(math.prod(t.shape) for t in manifest.tensors)
     types = Counter(t.type for t in manifest.tensors)
-    typer.echo(f"{out}: {manifest.model_bytes:,} bytes ({8 * manifest.model_bytes / numel:.2f} "
-               f"bits per weight, {manifest.model_bytes / manifest.full_precision_bytes:.3f}x "
-               f"float32), tensors {dict(sorted(types.items()))}, sha256 "
-               f"{manifest.model_sha256[:16]}...")
+    same = sum(t.identical and t.type != "F32" for t in manifest.tensors)
+    typer.echo(f"{out}: weights {manifest.model_bytes:,} bytes ({8 * manifest.model_bytes / numel:.2f}"
+               f" bits per weight, {manifest.model_bytes / manifest.full_precision_bytes:.3f}x "
+               f"float32), {manifest.total_bytes:,} bytes with config and tokenizer; tensors "
+               f"{dict(sorted(types.items()))}"
+               + (f"; {same} quantized tensors equal the source's values exactly" if same else ""))
 
 
 @privacy_app.command("epsilon")

@@ -100,13 +100,15 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         table.add_row("upload vs full fine-tuning", f"{c['ratio_up_vs_full']:.5f}x "
                       f"({1 / c['ratio_up_vs_full']:.0f}x less)")
     m = summary.get("model_privacy")
-    if m and m["bundle_bytes"] is not None:
+    if m and "bundle_bytes" in m:
         table.add_row(f"base model sent to clients ({m['base_scheme']})",
-                      f"{_mb(m['bundle_bytes'])} ({m['bundle_vs_full_precision']:.3f}x float32)")
+                      f"{_mb(m['bundle_bytes'])} (weights {m['bundle_vs_full_precision']:.3f}x "
+                      "float32)")
     if m and m["client_visible"]["accuracy"] is not None:
-        table.add_row("client-visible accuracy (quantized base)",
+        table.add_row("client-visible accuracy" + (" (quantized base)" if "bundle_bytes" in m
+                                                   else ""),
                       f"{100 * m['client_visible']['accuracy']:.1f}% (base alone "
-                      f"{100 * m['quantized_base']['accuracy']:.1f}%)")
+                      f"{100 * m['client_base']['accuracy']:.1f}%)")
     if m and m["general_perplexity_ratio"] is not None:
         table.add_row("general-text perplexity central -> client-visible",
                       f"{m['central']['general_perplexity']:.2f} -> "

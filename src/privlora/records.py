@@ -117,32 +117,43 @@ def model_privacy_summary(quantization: QuantizationConfig, bundle: Manifest | N
                           last: Mapping[str, Any]) -> dict[str, Any]:
     """Return summary.json's FedLPP report from the first and last evaluated rounds.
 
-    ``first`` (before training, a zero adapter) gives the full-precision base and the quantized
-    base alone; ``last`` the central model (full precision + adapter) against the
-    client-visible one (quantized base + the adapter as sent).
+    ``first`` (before training, a zero adapter) gives the server's base and the base a client
+    holds (the quantized base alone when there is a bundle); ``last`` the central model (the
+    server's base + adapter) against the client-visible one (the client's base + the adapter as
+    sent).
     """
     central, visible = last["central"], last["client_visible"]
     ratio = None
     if central["general_perplexity"] and visible["general_perplexity"]:
         ratio = visible["general_perplexity"] / central["general_perplexity"]
-    types = Counter(t.type for t in bundle.tensors) if bundle is not None else {}
-    return {
+    report: dict[str, Any] = {
         "base_scheme": quantization.base,
         "adapter_scheme": quantization.adapter,
         "uplink_bits": quantization.uplink_bits,
-        "bundle_bytes": None if bundle is None else bundle.model_bytes,
-        "full_precision_bytes": None if bundle is None else bundle.full_precision_bytes,
-        "bundle_vs_full_precision": None if bundle is None
-        else bundle.model_bytes / bundle.full_precision_bytes,
-        "tensor_types": dict(sorted(types.items())),
         "general_text": quantization.general_text or None,
-        "full_precision_base": first["central"],
-        "quantized_base": first["client_visible"],
+        "server_base": first["central"],
+        "client_base": first["client_visible"],
         "central": central,
         "client_visible": visible,
         "accuracy_gap": _gap(central["accuracy"], visible["accuracy"]),
         "general_perplexity_ratio": ratio,
     }
+    if bundle is not None:
+        quantized = [t for t in bundle.tensors if t.type != "F32"]
+        exact = [t for t in quantized if t.identical]
+        report |= {
+            "bundle_bytes": bundle.total_bytes,
+            "bundle_weights_bytes": bundle.model_bytes,
+            "full_precision_bytes": bundle.full_precision_bytes,
+            "bundle_vs_full_precision": bundle.model_bytes / bundle.full_precision_bytes,
+            "tensor_types": dict(sorted(Counter(t.type for t in bundle.tensors).items())),
+            # quantized tensors whose values a client holds exactly (the server's weights already
+            # lay on the scheme's grid): the bundle hides nothing of these
+            "quantized_tensors_identical": len(exact),
+            "quantized_weights_identical_share": sum(math.prod(t.shape) for t in exact)
+            / max(1, sum(math.prod(t.shape) for t in quantized)),
+        }
+    return report
 
 
 def _gap(central: float | None, visible: float | None) -> float | None:

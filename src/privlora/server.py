@@ -112,7 +112,7 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
     global_adapter = sim.init
     zero_shot = result = _evaluate(sim, global_adapter)
     files.log_round(_row(sim, 0, result, {}, {}, 0.0, ledger, {},
-                         _model_privacy(sim, global_adapter)))
+                         _model_privacy(sim, global_adapter, result)))
     for round_ in range(1, config.federation.rounds + 1):
         t0 = time.time()
         ids = protocol.select_clients(plan, config.federation, seed, round_)
@@ -138,7 +138,8 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
         due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds
         result = _evaluate(sim, global_adapter) if due else None
         files.log_round(_row(sim, round_, result, uplinks, traffic, time.time() - t0, ledger,
-                             diagnostics, _model_privacy(sim, global_adapter) if due else None))
+                             diagnostics,
+                             _model_privacy(sim, global_adapter, result) if due else None))
         files.checkpoint(round_, flatten(global_adapter), spent)
         if progress:
             progress.round_done(round_, result,
@@ -153,14 +154,15 @@ def _evaluate(sim: Simulation, adapter: Adapter) -> EvalResult:
     return evaluate(sim.central.model, sim.server.eval_examples, sim.server.task, sim.tokenizer)
 
 
-def _model_privacy(sim: Simulation, adapter: Adapter) -> dict | None:
+def _model_privacy(sim: Simulation, adapter: Adapter, central: EvalResult) -> dict | None:
     """Return the model-privacy scores of this global adapter (None without FedLPP).
 
-    central: the server's full-precision base + the global adapter; client_visible: the
-    quantized base a client holds + the adapter as a client rebuilds it from the downlink (as
-    quantized on the wire). Each with the task's accuracy and answer loss, and the perplexity
-    of the general text (when configured). Before any training the adapter is zero, so the
-    round-0 client_visible scores are the quantized base alone.
+    central: the server's base + the global adapter (``central`` holds its task scores,
+    already computed); client_visible: the base a client holds (the quantized bundle) + the
+    adapter as a client rebuilds it from the downlink (as quantized on the wire). Each with the
+    task's accuracy and answer loss, and the perplexity of the general text (when configured).
+    Before any training the adapter is zero, so the round-0 client_visible scores are the
+    client's base alone.
     """
     config, server = sim.config, sim.server
     if server.bundle is None and config.quantization.adapter == "none":
@@ -168,14 +170,16 @@ def _model_privacy(sim: Simulation, adapter: Adapter) -> dict | None:
     down = codec.unpack_adapter(protocol.transmit(codec.pack_adapter(
         protocol.downlink(server.rule, adapter, None), config.quantization.adapter))[0])
     visible = protocol.client_start(down, sim.init, server.rule.trains_a)
-    return {"central": _scores(sim, sim.central, adapter),
-            "client_visible": _scores(sim, sim.handles, visible)}
+    return {"central": _scores(sim, sim.central, adapter, central),
+            "client_visible": _scores(sim, sim.handles, visible, None)}
 
 
-def _scores(sim: Simulation, handles: LoraHandles, adapter: Adapter) -> dict:
+def _scores(sim: Simulation, handles: LoraHandles, adapter: Adapter,
+            task: EvalResult | None) -> dict:
     server = sim.server
     write_adapter(handles, adapter)
-    task = evaluate(handles.model, server.eval_examples, server.task, sim.tokenizer)
+    if task is None:
+        task = evaluate(handles.model, server.eval_examples, server.task, sim.tokenizer)
     general = evaluate(handles.model, server.general, data.GENERAL_TEXT,
                        sim.tokenizer) if server.general else None
     return {"accuracy": task.accuracy, "macro_f1": task.macro_f1, "loss": task.loss,
@@ -213,7 +217,7 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
     comm = records.communication(files.rows, server.plan, fed.rounds, fed.num_clients,
                                  fed.per_round, *_mean_transfer_bytes(sim),
                                  server.full_model_bytes,
-                                 None if server.bundle is None else server.bundle.model_bytes)
+                                 None if server.bundle is None else server.bundle.total_bytes)
     summary = records.summary(
         server.task.name, server.task.labels, config.model.name,
         majority_share([e.label for e in server.eval_examples]), zero_shot, final,
@@ -232,8 +236,8 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
 
 def _mean_transfer_bytes(sim: Simulation) -> tuple[float, float]:
     """Mean over all clients of one uplink's and one downlink's size, as encoded on the wire:
-    shapes only, so it reveals no participation (a private uplink has the downlink's tensors and
-    nothing beside them, see ``check_uplink``)."""
+    shapes only, so it reveals no participation (a private uplink, decoded, has the downlink's
+    tensors and nothing beside them, see ``check_uplink``; encoded, their codes and scales)."""
     q = sim.config.quantization
     sizes = {}
     for rank in set(sim.server.ranks):

@@ -21,6 +21,7 @@ from privlora.privacy.plan import (
 )
 from privlora.privacy.signal import LEARNS, NO_LEARNING, NoiseToSignal
 from privlora.privacy.variance import local_noise_variance, summarize
+from privlora.quantization.bundle import model_weights
 from privlora.records import signal_dict
 from privlora.rules import build_rule
 
@@ -40,8 +41,9 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
         config = load_config(config_path, [*overrides, f"privacy.sample_rate={suggested!r}"])
     plan = make_plan(config, sizes)
     model = _skeleton(config)
+    shapes = {name: tuple(w.shape) for name, w in model_weights(model).items()}  # before LoRA
     adapter = read_adapter(attach(model, spec_of(config.lora), config.seed))
-    wire = wire_costs(config, model, adapter)
+    wire = wire_costs(config, shapes, adapter)
     report = plan.to_dict()
     if report is None:
         return {"mode": "none", "wire": wire, "text": "\n".join(
@@ -75,23 +77,23 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
     return report
 
 
-def wire_costs(config, model, adapter: Adapter) -> dict:
-    """Bytes of what crosses the wire, per layer of FedLPP, from the real shapes: the base-model
-    bundle (once per client), one downlink and one uplink (as encoded), against float32."""
+def wire_costs(config, shapes: dict[str, tuple[int, ...]], adapter: Adapter) -> dict:
+    """Bytes of what crosses the wire, per layer of FedLPP, from the real shapes: the bundle's
+    weights (once per client; its config and tokenizer add a few MB), one downlink and one
+    uplink (as encoded, a full-rank client's), against float32."""
     import torch
 
     from privlora.protocol import Payload, downlink
     from privlora.quantization import codec
-    from privlora.quantization.bundle import model_weights, predicted_bytes
+    from privlora.quantization.bundle import predicted_bytes
 
     q = config.quantization
-    shapes = {k: tuple(v.shape) for k, v in model_weights(model).items() if "lora_" not in k}
     zero = {k: Factors(torch.zeros_like(f.A), torch.zeros_like(f.B)) for k, f in adapter.items()}
     down = downlink(build_rule(config), zero, None)
     up = Payload({k: torch.zeros_like(v) for k, v in down.tensors.items()})
     return {
         "base_scheme": q.base,
-        "bundle_bytes": None if q.base == "none" else predicted_bytes(shapes, q.base),
+        "bundle_weights_bytes": None if q.base == "none" else predicted_bytes(shapes, q.base),
         "full_precision_bytes": predicted_bytes(shapes, "none"),
         "adapter_scheme": q.adapter,
         "downlink_bytes": len(codec.pack_adapter(down, q.adapter).to_bytes()),
@@ -106,10 +108,13 @@ def _wire_lines(wire: dict) -> list[str]:
     """The wire costs in words; quantization is post-processing and costs no privacy."""
     full = wire["full_precision_bytes"]
     lines = []
-    if wire["bundle_bytes"] is not None:
-        lines.append(f"base model to each client, once: {wire['base_scheme']} bundle about "
-                     f"{wire['bundle_bytes']:,} bytes of weights ({wire['bundle_bytes'] / full:.3f}x "
-                     f"the float32 {full:,}); clients never hold the server's weights")
+    weights = wire["bundle_weights_bytes"]
+    if weights is not None:
+        lines.append(f"base model to each client, once: a {wire['base_scheme']} bundle, about "
+                     f"{weights:,} bytes of weights ({weights / full:.3f}x the float32 {full:,}) "
+                     "plus config and tokenizer; clients get quantized copies (norms and "
+                     "tensors no block fits stay exact, and so does any weight already on the "
+                     "scheme's grid: the bundle's manifest lists them)")
     lines.append(f"per client per round: down {wire['downlink_bytes']:,} bytes ({wire['adapter_scheme']}"
                  f"; float32 {wire['downlink_float32_bytes']:,}), up {wire['uplink_bytes']:,} bytes ("
                  + (f"{wire['uplink_bits']}-bit stochastic rounding after any noise, no privacy cost"

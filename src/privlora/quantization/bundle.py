@@ -2,17 +2,21 @@
 
 A bundle is a directory::
 
-    model.gguf      every weight of the model, quantized by gguf-py (1-D norms stay float32);
-                    tensor names are the Hugging Face parameter names
+    model.gguf      every weight of the model, quantized by gguf-py's quantizers, or for NF4
+                    by bitsandbytes' (stored as int8 codes + a float32 absmax tensor); 1-D
+                    norms and rows that fit no block stay float32; Hugging Face tensor names
     config.json     the model's Hugging Face config (shapes, no weights)
     tokenizer files the tokenizer, saved by ``save_pretrained``
-    manifest.json   scheme, per-tensor GGML type and shape, file sizes and SHA-256 digests
+    manifest.json   scheme, per-tensor stored type and shape (and whether the quantized values
+                    equal the server's), every file's size and SHA-256
 
-``write_bundle`` makes one from the server's full-precision model; ``load_bundle`` is all a
-client needs: it verifies the manifest (checksums, then every tensor's name, type and shape)
-and builds the model from the dequantized values only, so the weights a client holds are the
-quantized ones, nothing finer. The GGUF file is a standard GGUF container (any GGUF reader
-lists and dequantizes its tensors), but with Hugging Face tensor names and no llama.cpp
+``write_bundle`` makes one from the server's model; ``load_bundle`` is all a client needs: it
+verifies the manifest (every file's checksum, then every tensor's name, type and shape) and
+builds the model from the dequantized values only, so the weights a client holds are the
+quantized ones, nothing finer: unless the server's own weights already lie on the scheme's grid
+(the built-in SmolLM2 ships as a Q4_1/Q8_0 GGUF), which the manifest records per tensor
+(``identical``). The GGUF file is a standard GGUF container (any GGUF reader lists its tensors
+and dequantizes the GGML-typed ones), but with Hugging Face tensor names and no llama.cpp
 architecture metadata, llama.cpp's runtime would not run it as a model.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -46,8 +51,9 @@ from privlora.quantization.schemes import (
     tensor_type,
 )
 
+log = logging.getLogger(__name__)
 MODEL_FILE, MANIFEST, CONFIG = "model.gguf", "manifest.json", "config.json"
-FORMAT = "privlora-bundle-1"
+FORMAT = "privlora-bundle-2"
 _ARCH = "privlora"  # the GGUF architecture key: tensors carry Hugging Face names
 _MAX_NAME = 63  # GGML_MAX_NAME - 1
 ABSMAX = ".nf4_absmax"  # an NF4 weight NAME is stored as NAME (codes) and NAME.nf4_absmax
@@ -57,7 +63,12 @@ ABSMAX = ".nf4_absmax"  # an NF4 weight NAME is stored as NAME (codes) and NAME.
 class TensorEntry:
     name: str
     shape: tuple[int, ...]
-    type: str  # GGML type name: Q4_0, Q8_0, F32, ...
+    type: str  # stored type: a GGML type name (Q4_0, Q8_0, F32, ...) or NF4
+    identical: bool = False  # the dequantized values equal the server's, bit for bit
+
+    def stored(self) -> tuple[str, tuple[int, ...], str]:
+        """What the GGUF file itself can show of this entry: name, shape, type."""
+        return self.name, self.shape, self.type
 
 
 @dataclass(frozen=True)
@@ -68,10 +79,18 @@ class Manifest:
     scheme: str
     source: str  # the model the server quantized (its name; never its weights)
     tensors: tuple[TensorEntry, ...]
-    model_bytes: int  # size of model.gguf
-    model_sha256: str
-    config_sha256: str
+    files: dict[str, tuple[int, str]]  # every file but the manifest: (bytes, SHA-256)
     full_precision_bytes: int  # the same weights as float32, for the downlink comparison
+
+    @property
+    def model_bytes(self) -> int:
+        """Bytes of the weights file, model.gguf."""
+        return self.files[MODEL_FILE][0]
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes a client downloads: every file, the manifest included."""
+        return sum(size for size, _ in self.files.values()) + len(self.to_json().encode())
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -79,8 +98,9 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
-        raw["tensors"] = tuple(TensorEntry(t["name"], tuple(t["shape"]), t["type"])
-                               for t in raw["tensors"])
+        raw["tensors"] = tuple(TensorEntry(t["name"], tuple(t["shape"]), t["type"],
+                                           bool(t["identical"])) for t in raw["tensors"])
+        raw["files"] = {k: (int(v[0]), str(v[1])) for k, v in raw["files"].items()}
         return cls(**raw)
 
 
@@ -119,8 +139,13 @@ def write_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sch
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         full = sum(4 * int(w.numel()) for w in model_weights(model).values())
-        manifest = Manifest(FORMAT, scheme, source, entries, (tmp / MODEL_FILE).stat().st_size,
-                            sha256_of(tmp / MODEL_FILE), sha256_of(tmp / CONFIG), full)
+        files = {f.name: (f.stat().st_size, sha256_of(f)) for f in sorted(tmp.iterdir())}
+        manifest = Manifest(FORMAT, scheme, source, entries, files, full)
+        same = [e.name for e in entries if e.identical and e.type != "F32"]
+        if same:
+            log.warning("%d of %d quantized tensors come back bit-identical to the server's (its "
+                        "weights already lie on the %s grid): clients hold those exactly, e.g. %s",
+                        len(same), sum(e.type != "F32" for e in entries), scheme, same[0])
         (tmp / MANIFEST).write_text(manifest.to_json())
         tmp.rename(out)
     except BaseException:
@@ -137,20 +162,23 @@ def _write_gguf(weights: dict[str, torch.Tensor], scheme: str,
     for name, weight in weights.items():
         if len(name) + len(ABSMAX) > _MAX_NAME:
             raise BundleError(f"tensor name {name!r} is longer than GGUF's {_MAX_NAME} characters")
-        entry = TensorEntry(name, tuple(weight.shape), stored_type(scheme, tuple(weight.shape)))
-        if entry.type == NF4.upper():  # no GGML type: the codes and the absmax as plain tensors
+        shape, kind = tuple(weight.shape), stored_type(scheme, tuple(weight.shape))
+        if kind == NF4.upper():  # no GGML type: the codes and the absmax as plain tensors
             codes, absmax = encode_nf4(weight)
             writer.add_tensor(name, codes.view(np.int8))
             writer.add_tensor(name + ABSMAX, absmax)
+            back = decode_nf4(codes, absmax, shape)
         else:
-            qtype = tensor_type(scheme, entry.shape)
+            qtype = tensor_type(scheme, shape)
             raw = encode(weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight,
                          qtype)
             if qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(name, raw.reshape(entry.shape))
+                writer.add_tensor(name, raw.reshape(shape))
             else:
                 writer.add_tensor(name, raw, raw_dtype=qtype)
-        entries.append(entry)
+            back = decode(raw, qtype)
+        identical = torch.equal(back.reshape(shape), weight.detach().float().cpu())
+        entries.append(TensorEntry(name, shape, kind, identical))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -180,7 +208,9 @@ def read_manifest(bundle: Path | str) -> Manifest:
             from None
     if manifest.format != FORMAT:
         raise BundleError(f"{path}: format {manifest.format!r}, this privlora reads {FORMAT!r}")
-    for name, want in ((MODEL_FILE, manifest.model_sha256), (CONFIG, manifest.config_sha256)):
+    if not {MODEL_FILE, CONFIG} <= set(manifest.files):
+        raise BundleError(f"{path} lists no {MODEL_FILE} or {CONFIG}; quantize the model again")
+    for name, (_, want) in manifest.files.items():
         file = bundle / name
         if not file.is_file():
             raise BundleError(f"{bundle}: {name} is missing; download the bundle again")
@@ -199,7 +229,7 @@ def read_weights(bundle: Path | str, manifest: Manifest) -> dict[str, torch.Tens
     except (ValueError, OSError, IndexError) as err:
         raise BundleError(f"{path} is not a readable GGUF file ({err}); download it again") \
             from None
-    found = [TensorEntry(t.name, tuple(int(n) for n in reversed(t.shape)), t.tensor_type.name)
+    found = [(t.name, tuple(int(n) for n in reversed(t.shape)), t.tensor_type.name)
              for t in reader.tensors]
     want = [stored for entry in manifest.tensors for stored in _stored(entry)]
     if found != want:
@@ -219,21 +249,21 @@ def read_weights(bundle: Path | str, manifest: Manifest) -> dict[str, torch.Tens
     return weights
 
 
-def _stored(entry: TensorEntry) -> list[TensorEntry]:
+def _stored(entry: TensorEntry) -> list[tuple[str, tuple[int, ...], str]]:
     """The GGUF tensors that hold one manifest entry: itself, or NF4's codes and absmax."""
     if entry.type != NF4.upper():
-        return [entry]
+        return [entry.stored()]
     numel = math.prod(entry.shape)
-    return [TensorEntry(entry.name, (numel // 2,), "I8"),
-            TensorEntry(entry.name + ABSMAX, (numel // NF4_BLOCK,), "F32")]
+    return [(entry.name, (numel // 2,), "I8"),
+            (entry.name + ABSMAX, (numel // NF4_BLOCK,), "F32")]
 
 
 def load_bundle(bundle: Path | str, dtype: str = "auto",
                 device: str = "cpu") -> tuple[PreTrainedModel, Manifest]:
     """Build the client's model from a bundle alone: verified, dequantized, frozen.
 
-    Its weights are exactly gguf's dequantization of the file (then cast to the training
-    dtype); nothing else is read but the bundle's config.
+    Its weights are exactly the library's dequantization of the file (gguf-py's, bitsandbytes'
+    for NF4), then cast to the training dtype; nothing else is read but the bundle's config.
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)

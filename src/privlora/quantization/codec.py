@@ -4,7 +4,10 @@ the uplink. Pure functions from one Payload to another.
 - Downlink (``quantization.adapter``): every tensor flattened into blocks of 32 values and
   quantized with one of gguf's block schemes (nearest rounding); the shapes ride in the
   payload's meta. The client trains from the decoded values and sends its update relative to
-  them.
+  them. The server adds that update to its full-precision factors; with ``exact``, which
+  rebuilds each client's product change from the global factors, the change is measured from
+  the full-precision start rather than the decoded one the client trained from (an error of the
+  order of the update times the quantization error; clipping still bounds the sensitivity).
 - Uplink (``quantization.uplink_bits`` 8 or 4): unbiased stochastic rounding to signed integer
   codes with one float32 scale per block of 32 values (the block's largest magnitude over
   2^(bits-1) - 1), so E[decode(encode(x))] = x. It runs on the update as released, after any DP
@@ -19,6 +22,7 @@ import json
 import math
 
 import torch
+from gguf import GGML_QUANT_SIZES
 
 from privlora.errors import InvalidUpdate
 from privlora.protocol import Payload
@@ -61,8 +65,14 @@ def unpack_adapter(payload: Payload) -> Payload:
         raise InvalidUpdate(f"downlink codec {scheme!r} or its shapes do not match its tensors; "
                             "client and server must use the same quantization settings")
     qtype = SCHEMES[scheme]
-    tensors = {k: _unblock(decode(v.numpy(), qtype), tuple(shapes[k]))
-               for k, v in payload.tensors.items()}
+    block, size = GGML_QUANT_SIZES[qtype]
+    tensors = {}
+    for name, raw in payload.tensors.items():
+        shape = tuple(shapes[name])
+        if tuple(raw.shape) != (math.ceil(math.prod(shape) / block), size) or raw.dtype != torch.uint8:
+            raise InvalidUpdate(f"downlink tensor {name!r}: {tuple(raw.shape)} {raw.dtype} is not "
+                                f"{scheme} blocks of a {shape} tensor; download it again")
+        tensors[name] = _unblock(decode(raw.numpy(), qtype), shape)
     return Payload(tensors, meta)
 
 
