@@ -349,3 +349,12 @@ def test_weights_already_on_the_grid_are_reported_identical(tmp_path, tiny_model
     second = write_bundle(on_grid, tokenizer, scheme, tmp_path / "second", "first")
     quantized = [t for t in second.tensors if t.type != "F32"]
     assert quantized and all(t.identical for t in quantized)
+
+
+def test_nf4_without_bitsandbytes_names_the_extra(monkeypatch):
+    from privlora.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(ConfigError, match=r"pip install 'privlora\[nf4\]'"):
+        encode_nf4(torch.zeros(2, 64))
