@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from privlora import client, data, protocol, records
@@ -122,10 +121,7 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
         files.save_ledger(spent)
         uplinks, traffic = {}, {}
         for cid in progress.clients(round_, ids) if progress else ids:
-            arrived, down_bytes = protocol.transmit(codec.pack_adapter(
-                protocol.downlink(server.rule, global_adapter, server.ranks[cid]),
-                config.quantization.adapter))
-            down = codec.unpack_adapter(arrived)  # what the client trains from
+            down, down_bytes = _send_down(sim, global_adapter, server.ranks[cid])
             sent_up, up_bytes = protocol.transmit(client.run_round(
                 sim.handles, sim.init, sim.sites[cid], down, seed, round_,
                 sim.tokenizer.pad_token_id, progress.step if progress else None))
@@ -148,6 +144,15 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
     return _finish(sim, files, global_adapter, ledger, zero_shot, result, time.time() - started)
 
 
+def _send_down(sim: Simulation, adapter: Adapter, rank: int | None) -> tuple[protocol.Payload, int]:
+    """Send ``adapter`` to a rank-``rank`` client over the in-process wire, encoded by
+    ``quantization.adapter``: return the payload the client decodes and trains from, and the
+    bytes that crossed."""
+    arrived, size = protocol.transmit(codec.pack_adapter(
+        protocol.downlink(sim.server.rule, adapter, rank), sim.config.quantization.adapter))
+    return codec.unpack_adapter(arrived), size
+
+
 def _evaluate(sim: Simulation, adapter: Adapter) -> EvalResult:
     """Score the central model: the server's base (full precision) with ``adapter``."""
     write_adapter(sim.central, adapter)
@@ -167,9 +172,8 @@ def _model_privacy(sim: Simulation, adapter: Adapter, central: EvalResult) -> di
     config, server = sim.config, sim.server
     if server.bundle is None and config.quantization.adapter == "none":
         return None
-    down = codec.unpack_adapter(protocol.transmit(codec.pack_adapter(
-        protocol.downlink(server.rule, adapter, None), config.quantization.adapter))[0])
-    visible = protocol.client_start(down, sim.init, server.rule.trains_a)
+    visible = protocol.client_start(_send_down(sim, adapter, None)[0], sim.init,
+                                    server.rule.trains_a)
     return {"central": _scores(sim, sim.central, adapter, central),
             "client_visible": _scores(sim, sim.handles, visible, None)}
 
@@ -239,12 +243,9 @@ def _mean_transfer_bytes(sim: Simulation) -> tuple[float, float]:
     shapes only, so it reveals no participation (a private uplink, decoded, has the downlink's
     tensors and nothing beside them, see ``check_uplink``; encoded, their codes and scales)."""
     q = sim.config.quantization
-    sizes = {}
-    for rank in set(sim.server.ranks):
-        down = protocol.downlink(sim.server.rule, sim.init, rank)
-        zero = protocol.Payload({k: torch.zeros_like(v) for k, v in down.tensors.items()})
-        sizes[rank] = (len(codec.pack_update(zero, q.uplink_bits, torch.Generator()).to_bytes()),
-                       len(codec.pack_adapter(down, q.adapter).to_bytes()))
+    sizes = {rank: codec.encoded_sizes(protocol.downlink(sim.server.rule, sim.init, rank),
+                                       q.adapter, q.uplink_bits)
+             for rank in set(sim.server.ranks)}
     n = len(sim.server.ranks)
     return (sum(sizes[r][0] for r in sim.server.ranks) / n,
             sum(sizes[r][1] for r in sim.server.ranks) / n)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from privlora import data
 from privlora.config import load_config
-from privlora.lora import Adapter, Factors, attach, read_adapter, released_coordinates, spec_of
+from privlora.lora import Adapter, attach, read_adapter, released_coordinates, spec_of
 from privlora.privacy import accounting
 from privlora.privacy.plan import (
     lacks_sample_rate,
@@ -81,26 +81,24 @@ def wire_costs(config, shapes: dict[str, tuple[int, ...]], adapter: Adapter) -> 
     """Bytes of what crosses the wire, per layer of FedLPP, from the real shapes: the bundle's
     weights (once per client; its config and tokenizer add a few MB), one downlink and one
     uplink (as encoded, a full-rank client's), against float32."""
-    import torch
-
-    from privlora.protocol import Payload, downlink
+    from privlora.protocol import downlink
     from privlora.quantization import codec
     from privlora.quantization.bundle import predicted_bytes
 
     q = config.quantization
-    zero = {k: Factors(torch.zeros_like(f.A), torch.zeros_like(f.B)) for k, f in adapter.items()}
-    down = downlink(build_rule(config), zero, None)
-    up = Payload({k: torch.zeros_like(v) for k, v in down.tensors.items()})
+    down = downlink(build_rule(config), adapter, None)
+    up_bytes, down_bytes = codec.encoded_sizes(down, q.adapter, q.uplink_bits)
+    up_f32, down_f32 = codec.encoded_sizes(down, "none", 0)
     return {
         "base_scheme": q.base,
         "bundle_weights_bytes": None if q.base == "none" else predicted_bytes(shapes, q.base),
         "full_precision_bytes": predicted_bytes(shapes, "none"),
         "adapter_scheme": q.adapter,
-        "downlink_bytes": len(codec.pack_adapter(down, q.adapter).to_bytes()),
-        "downlink_float32_bytes": len(down.to_bytes()),
+        "downlink_bytes": down_bytes,
+        "downlink_float32_bytes": down_f32,
         "uplink_bits": q.uplink_bits,
-        "uplink_bytes": len(codec.pack_update(up, q.uplink_bits, torch.Generator()).to_bytes()),
-        "uplink_float32_bytes": len(up.to_bytes()),
+        "uplink_bytes": up_bytes,
+        "uplink_float32_bytes": up_f32,
     }
 
 

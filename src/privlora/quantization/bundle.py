@@ -111,13 +111,8 @@ def model_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 def predicted_bytes(shapes: dict[str, tuple[int, ...]], scheme: str) -> int:
     """Return the tensor bytes a bundle of these shapes takes under ``scheme`` (no header)."""
-    total = 0.0
-    for shape in shapes.values():
-        numel = 1
-        for n in shape:
-            numel *= n
-        total += numel * stored_bits(stored_type(scheme, shape)) / 8
-    return int(total)
+    return int(sum(math.prod(shape) * stored_bits(stored_type(scheme, shape)) / 8
+                   for shape in shapes.values()))
 
 
 def write_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, scheme: str,
@@ -135,10 +130,11 @@ def write_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sch
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        entries = _write_gguf(model_weights(model), scheme, tmp / MODEL_FILE)
+        weights = model_weights(model)
+        entries = _write_gguf(weights, scheme, tmp / MODEL_FILE)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        full = sum(4 * int(w.numel()) for w in model_weights(model).values())
+        full = sum(4 * int(w.numel()) for w in weights.values())
         files = {f.name: (f.stat().st_size, sha256_of(f)) for f in sorted(tmp.iterdir())}
         manifest = Manifest(FORMAT, scheme, source, entries, files, full)
         same = [e.name for e in entries if e.identical and e.type != "F32"]

@@ -136,6 +136,9 @@ def unpack_update(payload: Payload, bits: int, sent: Payload) -> Payload:
     return Payload(tensors, dict(payload.meta))
 
 
-def bits_per_value(bits: int) -> float:
-    """Return the uplink's stored bits per coordinate: codes plus one float32 scale per block."""
-    return 32.0 if bits == 0 else bits + 32 / BLOCK
+def encoded_sizes(down: Payload, adapter_scheme: str, uplink_bits: int) -> tuple[int, int]:
+    """Return the bytes of one uplink and of one downlink as encoded on the wire, for the plain
+    downlink ``down``: they depend on its shapes (and meta) only, not on any value."""
+    zero = Payload({k: torch.zeros_like(v) for k, v in down.tensors.items()})
+    return (len(pack_update(zero, uplink_bits, torch.Generator()).to_bytes()),
+            len(pack_adapter(down, adapter_scheme).to_bytes()))
