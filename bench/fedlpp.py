@@ -120,9 +120,23 @@ def render(rows: list[dict]) -> str:
     zero = rows[0]["zero_shot_accuracy"] if rows else None
     return (f"zero-shot (full precision) {pct(zero)}, majority class "
             f"{pct(rows[0]['majority_accuracy']) if rows else '-'}\n\n") + table(
-        ["base scheme", "bundle weights (vs float32)", "weight error linear / embeddings", "central acc", "central - unquantized (points)",
-         "client-visible acc", "quantized base alone", "general ppl central",
-         "general ppl client-visible", "ppl ratio"], lines)
+        ["base scheme", "bundle weights (vs float32)", "weight error linear / embeddings",
+         "central acc", "central - unquantized (points)", "client-visible acc",
+         "quantized base alone", "general ppl central", "general ppl client-visible",
+         "ppl ratio"], lines) + _before_training(rows)
+
+
+def _before_training(rows: list[dict]) -> str:
+    """The general-text perplexity of the server's base and of each quantized base alone."""
+    bases = [(r["scheme"], r["model_privacy"]) for r in rows if r["model_privacy"]]
+    if not bases or bases[0][1]["central"]["general_perplexity"] is None:
+        return ""
+    # rows from before the summary renamed them: full_precision_base / quantized_base
+    server = bases[0][1].get("server_base", bases[0][1].get("full_precision_base"))
+    alone = [f"{scheme} {m.get('client_base', m.get('quantized_base'))['general_perplexity']:.2f}"
+             for scheme, m in bases]
+    return (f"\n\ngeneral-text perplexity before training: server's base "
+            f"{server['general_perplexity']:.2f}; quantized base alone: " + ", ".join(alone))
 
 
 def main() -> None:
