@@ -73,6 +73,13 @@ class FederationConfig:
             return max(1, round(self.client_fraction * self.num_clients))
         return self.clients_per_round or self.num_clients
     aggregation: Aggregation = "fedavg"
+    # a round goes on while at least this many of its clients' updates are accepted (fewer
+    # clients selected: all of them); a site that drops out or sends a refused update is left out
+    min_clients: int = 1
+    # deployment (Flower): seconds the server waits for a round's replies, and for the sites to
+    # connect at the start
+    round_timeout: float = 600.0
+    connect_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,19 @@ def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) 
             raise ConfigError(f"--config {path}: not valid TOML ({err}); fix the syntax") from None
     for item in overrides:
         _apply_override(raw, item)
+    return _validated(raw)
+
+
+def config_from_toml(text: str) -> RunConfig:
+    """Parse and validate a config rendered by ``to_toml`` (what a deployed server sends)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"the run config sent by the server is not valid TOML ({err})") from None
+    return _validated(raw)
+
+
+def _validated(raw: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, raw, prefix="")
     validate(config)
     return config
@@ -255,6 +275,10 @@ def validate(c: RunConfig) -> None:
              f"federation.client_fraction = {f.client_fraction} must be in [0, 1]")
     _require(not (f.client_fraction and f.clients_per_round),
              "set federation.clients_per_round or federation.client_fraction, not both")
+    _require(1 <= f.min_clients <= f.num_clients,
+             f"federation.min_clients = {f.min_clients} must be in [1, num_clients]")
+    _require(f.round_timeout > 0 and f.connect_timeout > 0,
+             "federation.round_timeout and federation.connect_timeout must be > 0 seconds")
     _require(c.train.local_steps >= 1, f"train.local_steps = {c.train.local_steps} must be >= 1")
     _require(c.train.batch_size >= 1, f"train.batch_size = {c.train.batch_size} must be >= 1")
     _require(c.train.microbatch >= 1, f"train.microbatch = {c.train.microbatch} must be >= 1")

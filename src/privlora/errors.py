@@ -19,3 +19,7 @@ class InvalidUpdate(ValueError):
 
 class BundleError(ValueError):
     """A quantized model bundle is missing, damaged, or does not match its manifest."""
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients of a round answered with an acceptable update (federation.min_clients)."""

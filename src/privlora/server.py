@@ -8,15 +8,18 @@ the shared PEFT model for a client's update), so memory does not grow with the c
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from privlora import client, data, protocol, records
+from privlora import client, data, protocol, records, uplink
 from privlora.communication import full_finetune_bytes
 from privlora.config import RunConfig, to_toml
+from privlora.errors import InvalidUpdate, RoundFailed
 from privlora.evaluate import EvalResult, evaluate, majority_share
 from privlora.lora import (
     Adapter,
@@ -38,6 +41,9 @@ from privlora.quantization import codec
 from privlora.quantization.bundle import Manifest, distribute
 from privlora.rules import Rule, build_rule
 from privlora.run_dir import RunDir, check_target
+
+# Messages that stay with the party that logs them: never written to the run directory.
+local_log = logging.getLogger("privlora.local")
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class Simulation:
 
     config: RunConfig
     server: Server
-    sites: list[client.Site]
+    sites: list[client.Site]  # [] on a deployed server: the sites hold their own
     handles: LoraHandles  # the clients' model: the dequantized bundle under FedLPP
     central: LoraHandles  # the server's full-precision model (``handles`` itself without FedLPP)
     init: Adapter  # the LoRA init every party derives from the shared seed
@@ -70,11 +76,30 @@ class Simulation:
 
 def prepare(config: RunConfig) -> Simulation:
     """Load data, model and LoRA; partition clients; plan privacy (refusing an overspend)."""
+    task, train_rows, eval_rows = load_rows(config)
+    parts = data.partition(train_rows, config.data, config.federation.num_clients, config.seed)
+    sim = prepare_server(config, task, eval_rows, [len(p) for p in parts])
+    sim.sites = [client.Site(cid, data.tokenize(part, task, sim.tokenizer, config.data.max_length),
+                             client.spec_for(config, sim.server.rule, sim.server.plan,
+                                             sim.server.ranks[cid]))
+                 for cid, part in enumerate(parts)]
+    return sim
+
+
+def load_rows(config: RunConfig) -> tuple[data.Task, list[dict], list[dict]]:
+    """Return the task and its (train, eval) rows: the split every runtime makes the same way."""
     task = data.load_task(config.data, config.seed)
     train_rows, eval_rows = data.split(task, config.data.eval_fraction, config.data.max_eval,
                                        config.seed)
-    parts = data.partition(train_rows, config.data, config.federation.num_clients, config.seed)
-    plan = make_plan(config, [len(p) for p in parts])  # before loading the model: fail fast
+    return task, train_rows, eval_rows
+
+
+def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
+                   client_sizes: list[int] | None) -> Simulation:
+    """Build what the server holds, without any site: plan (checked against ``client_sizes``
+    where the server knows them; a deployed server does not, and each site checks its own),
+    rule, models (the clients' base: the quantized bundle under FedLPP) and the eval set."""
+    plan = make_plan(config, client_sizes)  # before loading the model: fail fast
     rule = build_rule(config)
     tokenizer = load_tokenizer(config.model.name)
     q = config.quantization
@@ -89,52 +114,94 @@ def prepare(config: RunConfig) -> Simulation:
     central = attach(model, lora_spec_of(config.lora), seed=config.seed)
     handles = central if bundle is None else attach(client_model, lora_spec_of(config.lora),
                                                     seed=config.seed)
-    ranks = tuple(client.rank_of(config, cid) for cid in range(len(parts)))
-    sites = [client.Site(cid, data.tokenize(part, task, tokenizer, config.data.max_length),
-                         client.spec_for(config, rule, plan, ranks[cid]))
-             for cid, part in enumerate(parts)]
+    ranks = tuple(client.rank_of(config, cid) for cid in range(config.federation.num_clients))
     eval_examples = data.tokenize(eval_rows, task, tokenizer, config.data.max_length)
     signal = predicted_signal(plan, released_coordinates(read_adapter(handles), rule.trains_a),
                               config.federation)
     server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal, bundle, general)
-    return Simulation(config, server, sites, handles, central, read_adapter(handles), tokenizer)
+    return Simulation(config, server, [], handles, central, read_adapter(handles), tokenizer)
+
+
+class Transport(Protocol):
+    """How payloads reach the sites and come back: in process, or over Flower."""
+
+    def reachable(self, ids: list[int]) -> list[int]:
+        """Return the ids among ``ids`` that can be sent a round now (the others sit it out)."""
+        ...
+
+    def exchange(self, round_: int, downs: dict[int, protocol.Payload]
+                 ) -> dict[int, tuple[protocol.Payload, int] | str]:
+        """Send each client its encoded downlink; return each one's encoded uplink as it
+        arrived with its size in bytes (as a payload: ``Payload.to_bytes``, the same measure in
+        both runtimes), or why none came (a client missing from the result sent nothing)."""
+        ...
+
+
+@dataclass
+class InProcess:
+    """The simulation's wire: each payload crosses as bytes and the client starts from what
+    arrived, one client after another on the shared model."""
+
+    sim: Simulation
+    progress: Any = None
+
+    def reachable(self, ids: list[int]) -> list[int]:
+        return ids
+
+    def exchange(self, round_: int, downs: dict[int, protocol.Payload]
+                 ) -> dict[int, tuple[protocol.Payload, int] | str]:
+        sim, progress = self.sim, self.progress
+        replies: dict[int, tuple[protocol.Payload, int] | str] = {}
+        for cid in progress.clients(round_, list(downs)) if progress else downs:
+            arrived = codec.unpack_adapter(protocol.transmit(downs[cid])[0])
+            up = client.run_round(sim.handles, sim.init, sim.sites[cid], arrived,
+                                  sim.config.seed, round_, sim.tokenizer.pad_token_id,
+                                  progress.step if progress else None)
+            replies[cid] = protocol.transmit(up)
+        return replies
 
 
 def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = False) -> dict:
-    """Run the whole federated fine-tune; write the run directory; return the summary."""
-    started, out = time.time(), Path(out)
-    check_target(out, overwrite)  # refuse an existing run before any work
+    """Run the whole federated fine-tune in process; write the run directory; return the
+    summary."""
+    check_target(Path(out), overwrite)  # refuse an existing run before any work
     sim = prepare(config)  # an overspending plan refuses here: nothing written
+    return run_rounds(sim, InProcess(sim, progress), out, progress, overwrite)
+
+
+def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=None,
+               overwrite: bool = False) -> dict:
+    """The round loop of both runtimes, over the protocol; write the run directory."""
+    started, out, config = time.time(), Path(out), sim.config
     files = RunDir.create(out, to_toml(config), overwrite)
     server, plan, seed = sim.server, sim.server.plan, config.seed
     ledger = plan.new_ledger()
     global_adapter = sim.init
     zero_shot = result = _evaluate(sim, global_adapter)
-    files.log_round(_row(sim, 0, result, {}, {}, 0.0, ledger, {},
+    files.log_round(_row(sim, 0, result, {}, {}, [], 0.0, ledger, {},
                          _model_privacy(sim, global_adapter, result)))
     for round_ in range(1, config.federation.rounds + 1):
         t0 = time.time()
-        ids = protocol.select_clients(plan, config.federation, seed, round_)
+        selected = protocol.select_clients(plan, config.federation, seed, round_)
+        ids = transport.reachable(selected)  # only those sent a round are charged for it
+        if len(ids) < len(selected):
+            local_log.warning("server: round %d: clients %s unreachable, left out", round_,
+                              sorted(set(selected) - set(ids)))
         protocol.check_budget(ledger, plan, ids)
         protocol.spend(ledger, plan, ids)  # before any release: a crash can only overcount
         spent = _ledger_dict(ledger)  # the round's whole spend: nothing is recorded after this
         files.save_ledger(spent)
-        uplinks, traffic = {}, {}
-        for cid in progress.clients(round_, ids) if progress else ids:
-            down, down_bytes = _send_down(sim, global_adapter, server.ranks[cid])
-            sent_up, up_bytes = protocol.transmit(client.run_round(
-                sim.handles, sim.init, sim.sites[cid], down, seed, round_,
-                sim.tokenizer.pad_token_id, progress.step if progress else None))
-            up = codec.unpack_update(sent_up, config.quantization.uplink_bits, down)
-            protocol.check_uplink(cid, down, up, plan)
-            uplinks[cid], traffic[cid] = up, records.Traffic(up=up_bytes, down=down_bytes)
+        downs = {cid: _encode_down(sim, global_adapter, server.ranks[cid]) for cid in ids}
+        replies = transport.exchange(round_, downs)
+        uplinks, traffic, refused = _accept(sim, round_, ids, downs, replies)
+        _check_quorum(config.federation.min_clients, round_, ids, uplinks)
         global_adapter, diagnostics = protocol.aggregate(
             server.rule, plan, global_adapter, list(uplinks.values()),
             seeded_generator(seed, round_, "server", "noise"))
         due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds
         result = _evaluate(sim, global_adapter) if due else None
-        files.log_round(_row(sim, round_, result, uplinks, traffic, time.time() - t0, ledger,
-                             diagnostics,
+        files.log_round(_row(sim, round_, result, uplinks, traffic, refused, time.time() - t0,
+                             ledger, diagnostics,
                              _model_privacy(sim, global_adapter, result) if due else None))
         files.checkpoint(round_, flatten(global_adapter), spent)
         if progress:
@@ -144,13 +211,51 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
     return _finish(sim, files, global_adapter, ledger, zero_shot, result, time.time() - started)
 
 
-def _send_down(sim: Simulation, adapter: Adapter, rank: int | None) -> tuple[protocol.Payload, int]:
-    """Send ``adapter`` to a rank-``rank`` client over the in-process wire, encoded by
-    ``quantization.adapter``: return the payload the client decodes and trains from, and the
-    bytes that crossed."""
-    arrived, size = protocol.transmit(codec.pack_adapter(
-        protocol.downlink(sim.server.rule, adapter, rank), sim.config.quantization.adapter))
-    return codec.unpack_adapter(arrived), size
+def _accept(sim: Simulation, round_: int, ids: list[int], downs: dict[int, protocol.Payload],
+            replies: dict[int, tuple[protocol.Payload, int] | str]
+            ) -> tuple[dict[int, protocol.Payload], dict[int, records.Traffic], list[int]]:
+    """Check every reply (``uplink.accept``); return the accepted updates in client order, the
+    bytes each client moved, and the ids that sent nothing or a refused update. Why each was
+    left out goes to the server's local log only."""
+    q = sim.config.quantization
+    uplinks, traffic, refused = {}, {}, []
+    for cid in ids:
+        down_bytes = len(downs[cid].to_bytes())
+        reply = replies.get(cid, "no reply")
+        if isinstance(reply, str):
+            local_log.warning("server: round %d: client %d left out: %s", round_, cid, reply)
+            refused.append(cid)
+            traffic[cid] = records.Traffic(up=0, down=down_bytes)
+            continue
+        received, size = reply
+        traffic[cid] = records.Traffic(up=size, down=down_bytes)
+        try:
+            uplinks[cid] = uplink.accept(cid, codec.unpack_adapter(downs[cid]), received, size,
+                                         sim.server.plan, q.adapter, q.uplink_bits)
+        except InvalidUpdate as err:
+            local_log.warning("server: round %d: update refused: %s", round_, err)
+            refused.append(cid)
+    return uplinks, traffic, refused
+
+
+def _check_quorum(min_clients: int, round_: int, ids: list[int],
+                  uplinks: dict[int, protocol.Payload]) -> None:
+    """Stop the run when fewer than min(min_clients, selected) updates were accepted."""
+    need = min(min_clients, len(ids))
+    if len(uplinks) < need:
+        raise RoundFailed(
+            f"round {round_}: {len(uplinks)} of {len(ids)} clients sent an acceptable update, "
+            f"fewer than federation.min_clients = {min_clients}; the server's log says why each "
+            "was left out. The run stops here: its directory holds the rounds before this one "
+            "and the ledger, which counts this round's spend"
+        )
+
+
+def _encode_down(sim: Simulation, adapter: Adapter, rank: int | None) -> protocol.Payload:
+    """Return what a rank-``rank`` client is sent: the downlink encoded by
+    ``quantization.adapter`` (``codec.unpack_adapter`` gives what the client trains from)."""
+    return codec.pack_adapter(protocol.downlink(sim.server.rule, adapter, rank),
+                              sim.config.quantization.adapter)
 
 
 def _evaluate(sim: Simulation, adapter: Adapter) -> EvalResult:
@@ -172,8 +277,8 @@ def _model_privacy(sim: Simulation, adapter: Adapter, central: EvalResult) -> di
     config, server = sim.config, sim.server
     if server.bundle is None and config.quantization.adapter == "none":
         return None
-    visible = protocol.client_start(_send_down(sim, adapter, None)[0], sim.init,
-                                    server.rule.trains_a)
+    sent = protocol.transmit(_encode_down(sim, adapter, None))[0]
+    visible = protocol.client_start(codec.unpack_adapter(sent), sim.init, server.rule.trains_a)
     return {"central": _scores(sim, sim.central, adapter, central),
             "client_visible": _scores(sim, sim.handles, visible, None)}
 
@@ -194,11 +299,11 @@ def _ledger_dict(ledger: PrivacyLedger | None) -> dict | None:
     return None if ledger is None else ledger.to_dict()
 
 
-def _row(sim: Simulation, round_: int, result: EvalResult | None, uplinks: dict[int, protocol.Payload],
-         traffic: dict[int, records.Traffic], seconds: float, ledger: PrivacyLedger | None,
+def _row(sim: Simulation, round_: int, result: EvalResult | None,
+         uplinks: dict[int, protocol.Payload], traffic: dict[int, records.Traffic],
+         rejected: list[int], seconds: float, ledger: PrivacyLedger | None,
          diagnostics: dict[str, float], model_privacy: dict | None) -> dict:
     server = sim.server
-    rejected = [cid for cid, u in uplinks.items() if not protocol.is_finite(u)]
     losses = [u.meta["train_loss"] for u in uplinks.values() if "train_loss" in u.meta]
     epsilon = ledger.epsilon(accountant=server.plan.accountant) if ledger else None
     row = records.round_row(round_, result, traffic, rejected, losses, seconds, epsilon,

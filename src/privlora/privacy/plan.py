@@ -350,6 +350,18 @@ def _check_batch(q: float, largest: int, batch_size: int) -> None:
         )
 
 
+def check_site(config: RunConfig, examples: int) -> None:
+    """Refuse a site whose ``examples`` the config cannot train privately (sample mode): an
+    expected batch far over train.batch_size, or privacy.delta not below 1 / its examples
+    (a necessary condition for the population's delta; the server cannot see the population)."""
+    p = config.privacy
+    if p.mode != "sample" or p.sample_rate is None:
+        return
+    _check_batch(p.sample_rate, examples, config.train.batch_size)
+    accounting.validate_delta(p.delta, examples,
+                              "privacy.delta (population: at least this site's examples)")
+
+
 def lacks_sample_rate(config: RunConfig) -> bool:
     """Return whether the config is in sample mode without the sample rate that mode needs."""
     return config.privacy.mode == "sample" and config.privacy.sample_rate is None
@@ -366,8 +378,11 @@ def suggest_sample_rate(batch_size: int, client_sizes: Sequence[int]) -> float:
     return min(1.0, batch_size / median)
 
 
-def make_plan(config: RunConfig, client_sizes: Sequence[int]) -> PrivacyPlan:
+def make_plan(config: RunConfig, client_sizes: Sequence[int] | None) -> PrivacyPlan:
     """Build the plan ``privacy.mode`` names: sigma given or calibrated, epsilon forecast.
+
+    ``client_sizes`` (examples per client) serve only the checks of sample mode; a deployed
+    server does not know them (None), and each site checks its own (``check_site``).
 
     Raises ConfigError for settings that cannot protect anyone, PrivacyBudgetExceeded when the
     forecast exceeds privacy.target_epsilon.
@@ -390,9 +405,10 @@ def make_plan(config: RunConfig, client_sizes: Sequence[int]) -> PrivacyPlan:
                     "the clients' example counts (that would publish them). `privlora privacy "
                     "plan` suggests one: train.batch_size / median client size"
                 )
-            _check_batch(p.sample_rate, max(client_sizes), config.train.batch_size)
-            accounting.validate_delta(p.delta, sum(client_sizes),
-                                      "privacy.delta (population: all training examples)")
+            if client_sizes is not None:
+                check_site(config, max(client_sizes))
+                accounting.validate_delta(p.delta, sum(client_sizes),
+                                          "privacy.delta (population: all training examples)")
             draft = SampleLevel(**common, sample_rate=p.sample_rate,
                                 steps_per_round=config.train.local_steps,
                                 divisor=float(config.train.batch_size))
