@@ -13,6 +13,27 @@ import logging
 # logs that an optional 4-bit matmul kernel package is missing. privlora only quantizes with it.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
+
+
+def import_peft_without_bitsandbytes() -> None:
+    """Import PEFT while hiding bitsandbytes from it; afterwards bitsandbytes imports normally.
+
+    Why: PEFT imports bitsandbytes whenever it is installed (2 s), for quantized layers privlora
+    never adapts (an NF4 bundle is dequantized before LoRA is attached). Every process paid it,
+    and a deployed site starts a fresh process for each Flower message.
+    """
+    import sys
+
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # find_spec: not installed
+    try:
+        import peft  # noqa: F401
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+
+
 __version__ = "0.1.0"
 __all__ = ["load_config", "run"]
 

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from privlora import import_peft_without_bitsandbytes
+
+import_peft_without_bitsandbytes()
+
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
