@@ -18,6 +18,7 @@ from privlora.errors import (
     DataError,
     InvalidUpdate,
     PrivacyBudgetExceeded,
+    RoundFailed,
 )
 
 
@@ -34,8 +35,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Private federated LoRA fine-tuning of causal language models.")
 privacy_app = typer.Typer(no_args_is_help=True, help="Epsilon, calibration and run plans.")
 app.add_typer(privacy_app, name="privacy")
+flower_app = typer.Typer(no_args_is_help=True,
+                         help="Run on Flower's deployment engine (SuperLink + SuperNodes).")
+app.add_typer(flower_app, name="flower")
 
-_USER_ERRORS = (ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded, BundleError)
+_USER_ERRORS = (ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded, BundleError,
+                RoundFailed)
 
 
 def _fail(err: Exception) -> None:
@@ -55,25 +60,12 @@ def run(
         help="Drop the config's [privacy] section: the same run without DP, to compare.")] = False,
 ) -> None:
     """Run a federated LoRA fine-tune and write the run directory."""
-    from privlora.config import load_config, without_privacy
-
-    overrides = list(set_)
-    if data:
-        overrides.append(f"data.path={json.dumps(data)}")
-    if model:
-        overrides.append(f"model.name={json.dumps(model)}")
     try:
-        cfg = load_config(config, overrides)
-        if no_privacy:
-            cfg = without_privacy(cfg)
+        cfg = _run_config(config, set_, data, model, no_privacy)
         out_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         from privlora.progress import RichProgress
         from privlora.server import run as run_federation
 
-        if cfg.privacy.reproducible_noise:
-            typer.echo("warning: privacy.reproducible_noise = true: DP noise is seeded from the run "
-                       "seed, so the epsilon does not hold against anyone who knows or guesses it; "
-                       "every published file says so", err=True)
         with RichProgress(cfg) as progress:
             summary = run_federation(cfg, out_dir, progress, overwrite=overwrite)
     except _USER_ERRORS as err:
@@ -81,6 +73,93 @@ def run(
     from privlora.progress import print_summary
 
     print_summary(summary, out_dir)
+
+
+def _run_config(config: Path | None, set_: list[str], data: str | None, model: str | None,
+                no_privacy: bool):
+    """Load the config with the command line's overrides; warn about reproducible noise."""
+    from privlora.config import load_config, without_privacy
+
+    overrides = list(set_)
+    if data:
+        overrides.append(f"data.path={json.dumps(data)}")
+    if model:
+        overrides.append(f"model.name={json.dumps(model)}")
+    cfg = load_config(config, overrides)
+    if no_privacy:
+        cfg = without_privacy(cfg)
+    if cfg.privacy.reproducible_noise:
+        typer.echo("warning: privacy.reproducible_noise = true: DP noise is seeded from the run "
+                   "seed, so the epsilon does not hold against anyone who knows or guesses it; "
+                   "every published file says so", err=True)
+    return cfg
+
+
+@flower_app.command("local")
+def flower_local(
+    clients: Annotated[int, typer.Option(help="SuperNodes to start (federation.num_clients).")],
+    config: Annotated[Path | None, typer.Option(help="Run config TOML file.")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override: key=value (repeatable).")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
+    data: Annotated[str | None, typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
+    model: Annotated[str | None, typer.Option(help="Shortcut for --set model.name=...")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    no_privacy: Annotated[bool, typer.Option(help="Drop the config's [privacy] section.")] = False,
+    secure: Annotated[bool, typer.Option(
+        help="TLS with a CA made for the run, and SuperNode authentication.")] = False,
+) -> None:
+    """Run on a Flower federation on this machine: a SuperLink and N SuperNodes on 127.0.0.1
+    (free ports), the data split as `privlora run` splits it; same run directory."""
+    from privlora.flower.local import DeploymentFailed, run_local
+    from privlora.progress import print_summary
+
+    def show(row: dict) -> None:
+        eps = row.get("epsilon")
+        acc = row.get("accuracy")
+        typer.echo(f"round {row['round']}: accuracy "
+                   + ("-" if acc is None else f"{acc:.3f}")
+                   + ("" if eps is None else f", epsilon {eps}"), err=True)
+
+    try:
+        cfg = _run_config(config, [*set_, f"federation.num_clients={clients}"], data, model,
+                          no_privacy)
+        out_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        typer.echo(f"starting a SuperLink and {clients} SuperNodes on 127.0.0.1"
+                   + (" (TLS, node authentication)" if secure else ""), err=True)
+        result = run_local(cfg, out_dir, overwrite=overwrite, secure=secure, on_round=show)
+    except (*_USER_ERRORS, DeploymentFailed) as err:
+        _fail(err)
+    left_out = [line for line in result.server_log.splitlines()
+                if "left out" in line or "update refused" in line]
+    for line in left_out:  # the operator runs every site here: the server's reasons are theirs
+        typer.echo(line, err=True)
+    print_summary(result.summary, out_dir)
+
+
+@flower_app.command("app")
+def flower_app_dir() -> None:
+    """Print the Flower App directory: `flwr run "$(privlora flower app)" CONNECTION ...`."""
+    from privlora.flower import app_dir
+
+    typer.echo(str(app_dir()))
+
+
+@flower_app.command("certs")
+def flower_certs(
+    out: Annotated[Path, typer.Option(help="Directory to create for the certificates and keys.")],
+    host: Annotated[str, typer.Option(help="The SuperLink's IP address or DNS name.")],
+    nodes: Annotated[int, typer.Option(help="SuperNode key pairs to make (node0, node1, ...).")] = 0,
+) -> None:
+    """Make a CA, the SuperLink's TLS certificate for HOST and SuperNode key pairs."""
+    from privlora.flower import certs
+
+    if out.exists():
+        _fail(ConfigError(f"--out {out} already exists; choose a new directory"))
+    made = certs.server_certs(out, host)
+    keys = [certs.node_keys(out, f"node{k}") for k in range(nodes)]
+    typer.echo(f"CA {made.ca}; SuperLink certificate {made.cert} and key {made.key}"
+               + "".join(f"; SuperNode key {private} (register {public})"
+                         for private, public in keys))
 
 
 @app.command("eval")

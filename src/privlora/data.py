@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
@@ -122,6 +120,35 @@ def load_task(config: DataConfig, seed: int) -> Task:
     return Task(path.stem, kind, instruction, labels, tuple(rows), tuple(eval_rows))
 
 
+def site_rows(path: Path, task: Task) -> list[dict]:
+    """Read a deployed site's own training file for the server's ``task``: every row must have
+    the task's fields, and a classification label must be one of the task's labels."""
+    rows = read_jsonl(path)
+    _check_fields(rows, task.kind, path)
+    if task.kind == "generation":
+        return rows
+    unknown = sorted({str(r["label"]) for r in rows} - set(task.labels))
+    if unknown:
+        raise DataError(f"{path}: labels {unknown[:5]} are not among the task's {list(task.labels)}"
+                        "; a site trains on the labels the server evaluates")
+    return [{**r, "label": str(r["label"])} for r in rows]
+
+
+def task_meta(task: Task) -> dict:
+    """Return what defines the task, without its rows (what a deployed server tells the sites)."""
+    return {"name": task.name, "kind": task.kind, "instruction": task.instruction,
+            "labels": list(task.labels)}
+
+
+def task_from_meta(meta: dict) -> Task:
+    """Rebuild a row-less task from ``task_meta``."""
+    kind = meta["kind"]
+    if kind not in ("classification", "generation"):
+        raise DataError(f"task kind {kind!r} is neither classification nor generation")
+    return Task(str(meta["name"]), kind, str(meta["instruction"]),
+                tuple(str(x) for x in meta["labels"]), ())
+
+
 def _check_fields(rows: list[dict], kind: TaskKind, path: Path) -> None:
     fields = ("text", "label") if kind == "classification" else ("question", "answer")
     for number, row in enumerate(rows, start=1):
@@ -160,6 +187,11 @@ def split(task: Task, eval_fraction: float, max_eval: int, seed: int) -> tuple[l
 
 def partition(rows: list[dict], config: DataConfig, num_clients: int, seed: int) -> list[list[dict]]:
     """Split training rows across clients: IID or Dirichlet(alpha) over labels (flwr-datasets)."""
+    # Why imported here: datasets + flwr-datasets (pandas, pyarrow) take about a second, which
+    # a deployed site, a fresh process per Flower message, never needs
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if len(rows) < num_clients:
         raise DataError(
             f"{len(rows)} training examples cannot feed federation.num_clients = {num_clients}; "

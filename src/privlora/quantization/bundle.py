@@ -92,6 +92,12 @@ class Manifest:
         """Bytes a client downloads: every file, the manifest included."""
         return sum(size for size, _ in self.files.values()) + len(self.to_json().encode())
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the scheme and every file's checksum: equal digests, equal bundles."""
+        content = json.dumps({"scheme": self.scheme, "files": self.files}, sort_keys=True)
+        return hashlib.sha256(content.encode()).hexdigest()
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

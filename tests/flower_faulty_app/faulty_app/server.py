@@ -1,0 +1,5 @@
+"""privlora's own ServerApp, unchanged."""
+
+from privlora.flower.server_app import app
+
+__all__ = ["app"]

@@ -1,0 +1,131 @@
+"""The Flower deployment runtime for real: a SuperLink and SuperNodes on 127.0.0.1 (separate
+processes, gRPC, a fresh ClientApp process per message), the tiny model.
+
+Each test starts its own federation (about a minute each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from privlora import server
+from privlora.flower.local import DeploymentFailed, LocalFederation, run_local
+
+FAULTY_APP = Path(__file__).parent / "flower_faulty_app"
+CLIENT_DP = ("federation.num_clients=2", "privacy.mode=client", "privacy.noise_multiplier=0.8",
+             "privacy.clip=0.5", "privacy.reproducible_noise=true")
+
+
+def _checkpoints(run: Path) -> list[dict[str, torch.Tensor]]:
+    folders = sorted((run / "checkpoints").iterdir())
+    return [load_file(str(f / "adapter.safetensors")) for f in folders]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-node-auth"])
+def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, secure):
+    """Client-level DP, 2 sites, 2 rounds, reproducible noise: every round's global adapter
+    and the ledger equal the in-process simulation's with the same config and seeds."""
+    config = tiny_config(*CLIENT_DP)
+    deployed = run_local(config, tmp_path / "flower", secure=secure)
+    simulated = server.run(config, tmp_path / "simulation")
+
+    flower, local = _checkpoints(tmp_path / "flower"), _checkpoints(tmp_path / "simulation")
+    assert len(flower) == len(local) == 2
+    for a, b in zip(flower, local):
+        assert a.keys() == b.keys()
+        for name in a:  # float32 training in separate processes: float32's tolerance
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    assert any(float(t.abs().max()) > 1e-3 for t in flower[-1].values())  # it moved
+    ledger = json.loads((tmp_path / "flower" / "ledger.json").read_text())
+    assert ledger == json.loads((tmp_path / "simulation" / "ledger.json").read_text())
+    assert deployed.summary["privacy"] == simulated["privacy"]
+    assert deployed.summary["final"]["accuracy"] == simulated["final"]["accuracy"]
+    rows = read_metrics(tmp_path / "flower")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert set(os.listdir(tmp_path / "flower")) == set(os.listdir(tmp_path / "simulation"))
+
+
+def test_malformed_updates_are_refused_and_the_run_goes_on(tmp_path, tiny_config, read_metrics):
+    """Three sites send, over the network, one malformed update each per round (wrong shape,
+    NaN, inf, an extra tensor, a missing one, an over-clip norm); each is refused with its
+    reason in the server's log, and the honest site's updates carry the run (local DP mode:
+    the sites clip their releases, so the server checks the norm)."""
+    faults = {1: "shape,extra", 2: "nan,inf", 3: "norm,missing"}
+
+    def add_faults(sites):
+        for cid, kinds in faults.items():
+            sites[cid]["fault"] = kinds
+
+    config = tiny_config("federation.num_clients=4", "privacy.mode=local",
+                         "privacy.noise_multiplier=0.01", "privacy.clip=1.0")
+    result = run_local(config, tmp_path / "run", app=FAULTY_APP, on_site=add_faults)
+
+    rows = read_metrics(tmp_path / "run")
+    for row in rows[1:]:
+        assert row["clients"] == [0, 1, 2, 3]
+        assert row["rejected"] == [1, 2, 3]
+    log = result.server_log
+    for reason in ("wrong shape", "NaN or inf", "unexpected ['base_model.extra.lora_B']",
+                   "missing [", "over the"):
+        assert reason in log, reason
+    assert log.count("update refused") == 6
+    # the one accepted update per round moved the adapter
+    last = _checkpoints(tmp_path / "run")[-1]
+    assert any(float(t.abs().max()) > 0 for t in last.values())
+    # every site was sent every round, so each is charged for both (local mode: per site)
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    assert {p: len(e) for p, e in ledger["events"].items()} == {f"client-{c}": 2 for c in range(4)}
+
+
+def test_a_site_killed_mid_run_is_left_out_and_the_ledger_says_what_happened(
+        tmp_path, tiny_config, read_metrics):
+    """Sample-level DP, 2 sites, min_clients 1: site 1's SuperNode is killed (SIGKILL) as
+    round 1 starts. Each round completes with site 0, and site 1 is charged only for the
+    rounds it was sent (the server cannot tell whether a site that was sent a round released
+    its update, so it charges it: the ledger may overstate, never understate)."""
+    holder: dict[str, LocalFederation] = {}
+
+    def kill_site_1(row):
+        if row["round"] == 0:
+            node = holder["federation"].processes.started[2]  # superlink, node 0, node 1
+            os.killpg(node.pid, signal.SIGKILL)
+
+    config = tiny_config("federation.num_clients=2", "federation.round_timeout=40",
+                         "privacy.mode=sample", "privacy.noise_multiplier=1.0",
+                         "privacy.sample_rate=0.2", "privacy.clip=1.0")
+    result = run_local(config, tmp_path / "run", on_start=lambda f: holder.update(federation=f),
+                       on_round=kill_site_1)
+
+    rows = read_metrics(tmp_path / "run")[1:]
+    assert len(rows) == 2 and all(r["accuracy"] is not None for r in rows)
+    for row in rows:
+        assert 0 in row["clients"] and 1 not in set(row["clients"]) - set(row["rejected"])
+    assert "client 1 left out" in result.server_log
+    ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    sent = {c: sum(c in r["clients"] for r in rows) for c in (0, 1)}
+    assert {p: len(e) for p, e in ledger["events"].items()} == {
+        f"client-{c}": sent[c] for c in (0, 1) if sent[c]}
+    assert result.summary["final"]["accuracy"] is not None
+
+
+def test_too_few_acceptable_updates_stop_the_run_with_a_clear_error(tmp_path, tiny_config):
+    """min_clients 2 of 2, and one site's data file is malformed: the site fails, its error
+    text stays at the site, and the run stops with an error naming federation.min_clients."""
+
+    def break_site_1(sites):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "no label here"}\n')
+        sites[1]["path"] = str(bad)
+
+    config = tiny_config("federation.num_clients=2", "federation.min_clients=2")
+    with pytest.raises(DeploymentFailed, match="min_clients = 2"):
+        run_local(config, tmp_path / "run", on_site=break_site_1)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0]  # nothing after the failed round
