@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -186,3 +187,29 @@ def test_run_with_a_quantized_base_prints_what_clients_hold(tmp_path):
                          str(tmp_path / "run"))
     assert code == 0, err
     assert "base model sent to clients (q8_0)" in out and "client-visible accuracy" in out
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--clients", "0"], ["federation.num_clients = 0"]),
+    (["--clients", "2", "--config", "missing.toml"], ["missing.toml"]),
+    (["--clients", "2", "--set", "privacy.mode=client", "--set", "privacy.target_epsilon=0.01",
+      "--set", "privacy.noise_multiplier=0.5"], ["target_epsilon"]),
+])
+def test_flower_local_bad_input_starts_nothing(tmp_path, args, words):
+    code, _, err = cli("flower", "local", *args, *TINY, "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, *words)
+    assert "logs are kept" not in err  # refused before any daemon started
+    assert not (tmp_path / "r").exists()
+
+
+def test_flower_app_and_certs(tmp_path):
+    code, out, err = cli("flower", "app")
+    assert code == 0, err
+    assert "[tool.flwr.app.components]" in (Path(out.strip()) / "pyproject.toml").read_text()
+    code, out, err = cli("flower", "certs", "--out", str(tmp_path / "c"), "--host", "10.0.0.5",
+                         "--nodes", "2")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "ca.crt", "node0", "node0.pub", "node1", "node1.pub", "server.key", "server.pem"]
+    code, _, err = cli("flower", "certs", "--out", str(tmp_path / "c"), "--host", "10.0.0.5")
+    assert_one_line_error(code, err, "already exists")

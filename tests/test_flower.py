@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,13 +30,24 @@ def _checkpoints(run: Path) -> list[dict[str, torch.Tensor]]:
     return [load_file(str(f / "adapter.safetensors")) for f in folders]
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-node-auth"])
-def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, secure):
+@pytest.mark.parametrize(("secure", "fedlpp"), [(False, ()), (True, (
+    "quantization.base=q8_0", "quantization.uplink_bits=8"))],
+    ids=["insecure", "tls-node-auth-and-a-q8_0-bundle"])
+def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, secure, fedlpp):
     """Client-level DP, 2 sites, 2 rounds, reproducible noise: every round's global adapter
-    and the ledger equal the in-process simulation's with the same config and seeds."""
-    config = tiny_config(*CLIENT_DP)
-    deployed = run_local(config, tmp_path / "flower", secure=secure)
+    and the ledger equal the in-process simulation's with the same config and seeds. The
+    secure federation also composes with FedLPP: each site trains on the q8_0 bundle named in
+    its node-config (checked against the server's digest) and rounds its uplink to 8 bits."""
+    config = tiny_config(*CLIENT_DP, *fedlpp)
+    held: list[LocalFederation] = []
+    deployed = run_local(config, tmp_path / "flower", secure=secure, on_start=held.append)
     simulated = server.run(config, tmp_path / "simulation")
+
+    started = held[0].processes.started  # a SuperLink and 2 SuperNodes, each its own group
+    assert len(started) == 3 and all(p.returncode is not None for p in started)
+    for proc in started:  # nothing of theirs (ServerApp, ClientApps) survives either
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
 
     flower, local = _checkpoints(tmp_path / "flower"), _checkpoints(tmp_path / "simulation")
     assert len(flower) == len(local) == 2
@@ -49,28 +62,36 @@ def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, 
     assert deployed.summary["final"]["accuracy"] == simulated["final"]["accuracy"]
     rows = read_metrics(tmp_path / "flower")
     assert [r["round"] for r in rows] == [0, 1, 2]
+    for got, want in zip(rows, read_metrics(tmp_path / "simulation"), strict=True):
+        assert got.keys() == want.keys()  # and bytes counted the same way
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float)
+                                else value), key
+    if fedlpp:
+        assert deployed.summary["model_privacy"] == simulated["model_privacy"]
     assert set(os.listdir(tmp_path / "flower")) == set(os.listdir(tmp_path / "simulation"))
 
 
 def test_malformed_updates_are_refused_and_the_run_goes_on(tmp_path, tiny_config, read_metrics):
-    """Three sites send, over the network, one malformed update each per round (wrong shape,
+    """Two sites send, over the network, one malformed update each per round (wrong shape,
     NaN, inf, an extra tensor, a missing one, an over-clip norm); each is refused with its
     reason in the server's log, and the honest site's updates carry the run (local DP mode:
     the sites clip their releases, so the server checks the norm)."""
-    faults = {1: "shape,extra", 2: "nan,inf", 3: "norm,missing"}
+    faults = {1: "shape,extra,norm", 2: "nan,inf,missing"}
 
     def add_faults(sites):
         for cid, kinds in faults.items():
             sites[cid]["fault"] = kinds
 
-    config = tiny_config("federation.num_clients=4", "privacy.mode=local",
+    config = tiny_config("federation.num_clients=3", "federation.rounds=3", "privacy.mode=local",
                          "privacy.noise_multiplier=0.01", "privacy.clip=1.0")
     result = run_local(config, tmp_path / "run", app=FAULTY_APP, on_site=add_faults)
 
     rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 4
     for row in rows[1:]:
-        assert row["clients"] == [0, 1, 2, 3]
-        assert row["rejected"] == [1, 2, 3]
+        assert row["clients"] == [0, 1, 2]
+        assert row["rejected"] == [1, 2]
     log = result.server_log
     for reason in ("wrong shape", "NaN or inf", "unexpected ['base_model.extra.lora_B']",
                    "missing [", "over the"):
@@ -79,9 +100,9 @@ def test_malformed_updates_are_refused_and_the_run_goes_on(tmp_path, tiny_config
     # the one accepted update per round moved the adapter
     last = _checkpoints(tmp_path / "run")[-1]
     assert any(float(t.abs().max()) > 0 for t in last.values())
-    # every site was sent every round, so each is charged for both (local mode: per site)
+    # every site was sent every round, so each is charged for each (local mode: per site)
     ledger = json.loads((tmp_path / "run" / "ledger.json").read_text())
-    assert {p: len(e) for p, e in ledger["events"].items()} == {f"client-{c}": 2 for c in range(4)}
+    assert {p: len(e) for p, e in ledger["events"].items()} == {f"client-{c}": 3 for c in range(3)}
 
 
 def test_a_site_killed_mid_run_is_left_out_and_the_ledger_says_what_happened(
@@ -129,3 +150,38 @@ def test_too_few_acceptable_updates_stop_the_run_with_a_clear_error(tmp_path, ti
         run_local(config, tmp_path / "run", on_site=break_site_1)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0]  # nothing after the failed round
+
+
+def _daemons(pid: int) -> list[int]:
+    """The SuperLink and SuperNodes that process ``pid`` started (its children)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # it exited meanwhile
+            continue
+        if int(fields[1]) == pid and b"flower-super" in cmdline:  # not a passing `flwr ls`
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_ctrl_c_stops_every_process_the_command_started(tmp_path):
+    """`privlora flower local`, interrupted (SIGINT) once round 0 is logged: it exits, and the
+    SuperLink and SuperNodes it started, and their process groups, are gone."""
+    command = [sys.executable, "-m", "privlora", "flower", "local", "--clients", "2",
+               "--model", "tiny-random", "--set", "model.dtype=float32",
+               "--set", "data.builtin_examples=80", "--set", "data.max_eval=8",
+               "--set", "federation.rounds=3", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    daemons: list[int] = []
+    for line in proc.stderr:
+        if line.startswith("round 0"):
+            daemons = _daemons(proc.pid)
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=120)
+    assert len(daemons) == 3  # the SuperLink and 2 SuperNodes
+    for pid in daemons:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)

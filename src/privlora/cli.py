@@ -124,8 +124,6 @@ def flower_local(
         cfg = _run_config(config, [*set_, f"federation.num_clients={clients}"], data, model,
                           no_privacy)
         out_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        typer.echo(f"starting a SuperLink and {clients} SuperNodes on 127.0.0.1"
-                   + (" (TLS, node authentication)" if secure else ""), err=True)
         result = run_local(cfg, out_dir, overwrite=overwrite, secure=secure, on_round=show)
     except (*_USER_ERRORS, DeploymentFailed) as err:
         _fail(err)

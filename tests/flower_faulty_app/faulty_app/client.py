@@ -1,11 +1,15 @@
 """privlora's ClientApp, then one corruption of the reply per round for a site whose
 node-config has ``fault``: what a broken or malicious site could send the server."""
 
-import numpy as np
-from flwr.app import Array, Context, Message
+import math
+
+import torch
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from privlora.flower import client_app as honest
+from privlora.flower import wire
+from privlora.protocol import Payload
 
 app = ClientApp()
 
@@ -22,22 +26,26 @@ def train(msg: Message, context: Context) -> Message:
     if not faults:
         return reply
     kind = faults.split(",")[int(msg.content["run"]["round"]) - 1]
-    arrays = reply.content["update"]
-    name = min(arrays.keys())
-    x = arrays[name].numpy().copy()
+    update = wire.from_record(reply.content["update"], str(reply.content["meta"]["meta"]))
+    tensors = dict(update.tensors)
+    name = min(tensors)
+    x = tensors[name].clone()
     if kind == "shape":
-        arrays[name] = Array.from_numpy_ndarray(x[:-1])
+        tensors[name] = x[:-1]
     elif kind in ("nan", "inf"):
-        x.flat[0] = np.nan if kind == "nan" else np.inf
-        arrays[name] = Array.from_numpy_ndarray(x)
+        x.view(-1)[0] = math.nan if kind == "nan" else math.inf
+        tensors[name] = x
     elif kind == "extra":
-        arrays["base_model.extra.lora_B"] = Array.from_numpy_ndarray(x)
+        tensors["base_model.extra.lora_B"] = x
     elif kind == "missing":
-        del arrays[name]
+        del tensors[name]
     elif kind == "norm":
-        arrays[name] = Array.from_numpy_ndarray(x * 1e6)
+        tensors[name] = x * 1e6
     elif kind == "dtype":
-        arrays[name] = Array.from_numpy_ndarray(x.astype(np.float64))
+        tensors[name] = x.to(torch.float64)
     else:
         raise ValueError(f"unknown fault {kind!r}")
+    arrays, text = wire.to_record(Payload(tensors, update.meta))
+    reply.content["update"] = arrays
+    reply.content["meta"] = ConfigRecord({"meta": text})
     return reply
