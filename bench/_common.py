@@ -116,6 +116,17 @@ def summary_row(summary: dict, config_toml: str, seconds: float | None, out: Pat
     }
 
 
+def device_label(device: str) -> str:
+    """Name what ``model.device`` resolves to here: the GPU's name, or the CPU and its cores."""
+    import os
+
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 

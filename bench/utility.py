@@ -7,6 +7,11 @@ plan's noise-to-signal call printed beside the measured outcome.
     .venv/bin/python bench/utility.py --task sst2 --cells nodp,sample-8,sample-2
     .venv/bin/python bench/utility.py --task builtin --quick          # a smoke run (tiny budget)
     .venv/bin/python bench/utility.py --task builtin --report         # the table from the JSON
+    .venv/bin/python bench/utility.py --task builtin-gpu              # the GPU recipe (CUDA)
+    .venv/bin/python bench/utility.py --task builtin-gpu --quick --set model.device=cpu
+
+``--set key=value`` (repeatable) changes every cell's config after the cell's own changes, e.g.
+to smoke-test a GPU recipe on the CPU. Each row records the device it ran on.
 
 Cells: ``zero`` is read from every run's zero-shot eval. ``central`` = one client, no DP;
 ``nodp`` = the federated recipe without DP; ``sample-E`` / ``client-E`` / ``local-E`` = that mode
@@ -26,7 +31,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, load, pct, run_config, save, summary_row, table
+from _common import RESULTS, device_label, load, pct, run_config, save, summary_row, table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -37,6 +42,9 @@ RECIPE = {
     "builtin": CONFIGS / "demo.toml",
     "sst2": CONFIGS / "sst2.toml",
     "fpb": CONFIGS / "fpb.toml",
+    # GPU recipes (model.device = "cuda"): what a GPU affords, far beyond the 2-core CPU's budget
+    "builtin-gpu": CONFIGS / "builtin_gpu.toml",  # sample-level DP, batches of 1,024
+    "builtin-clients-gpu": CONFIGS / "builtin_clients_gpu.toml",  # 1,000 clients, client DP
 }
 DEFAULT_CELLS = "nodp,sample-8,sample-2"
 QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=400",
@@ -44,8 +52,9 @@ QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples
          "lora.last_layers=1"]
 
 
-def cell_config(task: str, cell: str, seed: int, quick: bool):
-    """The RunConfig of one cell: the task's config file, the cell's changes, the seed."""
+def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
+    """The RunConfig of one cell: the task's config file, the cell's changes, the seed, then
+    the ``--set`` overrides ``extra``."""
     from privlora.config import load_config, validate, without_privacy
 
     name, *switches = cell.split("+")
@@ -54,6 +63,7 @@ def cell_config(task: str, cell: str, seed: int, quick: bool):
                    "dirichlet": "data.partition=dirichlet"}[s] for s in switches]
     if name == "central":
         overrides.append("federation.num_clients=1")
+    overrides += extra
     config = load_config(RECIPE[task], overrides)
     if name in ("nodp", "central"):
         return without_privacy(config)
@@ -74,6 +84,8 @@ def main() -> None:
                         "median and the min-max over them")
     parser.add_argument("--quick", action="store_true", help="tiny random model: a smoke run")
     parser.add_argument("--report", action="store_true", help="only print the table")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config override for every cell (repeatable)")
     parser.add_argument("--from-run", type=Path, default=None,
                         help="add a finished run directory as the one cell in --cells (its "
                         "config must be that cell's, data paths resolved) instead of running it")
@@ -85,12 +97,13 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for cell in cells:
                 out = RESULTS / "runs" / name / f"{cell}-seed{seed}"
-                config = cell_config(args.task, cell, seed, args.quick)
+                config = cell_config(args.task, cell, seed, args.quick, tuple(args.overrides))
                 if args.from_run is not None:
                     result = imported(args.from_run, config)
                 else:
                     result = run_config(config, out)
-                row = {"task": args.task, "cell": cell, "seed": seed, **result}
+                row = {"task": args.task, "cell": cell, "seed": seed,
+                       "device": device_label(config.model.device), **result}
                 # re-read first: another process may have added cells to the same table
                 rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
                 rows = [r for r in rows if (r["cell"], r["seed"]) != (cell, seed)] + [row]
@@ -169,12 +182,13 @@ def render(rows: list[dict]) -> str:
                       else f"{group[0]['noise_multiplier']:.3f}",
                       _spread([r["accuracy"] for r in group]),
                       _spread([r.get("macro_f1") for r in group]), kept, call,
-                      _seconds(group)])
+                      _seconds(group), group[0].get("device", "cpu")])
     header = (f"floor {pct(floor)} (max of zero-shot "
               f"{pct(statistics.median(r['zero_shot_accuracy'] for r in rows)) if rows else '-'} "
               f"and majority class)\n\n")
     return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "accuracy", "macro-F1",
-                           "gain kept", "noise-to-signal (plan's call)", "seconds"], lines)
+                           "gain kept", "noise-to-signal (plan's call)", "seconds", "device"],
+                            lines)
 
 
 def _seconds(group: list[dict]) -> str:
