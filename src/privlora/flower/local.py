@@ -87,9 +87,12 @@ class Processes:
         return proc
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM each process group, SIGKILL what is left after ``grace`` seconds."""
+        """SIGTERM each process group and every descendant (Flower starts its SuperExec in a
+        session of its own), SIGKILL what is left after ``grace`` seconds."""
+        family = [pid for proc in self.started for pid in descendants(proc.pid)]
         for proc in self.started:
             _signal_group(proc, signal.SIGTERM)
+        _signal_each(family, signal.SIGTERM)
         deadline = time.time() + grace
         for proc in self.started:
             try:
@@ -98,6 +101,32 @@ class Processes:
                 pass
             _signal_group(proc, signal.SIGKILL)  # children of an exited daemon too
             proc.wait()
+        _signal_each(family, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the PIDs of every process below ``pid`` (from /proc; [] where there is none)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _signal_each(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
