@@ -48,14 +48,23 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+# Options `privlora run` and `privlora flower local` share: the same run, on either runtime.
+ConfigOption = Annotated[Path | None, typer.Option(help="Run config TOML file.")]
+SetOption = Annotated[list[str], typer.Option("--set", help="Override: key=value (repeatable).")]
+OutOption = Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>).")]
+DataOption = Annotated[str | None, typer.Option(help="Shortcut for --set data.path=PATH.")]
+ModelOption = Annotated[str | None, typer.Option(help="Shortcut for --set model.name=...")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace a run already in --out.")]
+
+
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Option(help="Run config TOML file.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override: key=value (repeatable).")] = [],  # noqa: B006
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
-    data: Annotated[str | None, typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
-    model: Annotated[str | None, typer.Option(help="Shortcut for --set model.name=...")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = [],  # noqa: B006
+    out: OutOption = None,
+    data: DataOption = None,
+    model: ModelOption = None,
+    overwrite: OverwriteOption = False,
     no_privacy: Annotated[bool, typer.Option(
         help="Drop the config's [privacy] section: the same run without DP, to compare.")] = False,
 ) -> None:
@@ -98,12 +107,12 @@ def _run_config(config: Path | None, set_: list[str], data: str | None, model: s
 @flower_app.command("local")
 def flower_local(
     clients: Annotated[int, typer.Option(help="SuperNodes to start (federation.num_clients).")],
-    config: Annotated[Path | None, typer.Option(help="Run config TOML file.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override: key=value (repeatable).")] = [],  # noqa: B006
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
-    data: Annotated[str | None, typer.Option(help="Shortcut for --set data.path=PATH.")] = None,
-    model: Annotated[str | None, typer.Option(help="Shortcut for --set model.name=...")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = [],  # noqa: B006
+    out: OutOption = None,
+    data: DataOption = None,
+    model: ModelOption = None,
+    overwrite: OverwriteOption = False,
     no_privacy: Annotated[bool, typer.Option(help="Drop the config's [privacy] section.")] = False,
     secure: Annotated[bool, typer.Option(
         help="TLS with a CA made for the run, and SuperNode authentication.")] = False,
