@@ -42,6 +42,8 @@ RECIPE = {
     "builtin": CONFIGS / "demo.toml",
     "sst2": CONFIGS / "sst2.toml",
     "fpb": CONFIGS / "fpb.toml",
+    "fiqa": CONFIGS / "fiqa.toml",
+    "pubmedqa": CONFIGS / "pubmedqa.toml",
     # GPU recipes (model.device = "cuda"): what a GPU affords, far beyond the 2-core CPU's budget
     "builtin-gpu": CONFIGS / "builtin_gpu.toml",  # sample-level DP, batches of 1,024
     "builtin-clients-gpu": CONFIGS / "builtin_clients_gpu.toml",  # 1,000 clients, client DP

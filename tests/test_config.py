@@ -80,3 +80,17 @@ def test_missing_and_malformed_config_file(tmp_path):
 def test_an_eval_file_needs_a_data_file():
     with pytest.raises(ConfigError, match="data.eval_path"):
         load_config(None, ["data.eval_path=val.jsonl"])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (['data.text_fields=["question"]'], ["data.text_fields", "builtin"]),
+    (["data.path=d.jsonl", 'data.text_fields=["title", "text"]'], ["may not name 'text'"]),
+    (["data.path=d.jsonl", 'data.text_fields=["question"]', "data.kind=generation"],
+     ["data.text_fields", "classification"]),
+    (["data.path=d.jsonl", "data.label_field=answer"], ["data.label_field", "data.text_fields"]),
+])
+def test_text_fields_errors_say_what_to_change(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for word in words:
+        assert word in str(err.value)

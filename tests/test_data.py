@@ -12,7 +12,9 @@ from privlora.data import (
     load_task,
     partition,
     read_jsonl,
+    read_rows,
     render_prompt,
+    site_rows,
     split,
     tokenize,
 )
@@ -61,6 +63,26 @@ def test_a_fixed_eval_file_is_the_eval_set_and_every_row_trains(tmp_path):
     other = _write(tmp_path / "bad_val.jsonl", [{"text": "v", "label": "c"}])
     with pytest.raises(DataError, match=r"labels \['c'\] do not occur"):
         load_task(DataConfig(path=str(path), eval_path=str(other)), seed=0)
+
+
+def test_text_fields_make_classification_rows_from_other_fields(tmp_path):
+    # PubMedQA's shape: the question and its abstract make the text, the answer is the label
+    rows = [{"question": f"q{i}?", "context": f"abstract {i}.", "answer": ["yes", "no", "maybe"][i % 3],
+             "pmid": str(i)} for i in range(12)]
+    path = _write(tmp_path / "pqa.jsonl", rows)
+    config = DataConfig(path=str(path), text_fields=("question", "context"), label_field="answer")
+    task = load_task(config, seed=0)
+    assert task.kind == "classification" and task.labels == ("maybe", "no", "yes")
+    assert task.rows[4]["text"] == "Question: q4?\n\nContext: abstract 4."
+    assert task.rows[4]["label"] == "no"
+    # rows written out as they are (flower local's sites) read back to the same text
+    again = _write(tmp_path / "site.jsonl", list(task.rows))
+    assert [r["text"] for r in site_rows(again, task, config)] == [r["text"] for r in task.rows]
+    assert read_rows(path, DataConfig(path=str(path))) == rows  # no text_fields: as stored
+    rows[7].pop("context")
+    _write(path, rows)
+    with pytest.raises(DataError, match=r"row 8 lacks \['context'\]"):
+        load_task(config, seed=0)
 
 
 def test_generation_task(tmp_path):

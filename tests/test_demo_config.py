@@ -30,8 +30,12 @@ def test_the_demo_is_sample_level_dp_within_epsilon_8_with_secure_noise():
     assert without_privacy(config).privacy.mode == "none"  # make demo PRIVACY=off
 
 
-def test_the_sst2_config_reads_the_shared_data_when_it_is_there():
-    config = load_config(CONFIGS / "sst2.toml")
+@pytest.mark.parametrize("name", ["sst2", "fpb", "fiqa", "pubmedqa"])
+def test_the_shared_data_configs_fit_their_budget_and_rate(name):
+    config = load_config(CONFIGS / f"{name}.toml")
     if not Path(config.data.path).is_file():
-        pytest.skip("../shared/data/sst2 is not beside this checkout")
-    assert make_plan(config, _sizes(config)).epsilon <= 8.0
+        pytest.skip(f"{config.data.path} is not beside this checkout")
+    sizes = _sizes(config)
+    assert make_plan(config, sizes).epsilon <= 8.0
+    assert all(abs(config.privacy.sample_rate * n / config.train.batch_size - 1) < 0.05
+               for n in sizes)

@@ -222,10 +222,10 @@ def test_a_site_checks_its_own_rows_against_the_servers_task(tmp_path, tiny_conf
     path = tmp_path / "site.jsonl"
     path.write_text('{"text": "fine", "label": "pos"}\n{"text": "odd", "label": "meh"}\n')
     with pytest.raises(DataError, match=r"labels \['meh'\] are not among"):
-        data.site_rows(path, task)
+        data.site_rows(path, task, tiny_config().data)
     path.write_text('{"text": "fine", "label": "pos"}\n{"text": "bad"}\n')
     with pytest.raises(DataError, match="row 2 lacks"):
-        data.site_rows(path, task)
+        data.site_rows(path, task, tiny_config().data)
     config = tiny_config("privacy.mode=sample", "privacy.noise_multiplier=1",
                          "privacy.sample_rate=0.5", "train.batch_size=4")
     check_site(config, 32)  # expected batch 16 <= 4 x 4

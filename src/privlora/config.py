@@ -56,6 +56,11 @@ class DataConfig:
     dirichlet_alpha: float = 0.5
     max_length: int = 128
     builtin_examples: int = 1200
+    # classification from other fields: each row's text is these fields as "Field: value"
+    # paragraphs and its label is `label_field` (PubMedQA: ["question", "context"], "answer");
+    # () reads `text` and `label` (or `question` and `answer` for generation) as they are
+    text_fields: tuple[str, ...] = ()
+    label_field: str = "label"
 
 
 @dataclass(frozen=True)
@@ -260,6 +265,19 @@ def validate(c: RunConfig) -> None:
     _require(c.data.dirichlet_alpha > 0, f"data.dirichlet_alpha = {c.data.dirichlet_alpha} must be > 0")
     _require(c.data.max_length >= 16, f"data.max_length = {c.data.max_length} must be >= 16")
     _require(c.data.builtin_examples >= 20, "data.builtin_examples must be >= 20")
+    _require(not (c.data.text_fields and c.data.path == "builtin"),
+             "data.text_fields is set but data.path = 'builtin' (the generated task has its own "
+             "fields); remove data.text_fields or point data.path at a JSONL file")
+    _require(not (c.data.text_fields and c.data.kind == "generation"),
+             "data.text_fields builds classification rows; set data.kind = 'auto' or "
+             "'classification', or remove data.text_fields")
+    _require("text" not in c.data.text_fields,
+             "data.text_fields may not name 'text' (the field it builds); a file with 'text' and "
+             "'label' needs no data.text_fields, otherwise rename that field")
+    _require(bool(c.data.label_field), "data.label_field must name a field (default 'label')")
+    _require(not (c.data.label_field != "label" and not c.data.text_fields),
+             f"data.label_field = {c.data.label_field!r} is only read with data.text_fields; "
+             "set data.text_fields to the fields that make each row's text")
     _require(not (c.data.eval_path and c.data.path == "builtin"),
              "data.eval_path is set but data.path = 'builtin' (the generated task holds out its "
              "own eval set); remove data.eval_path or point data.path at a JSONL file")

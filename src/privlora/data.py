@@ -1,7 +1,8 @@
 """Tasks -> prompts -> token ids; train/eval split; partitions across clients (flwr-datasets).
 
 A task is either classification (JSONL rows with ``text`` and ``label``; labels discovered from
-the data; the target is the label word) or generation (rows with ``question`` and ``answer``).
+the data; the target is the label word; ``data.text_fields`` builds the text from other fields)
+or generation (rows with ``question`` and ``answer``).
 Loss and scoring use only the answer tokens.
 """
 
@@ -98,12 +99,12 @@ def load_task(config: DataConfig, seed: int) -> Task:
         return Task("builtin-ticket-routing", "classification", builtin_task.INSTRUCTION, labels,
                     tuple(rows))
     path = Path(config.path)
-    rows = read_jsonl(path)
+    rows = read_rows(path, config)
     kind = _detect_kind(rows[0], config.kind, path)
     _check_fields(rows, kind, path)
     eval_rows: list[dict] = []
     if config.eval_path:
-        eval_rows = read_jsonl(Path(config.eval_path))
+        eval_rows = read_rows(Path(config.eval_path), config)
         _check_fields(eval_rows, kind, Path(config.eval_path))
     if kind == "generation":
         return Task(path.stem, kind, "", (), tuple(rows), tuple(eval_rows))
@@ -120,10 +121,32 @@ def load_task(config: DataConfig, seed: int) -> Task:
     return Task(path.stem, kind, instruction, labels, tuple(rows), tuple(eval_rows))
 
 
-def site_rows(path: Path, task: Task) -> list[dict]:
-    """Read a deployed site's own training file for the server's ``task``: every row must have
-    the task's fields, and a classification label must be one of the task's labels."""
+def read_rows(path: Path, config: DataConfig) -> list[dict]:
+    """Read a JSONL data file as task rows; with ``data.text_fields`` each row gains
+    ``text`` ("Field: value" paragraphs) and ``label`` (``row[data.label_field]``). The row's
+    own fields stay, so mapped rows written out (``privlora flower local``'s sites) map again
+    to the same text."""
     rows = read_jsonl(path)
+    if not config.text_fields:
+        return rows
+    wanted = (*config.text_fields, config.label_field)
+    mapped = []
+    for number, row in enumerate(rows, start=1):
+        missing = [f for f in wanted if row.get(f) in (None, "")]
+        if missing:
+            raise DataError(f"{path}: row {number} lacks {missing}; data.text_fields and "
+                            f"data.label_field name fields every row needs ({list(wanted)})")
+        text = "\n\n".join(f"{f.replace('_', ' ').capitalize()}: {row[f]}"
+                            for f in config.text_fields)
+        mapped.append({**row, "text": text, "label": str(row[config.label_field])})
+    return mapped
+
+
+def site_rows(path: Path, task: Task, config: DataConfig) -> list[dict]:
+    """Read a deployed site's own training file for the server's ``task``: every row must have
+    the task's fields (built as ``config.text_fields`` says), and a classification label must
+    be one of the task's labels."""
+    rows = read_rows(path, config)
     _check_fields(rows, task.kind, path)
     if task.kind == "generation":
         return rows

@@ -9,7 +9,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from privlora import data
-from privlora.config import load_config
+from privlora.config import DataConfig, load_config
 from privlora.errors import ConfigError, DataError
 from privlora.evaluate import evaluate
 from privlora.models import load_model, load_tokenizer
@@ -31,7 +31,7 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
         _, rows = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
         source = f"eval split of {config.data.path}"
     else:
-        rows = _checked_rows(Path(data_path), meta)
+        rows = _checked_rows(Path(data_path), meta, config.data)
         source = data_path
     task = data.Task(meta["task"], meta["kind"], meta["instruction"], tuple(meta["labels"]),
                      tuple(rows))
@@ -44,8 +44,8 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
     return {"data": source, **asdict(result)}
 
 
-def _checked_rows(path: Path, meta: dict) -> list[dict]:
-    rows = data.read_jsonl(path)
+def _checked_rows(path: Path, meta: dict, config: DataConfig) -> list[dict]:
+    rows = data.read_rows(path, config)
     fields = ("text", "label") if meta["kind"] == "classification" else ("question", "answer")
     for number, row in enumerate(rows, start=1):
         missing = [f for f in fields if f not in row]

@@ -99,7 +99,7 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     node = dict(node_items)
     cid = int(node["partition-id"])
     task = data.task_from_meta(json.loads(task_json))
-    rows = data.site_rows(Path(node["path"]), task)
+    rows = data.site_rows(Path(node["path"]), task, config.data)
     plan = make_plan(config, None)  # sigma comes resolved: this only rebuilds the mechanisms
     check_site(config, len(rows))
     if "max-epsilon" in node and plan.private and plan.epsilon > float(node["max-epsilon"]):
