@@ -1,6 +1,7 @@
 """Screen DP recipes for the built-in task: one `privlora run` per variant, side by side.
 
-Each variant is the demo's config (`configs/demo.toml`, sample-level DP at epsilon 8) or the
+Each variant is the demo's config as it was screened (`configs/demo.toml` with `SCREENED`:
+q_proj + v_proj, 40,000 tickets, 4 x 14 steps, Adam 1e-2; sample-level DP at epsilon 8) or the
 1,000-client config (`configs/builtin_clients_gpu.toml`) with a few `--set` overrides. The runs
 go in parallel (`--jobs`), each is cut at `--timeout` seconds (a cut run keeps the rounds it
 evaluated), and the table lists every evaluated round's accuracy and the epsilon spent.
@@ -27,6 +28,10 @@ from _common import load, save, table
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = "configs/demo.toml"
 CLIENTS = "configs/builtin_clients_gpu.toml"
+# the demo's recipe when the sweep ran (commit 829ca75), before its result changed configs/demo.toml
+SCREENED = ('lora.target_modules=["q_proj", "v_proj"]', "data.builtin_examples=40000",
+            "train.local_steps=14", "train.lr=0.01", "privacy.sample_rate=0.0018",
+            "federation.eval_every=1")
 L8_128 = ("lora.last_layers=8", "train.batch_size=128", "privacy.sample_rate=0.00643")
 L8_72 = ("lora.last_layers=8", "train.batch_size=72", "privacy.sample_rate=0.0036")
 V_ONLY = ('lora.target_modules=["v_proj"]',)
@@ -51,6 +56,9 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], bool]] = {
                   "train.local_steps=10", "train.lr=0.03"), False),
     "E8": (DEMO, L8_128 + ("train.local_steps=10", "train.lr=0.03",
                            "privacy.target_epsilon=2.0"), False),
+    # the two CPU screens (one core each, side by side): E4 and its 3e-2 twin, every 2nd round
+    "E4c": (DEMO, V_ONLY + ("train.lr=0.02", "federation.eval_every=2"), False),
+    "E9c": (DEMO, V_ONLY + ("train.lr=0.03", "federation.eval_every=2"), False),
     "C3": (CLIENTS, CLIENTS_3, False),
     "C3n": (CLIENTS, CLIENTS_3, True),
 }
@@ -59,7 +67,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], bool]] = {
 def command(name: str, device: str, out: Path) -> list[str]:
     """The `privlora run` command line of one variant."""
     config, overrides, no_privacy = VARIANTS[name]
-    sets = [a for o in overrides + (f"model.device={device}",) for a in ("--set", o)]
+    base = SCREENED if config == DEMO else ()
+    sets = [a for o in base + overrides + (f"model.device={device}",) for a in ("--set", o)]
     return ([sys.executable, "-m", "privlora", "run", "--config", config, "--overwrite",
              "--out", str(out)] + sets + (["--no-privacy"] if no_privacy else []))
 
