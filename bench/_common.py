@@ -29,6 +29,11 @@ def load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
 
 
+def saved(name: str, key: str, empty):
+    """``load(name)[key]``, or ``empty`` while nothing is saved under ``name`` yet."""
+    return load(name)[key] if (RESULTS / f"{name}.json").exists() else empty
+
+
 def runs_parser(name: str) -> argparse.ArgumentParser:
     """Options every table of federated runs shares: the training budget, eval size, --report."""
     parser = argparse.ArgumentParser()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import RESULTS, load, pct, save, table
+from _common import RESULTS, pct, save, saved, table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GENERAL = DATA / "dolly15k" / "dolly15k.jsonl"
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     name = f"fedlpp_{args.task}" + ("_quick" if args.quick else "")
-    rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+    rows = saved(name, "rows", [])
     missing = [r for r in rows if r["scheme"] != "none" and "weight_error" not in r]
     for row in missing:  # rows measured before the column existed: the same bundle, recomputed
         row["weight_error"] = weight_error(row["scheme"], args.quick)
@@ -156,7 +156,7 @@ def main() -> None:
     if not args.report:
         for scheme in args.schemes.split(","):
             row = run_scheme(args.task, scheme, args.quick, RESULTS / "runs" / name / scheme)
-            rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+            rows = saved(name, "rows", [])
             if scheme != "none":
                 row["weight_error"] = weight_error(scheme, args.quick)
             rows = [r for r in rows if r["scheme"] != scheme] + [row]

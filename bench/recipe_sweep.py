@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import load, save, table
+from _common import save, saved, table
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = "configs/demo.toml"
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only reprint the saved table")
     args = parser.parse_args()
     name = f"recipe_sweep_{args.device}"
-    saved = load(name).get("runs", {}) if (Path(__file__).parent / "results" / f"{name}.json").exists() else {}
+    runs = saved(name, "runs", {})
     if not args.report:
         chosen = [v for v in args.only.split(",") if v] or list(VARIANTS)
         unknown = [v for v in chosen if v not in VARIANTS]
@@ -124,9 +124,9 @@ def main() -> None:
                 ThreadPoolExecutor(max_workers=args.jobs) as pool:
             results = list(pool.map(lambda v: run_variant(v, args.device, args.timeout, Path(tmp)),
                                     chosen))
-        saved.update({r["name"]: r for r in results})
-        save(name, {"device": args.device, "runs": saved})
-    print(render(saved))
+        runs.update({r["name"]: r for r in results})
+        save(name, {"device": args.device, "runs": runs})
+    print(render(runs))
 
 
 if __name__ == "__main__":

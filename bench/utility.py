@@ -31,7 +31,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, device_label, load, pct, run_config, save, summary_row, table
+from _common import RESULTS, device_label, pct, run_config, save, saved, summary_row, table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -93,7 +93,7 @@ def main() -> None:
                         "config must be that cell's, data paths resolved) instead of running it")
     args = parser.parse_args()
     name = f"utility_{args.task}" + ("_quick" if args.quick else "")
-    rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+    rows = saved(name, "rows", [])
     if not args.report:
         cells = (args.cells or DEFAULT_CELLS).split(",")
         for seed in [int(s) for s in args.seeds.split(",")]:
@@ -107,7 +107,7 @@ def main() -> None:
                 row = {"task": args.task, "cell": cell, "seed": seed,
                        "device": device_label(config.model.device), **result}
                 # re-read first: another process may have added cells to the same table
-                rows = load(name)["rows"] if (RESULTS / f"{name}.json").exists() else []
+                rows = saved(name, "rows", [])
                 rows = [r for r in rows if (r["cell"], r["seed"]) != (cell, seed)] + [row]
                 save(name, {"task": args.task, "rows": rows})
                 print(f"{cell} seed {seed}: acc {pct(row['accuracy'])} in {row['seconds']} s",
