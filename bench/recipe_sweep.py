@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,6 +60,9 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     # the two CPU screens (one core each, side by side): E4 and its 3e-2 twin, every 2nd round
     "E4c": (DEMO, V_ONLY + ("train.lr=0.02", "federation.eval_every=2"), False),
     "E9c": (DEMO, V_ONLY + ("train.lr=0.03", "federation.eval_every=2"), False),
+    # the label-only loss (train.loss = "label") on E4c, the demo's recipe before it
+    "F1c": (DEMO, V_ONLY + ("train.lr=0.02", "federation.eval_every=2", "train.loss=label"),
+            False),
     "C3": (CLIENTS, CLIENTS_3, False),
     "C3n": (CLIENTS, CLIENTS_3, True),
 }
@@ -78,6 +82,7 @@ def run_variant(name: str, device: str, timeout: float, work: Path) -> dict:
     out = work / name
     cmd = command(name, device, out)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    started = time.monotonic()  # the whole run here (a private run's metrics carry no times)
     try:
         subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -90,7 +95,7 @@ def run_variant(name: str, device: str, timeout: float, work: Path) -> dict:
                  for r in rows if r.get("accuracy") is not None]
     return {"name": name, "command": " ".join(cmd[1:]).replace(str(out), "DIR"),
             "set": list(VARIANTS[name][1]), "no_privacy": VARIANTS[name][2],
-            "rounds": evaluated, "cut": cut}
+            "rounds": evaluated, "cut": cut, "wall_s": round(time.monotonic() - started, 1)}
 
 
 def render(runs: dict[str, dict]) -> str:

@@ -153,27 +153,31 @@ def _step_grads(sim, spec, site):
     return named, {k: p.grad.clone() for k, p in named.items()}
 
 
-def test_a_chunked_step_equals_the_textbook_step(tiny_config):
+@pytest.mark.parametrize("loss", ["answer", "label"])
+def test_a_chunked_step_equals_the_textbook_step(tiny_config, loss):
     from privlora.data import collate
     from privlora.lm import per_example_loss
     from privlora.privacy.mechanisms import clip
 
     # non-private: the gradient of the batch's mean loss, one forward
-    sim = prepare(tiny_config("train.batch_size=12"))
+    sim = prepare(tiny_config("train.batch_size=12", f"train.loss={loss}"))
     site = sim.sites[0]
+    assert bool(site.spec.label_tokens) == (loss == "label")
     spec = dataclasses.replace(site.spec, microbatch=5)
     named, chunked = _step_grads(sim, spec, site)
     batch = client._uniform_batch(site.examples, 12, seeded_generator(1, "b"))
     for p in named.values():
         p.grad = None
-    per_example_loss(sim.handles.model, collate(batch, sim.tokenizer.pad_token_id)).mean().backward()
+    per_example_loss(sim.handles.model, collate(batch, sim.tokenizer.pad_token_id),
+                     spec.label_tokens).mean().backward()
     for name, p in named.items():
         torch.testing.assert_close(chunked[name], p.grad, rtol=1e-4, atol=1e-7)
 
     # DP-SGD with q = 1: one backward per example, joint clip, sum, the same noise, / divisor
     sim = prepare(tiny_config("privacy.mode=sample", "privacy.noise_multiplier=0.5",
                               "privacy.sample_rate=1.0", "train.batch_size=24",
-                              "privacy.clip=0.01", "privacy.reproducible_noise=true"))
+                              "privacy.clip=0.01", "privacy.reproducible_noise=true",
+                              f"train.loss={loss}"))
     site = sim.sites[0]
     spec = dataclasses.replace(site.spec, microbatch=5)
     named, chunked = _step_grads(sim, spec, site)
@@ -181,8 +185,8 @@ def test_a_chunked_step_equals_the_textbook_step(tiny_config):
     for example in site.examples:
         for p in named.values():
             p.grad = None
-        per_example_loss(sim.handles.model,
-                         collate([example], sim.tokenizer.pad_token_id)).sum().backward()
+        per_example_loss(sim.handles.model, collate([example], sim.tokenizer.pad_token_id),
+                         spec.label_tokens).sum().backward()
         clipped, _ = clip({k: p.grad for k, p in named.items()}, 0.01)
         total = {k: total[k] + clipped[k] for k in total}
     expected = spec.sample_dp.noisy_gradient(total, seeded_generator(1, "n"))

@@ -94,3 +94,11 @@ def test_text_fields_errors_say_what_to_change(overrides, words):
         load_config(None, overrides)
     for word in words:
         assert word in str(err.value)
+
+
+def test_the_label_loss_is_for_classification():
+    assert load_config(None, ["train.loss=label"]).train.loss == "label"
+    with pytest.raises(ConfigError, match="train.loss = 'label'.*generation.*train.loss = 'answer'"):
+        load_config(None, ["data.path=d.jsonl", "data.kind=generation", "train.loss=label"])
+    with pytest.raises(ConfigError, match="train.loss"):
+        load_config(None, ["train.loss=labels"])

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from privlora import builtin_task, data
-from privlora.evaluate import evaluate, macro_f1, majority_share
+from privlora.errors import DataError
+from privlora.evaluate import evaluate, macro_f1, majority_share, training_label_tokens
+from privlora.lm import per_example_loss
 from privlora.lora import lora_linears
 
 
@@ -100,3 +102,33 @@ def test_macro_f1_on_an_imbalanced_example_worked_by_hand():
     assert macro_f1([0, 1, 2], [0, 1, 2], num_labels=3) == 1.0
     # accuracy 0.75 but macro-F1 far lower: why it sits beside accuracy for imbalanced tasks
     assert macro_f1([0] * 6 + [1] * 2, [0] * 8, 3) < 0.75
+
+
+def test_label_loss_is_cross_entropy_over_the_label_words_only(tiny_lora, tokenizer):
+    """train.loss = "label": per example, -log softmax over the 4 label tokens' full-forward
+    logits at the first answer position, gold = its label (independent reference below)."""
+    _randomize_b(tiny_lora)
+    rows = builtin_task.generate(9, seed=2)
+    task = data.Task("t", "classification", builtin_task.INSTRUCTION,
+                     ("amber", "blue", "green", "red"), tuple(rows))
+    examples = data.tokenize(rows, task, tokenizer, max_length=96)
+    columns = training_label_tokens(task, tokenizer, "label")
+    got = per_example_loss(tiny_lora.model, data.collate(examples, tokenizer.pad_token_id), columns)
+    for e, loss in zip(examples, got, strict=True):
+        logits = tiny_lora.model(input_ids=torch.tensor([list(e.prompt)])).logits[0, -1].float()
+        four = logits[list(columns)].log_softmax(-1)
+        assert loss.item() == pytest.approx(-four[task.labels.index(e.label)].item(), rel=1e-4)
+    answer = per_example_loss(tiny_lora.model, data.collate(examples, tokenizer.pad_token_id))
+    assert not torch.allclose(answer, got)  # the default loss is the whole-vocabulary one
+
+
+def test_label_loss_needs_one_distinct_token_per_label(tokenizer):
+    one = data.Task("t", "classification", "", ("red", "blue"), ())
+    assert training_label_tokens(one, tokenizer, "answer") == ()
+    assert len(training_label_tokens(one, tokenizer, "label")) == 2
+    long = data.Task("t", "classification", "", ("red team", "blue team"), ())
+    with pytest.raises(DataError, match="one distinct token.*'red team': 2.*train.loss = 'answer'"):
+        training_label_tokens(long, tokenizer, "label")
+    generation = data.Task("g", "generation", "", (), ())
+    with pytest.raises(DataError, match="needs a classification task"):
+        training_label_tokens(generation, tokenizer, "label")

@@ -62,6 +62,7 @@ class LocalSpec:
     send_counts: bool = True  # example count and loss beside the update: never under DP
     microbatch: int = 32  # examples per forward; a larger batch is split and summed
     uplink_bits: int = 0  # 8 or 4: stochastic rounding of the update as sent (after any noise)
+    label_tokens: tuple[int, ...] = ()  # train.loss = "label": the softmax's tokens; () = answer
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,17 @@ def rank_of(config: RunConfig, client_id: int) -> int | None:
     return ranks[client_id % len(ranks)] if ranks else None
 
 
-def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None) -> LocalSpec:
-    """Build what a client does each round from the config, the rule and the privacy plan."""
+def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None,
+             label_tokens: tuple[int, ...] = ()) -> LocalSpec:
+    """Build what a client does each round from the config, the rule and the privacy plan
+    (``label_tokens`` from ``evaluate.training_label_tokens``)."""
     t = config.train
     return LocalSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
                      optimizer=t.optimizer, weight_decay=t.weight_decay, train_a=rule.trains_a,
                      rank=rank, sample_dp=plan.training_mechanism(),
                      local_dp=plan.release_mechanism(), send_counts=not plan.private,
-                     microbatch=t.microbatch, uplink_bits=config.quantization.uplink_bits)
+                     microbatch=t.microbatch, uplink_bits=config.quantization.uplink_bits,
+                     label_tokens=label_tokens)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
@@ -189,11 +193,11 @@ def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec
         batch = collate(chosen[start : start + spec.microbatch], pad_id).to(device)
         tokens += int(batch.attention_mask.sum())
         if dp is None:
-            per_example = per_example_loss(handles.model, batch)
+            per_example = per_example_loss(handles.model, batch, spec.label_tokens)
             per_example.sum().backward()  # .grad accumulates the sum over chunks
         else:
             with PerExampleGrads(handles, train_a=spec.train_a) as tracker:
-                per_example = per_example_loss(handles.model, batch)
+                per_example = per_example_loss(handles.model, batch, spec.label_tokens)
                 per_example.sum().backward()  # a SUM: each example's gradient stays its own
                 clipped, norms = clip_per_example(tracker.collect(), dp.clip)
             summed = {name: summed[name] + clipped[name] for name in summed}

@@ -94,6 +94,12 @@ class TrainConfig:
     lr: float = 3e-3
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
+    # "answer": cross-entropy of every answer token over the whole vocabulary (the default).
+    # "label" (classification): cross-entropy over the task's label words only, at the first
+    # answer position: exactly what eval scores, so a noisy clipped gradient carries only the
+    # class signal (the private demo's recipe). The model is then trained to rank the labels,
+    # not to stop after one.
+    loss: Literal["answer", "label"] = "answer"
     # examples per forward pass: larger batches (DP's hundreds per step) are split into chunks
     # and their (clipped) gradients summed, so memory stays flat; the result is the same
     microbatch: int = 32
@@ -278,6 +284,9 @@ def validate(c: RunConfig) -> None:
     _require(not (c.data.label_field != "label" and not c.data.text_fields),
              f"data.label_field = {c.data.label_field!r} is only read with data.text_fields; "
              "set data.text_fields to the fields that make each row's text")
+    _require(not (c.train.loss == "label" and c.data.kind == "generation"),
+             "train.loss = 'label' trains a classifier over the task's labels but data.kind = "
+             "'generation'; set train.loss = 'answer'")
     _require(not (c.data.eval_path and c.data.path == "builtin"),
              "data.eval_path is set but data.path = 'builtin' (the generated task holds out its "
              "own eval set); remove data.eval_path or point data.path at a JSONL file")

@@ -59,6 +59,25 @@ def label_token_ids(labels: tuple[str, ...], tokenizer: PreTrainedTokenizerBase)
     return [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
 
 
+def training_label_tokens(task: Task, tokenizer: PreTrainedTokenizerBase,
+                          loss: str) -> tuple[int, ...]:
+    """Return the label tokens a ``train.loss = "label"`` run trains over (() for "answer").
+
+    Each label must be one token, distinct from the others: the loss is a softmax over them.
+    """
+    if loss == "answer":
+        return ()
+    if task.kind != "classification":
+        raise DataError("train.loss = 'label' needs a classification task; this one is "
+                        f"{task.kind!r}: set train.loss = 'answer'")
+    ids = label_token_ids(task.labels, tokenizer)
+    if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+        shown = {label: len(i) for label, i in zip(task.labels, ids)}
+        raise DataError("train.loss = 'label' needs every label to be one distinct token; "
+                        f"tokens per label: {shown}; set train.loss = 'answer'")
+    return tuple(i[0] for i in ids)
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTokenizerBase,
              batch_size: int = 32) -> EvalResult:

@@ -14,6 +14,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from privlora.data import Batch
+from privlora.errors import DataError
 
 
 def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
@@ -51,9 +52,41 @@ def answer_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Ten
     return logits.float()
 
 
-def per_example_loss(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
-    """Return each example's mean cross-entropy over its answer tokens: (B,)."""
+def per_example_loss(model: PreTrainedModel | PeftModel, batch: Batch,
+                     label_tokens: tuple[int, ...] = ()) -> torch.Tensor:
+    """Return each example's training loss: (B,).
+
+    Without ``label_tokens``: its mean cross-entropy over its answer tokens (whole vocabulary).
+    With them (a classification task's label tokens): its cross-entropy over those tokens only,
+    at its first answer position, whose target must be one of them (``label_loss``).
+    """
+    if label_tokens:
+        return label_loss(model, batch, label_tokens)
     return answer_loss(answer_logits(model, batch), batch)
+
+
+def label_loss(model: PreTrainedModel | PeftModel, batch: Batch,
+               label_tokens: tuple[int, ...]) -> torch.Tensor:
+    """Return each example's cross-entropy over the label tokens at its first answer position.
+
+    The softmax runs over ``len(label_tokens)`` head rows instead of the vocabulary: the loss is
+    the one eval's argmax over the labels ranks by, so under DP the clipped gradient spends
+    nothing on the answer's end token or on words that are not labels.
+    """
+    first = first_answer_rows(batch)
+    gold = batch.targets[batch.target_mask][first]  # each example's first answer token
+    columns = torch.tensor(label_tokens, device=gold.device)
+    hit = gold[:, None] == columns[None, :]  # (B, labels)
+    if not bool(hit.any(dim=1).all()):
+        raise DataError("an answer does not start with one of the label tokens; "
+                         "train.loss = 'label' needs answers that are the task's labels")
+    with autocast_for(model):
+        hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
+        head = causal_lm(model).get_output_embeddings()
+        rows = hidden[batch.target_mask][first]  # (B, H) at each first answer position
+        logits = F.linear(rows, head.weight[columns],
+                          None if head.bias is None else head.bias[columns])
+    return F.cross_entropy(logits.float(), hit.float().argmax(dim=1), reduction="none")
 
 
 def first_answer_rows(batch: Batch) -> torch.Tensor:

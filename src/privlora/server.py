@@ -20,7 +20,7 @@ from privlora import client, data, protocol, records, uplink
 from privlora.communication import full_finetune_bytes
 from privlora.config import RunConfig, to_toml
 from privlora.errors import InvalidUpdate, RoundFailed
-from privlora.evaluate import EvalResult, evaluate, majority_share
+from privlora.evaluate import EvalResult, evaluate, majority_share, training_label_tokens
 from privlora.lora import (
     Adapter,
     LoraHandles,
@@ -79,9 +79,10 @@ def prepare(config: RunConfig) -> Simulation:
     task, train_rows, eval_rows = load_rows(config)
     parts = data.partition(train_rows, config.data, config.federation.num_clients, config.seed)
     sim = prepare_server(config, task, eval_rows, [len(p) for p in parts])
+    labels = training_label_tokens(task, sim.tokenizer, config.train.loss)
     sim.sites = [client.Site(cid, data.tokenize(part, task, sim.tokenizer, config.data.max_length),
                              client.spec_for(config, sim.server.rule, sim.server.plan,
-                                             sim.server.ranks[cid]))
+                                             sim.server.ranks[cid], labels))
                  for cid, part in enumerate(parts)]
     return sim
 

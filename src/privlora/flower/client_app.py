@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from privlora import client, data
 from privlora.config import RunConfig, config_from_toml
 from privlora.errors import BundleError, ConfigError, PrivacyBudgetExceeded
+from privlora.evaluate import training_label_tokens
 from privlora.flower import wire
 from privlora.lora import Adapter, LoraHandles, attach, read_adapter
 from privlora.lora import spec_of as lora_spec_of
@@ -110,7 +111,8 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     model = _base_model(config, node.get("bundle", ""), bundle_digest)
     handles = attach(model, lora_spec_of(config.lora), seed=config.seed)
     rank = int(node.get("rank", 0)) or client.rank_of(config, cid)
-    spec = client.spec_for(config, build_rule(config), plan, rank)
+    spec = client.spec_for(config, build_rule(config), plan, rank,
+                           training_label_tokens(task, tokenizer, config.train.loss))
     examples = data.tokenize(rows, task, tokenizer, config.data.max_length)
     return SiteState(config, handles, read_adapter(handles), client.Site(cid, examples, spec),
                      tokenizer)
