@@ -213,3 +213,17 @@ def test_flower_app_and_certs(tmp_path):
         "ca.crt", "node0", "node0.pub", "node1", "node1.pub", "server.key", "server.pem"]
     code, _, err = cli("flower", "certs", "--out", str(tmp_path / "c"), "--host", "10.0.0.5")
     assert_one_line_error(code, err, "already exists")
+
+
+def test_a_label_loss_run_reports_the_loss_it_trained(tmp_path):
+    result = runner.invoke(app, ["run", *TINY, "--set", "train.loss=label", "--out",
+                                 str(tmp_path / "r")], env={"COLUMNS": "200"})  # no wrapping
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["trained_loss"] == "label"
+    assert summary["final"]["label_loss"] > 0 and summary["zero_shot"]["label_loss"] > 0
+    assert "eval loss over the label words (trained)" in result.output
+    assert "eval loss of the whole answer (not trained)" in result.output
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["label_loss"] is not None for r in rows)
+    assert (tmp_path / "r" / "report.png").stat().st_size > 0

@@ -45,20 +45,23 @@ def _confusion_macro_f1(gold: list[int], predicted: list[int]) -> float:
     return sum(f1s) / len(f1s)
 
 
-def _reference(model, examples, task, tokenizer) -> tuple[float | None, float, float | None]:
-    losses, correct, gold, predicted = [], 0, [], []
+def _reference(model, examples, task, tokenizer) -> tuple:
+    """(accuracy, answer loss, macro-F1, loss over the label words alone), None where n/a."""
+    losses, correct, gold, predicted, among = [], 0, [], [], []
     for e in examples:
         losses.append(-_log_probs(model, e.prompt, e.answer).mean().item())
         if task.kind == "classification":
             scores = [_log_probs(model, e.prompt, tokenizer(label, add_special_tokens=False)
                                  ["input_ids"]).sum().item() for label in task.labels]
             best = max(range(len(scores)), key=scores.__getitem__)
+            among.append(-torch.tensor(scores).log_softmax(0)[task.labels.index(e.label)].item())
             correct += task.labels[best] == e.label
             gold.append(task.labels.index(e.label))
             predicted.append(best)
     if task.kind != "classification":
-        return None, sum(losses) / len(losses), None
-    return correct / len(examples), sum(losses) / len(losses), _confusion_macro_f1(gold, predicted)
+        return None, sum(losses) / len(losses), None, None
+    return (correct / len(examples), sum(losses) / len(losses), _confusion_macro_f1(gold, predicted),
+            sum(among) / len(among))
 
 
 @pytest.mark.parametrize("labels", [("red", "blue", "green", "amber"),  # one token each
@@ -72,12 +75,16 @@ def test_evaluate_matches_a_forward_per_example_and_label(tiny_lora, tokenizer, 
                      tuple(rows))
     examples = data.tokenize(rows, task, tokenizer, max_length=96)
     result = evaluate(tiny_lora.model, examples, task, tokenizer, batch_size=5)
-    accuracy, loss, f1 = _reference(tiny_lora.model, examples, task, tokenizer)
+    accuracy, loss, f1, label_loss = _reference(tiny_lora.model, examples, task, tokenizer)
     assert result.accuracy == accuracy
     assert result.macro_f1 == pytest.approx(f1, rel=1e-12)
     assert result.loss == pytest.approx(loss, rel=1e-4)
     assert result.perplexity == pytest.approx(math.exp(loss), rel=1e-4)
     assert 0 < result.accuracy < 1  # a random adapter: some right, some wrong
+    if labels[0] == "red":  # one token per label: the loss train.loss = "label" trains
+        assert result.label_loss == pytest.approx(label_loss, rel=1e-4)
+    else:
+        assert result.label_loss is None
 
 
 def test_evaluate_generation_reports_loss_only(tiny_lora, tokenizer):
@@ -85,7 +92,7 @@ def test_evaluate_generation_reports_loss_only(tiny_lora, tokenizer):
     task = data.Task("g", "generation", "", (), tuple(rows))
     examples = data.tokenize(rows, task, tokenizer, max_length=64)
     result = evaluate(tiny_lora.model, examples, task, tokenizer, batch_size=4)
-    _, loss, _ = _reference(tiny_lora.model, examples, task, tokenizer)
+    _, loss, _, _ = _reference(tiny_lora.model, examples, task, tokenizer)
     assert result.accuracy is None and result.macro_f1 is None and result.loss == pytest.approx(loss, rel=1e-4)
 
 

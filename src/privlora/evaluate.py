@@ -24,6 +24,8 @@ class EvalResult:
     perplexity: float
     examples: int
     macro_f1: float | None = None  # mean over the task's labels of per-label F1 (imbalanced tasks)
+    # cross-entropy over the label words only (one-token labels): what train.loss = "label" trains
+    label_loss: float | None = None
 
 
 def macro_f1(gold: Sequence[int], predicted: Sequence[int], num_labels: int) -> float:
@@ -96,7 +98,8 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
     pad, device = tokenizer.pad_token_id, device_of(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt)
                    + len(examples[i].answer))
-    losses, predicted = [], torch.zeros(len(examples), dtype=torch.long)
+    losses, label_losses = [], []
+    predicted = torch.zeros(len(examples), dtype=torch.long)
     for start in range(0, len(order), batch_size):
         picked = order[start : start + batch_size]
         batch = collate([examples[i] for i in picked], pad).to(device)
@@ -106,6 +109,8 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
             continue
         if single:  # (B, V) at the first answer position -> (B, labels)
             scores = logits[first_answer_rows(batch)].log_softmax(dim=-1)[:, columns]
+            among = scores.log_softmax(dim=1)  # renormalised over the labels alone
+            label_losses.append(-among.gather(1, gold[picked][:, None].to(among.device))[:, 0])
         else:
             scores = label_scores(model, [examples[i].prompt for i in picked], label_ids, pad)
         predicted[picked] = scores.argmax(dim=1).cpu()
@@ -115,7 +120,8 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
         return EvalResult(None, loss, perplexity, len(examples))
     accuracy = int((predicted == gold).sum()) / len(examples)
     f1 = macro_f1(gold.tolist(), predicted.tolist(), len(task.labels))
-    return EvalResult(accuracy, loss, perplexity, len(examples), f1)
+    label_loss = torch.cat(label_losses).mean().item() if label_losses else None
+    return EvalResult(accuracy, loss, perplexity, len(examples), f1, label_loss)
 
 
 def _gold(examples: list[Example], task: Task) -> torch.Tensor:

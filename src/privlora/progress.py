@@ -70,7 +70,9 @@ class RichProgress:
             console.log(f"round {round_}: trained [{self.config.federation.aggregation}]{eps}")
             return
         acc = f"acc {100 * result.accuracy:5.1f}%  " if result.accuracy is not None else ""
-        console.log(f"round {round_}: {acc}loss {result.loss:.4f}  "
+        loss = (f"label loss {result.label_loss:.4f}" if self.config.train.loss == "label"
+                else f"loss {result.loss:.4f}")
+        console.log(f"round {round_}: {acc}{loss}  "
                     f"[{self.config.federation.aggregation}]{eps}")
 
 
@@ -84,7 +86,13 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         table.add_row("zero-shot accuracy", f"{100 * z['accuracy']:.1f}%")
         table.add_row("federated accuracy", f"{100 * f['accuracy']:.1f}%")
         table.add_row("always the most common label", f"{100 * summary['majority_class_accuracy']:.1f}%")
-    table.add_row("eval loss (zero-shot -> final)", f"{z['loss']:.3f} -> {f['loss']:.3f}")
+    if summary.get("trained_loss") == "label":  # the loss it trained, then the one it did not
+        table.add_row("eval loss over the label words (trained)",
+                      f"{z['label_loss']:.3f} -> {f['label_loss']:.3f}")
+        table.add_row("eval loss of the whole answer (not trained)",
+                      f"{z['loss']:.3f} -> {f['loss']:.3f}")
+    else:
+        table.add_row("eval loss (zero-shot -> final)", f"{z['loss']:.3f} -> {f['loss']:.3f}")
     if summary["privacy"]:
         p = summary["privacy"]
         table.add_row("privacy mode", f"{p['mode']} ({p['neighbouring']})")

@@ -56,6 +56,7 @@ def round_row(round_: int, result: EvalResult | None, traffic: Mapping[int, Traf
         "macro_f1": None if result is None else result.macro_f1,
         "loss": None if result is None else result.loss,
         "perplexity": None if result is None else result.perplexity,
+        "label_loss": None if result is None else result.label_loss,
         "clients": sorted(traffic),
         "rejected": list(rejected),
         "bytes_up": up,
@@ -179,7 +180,8 @@ def signal_dict(signal: NoiseToSignal) -> dict[str, Any]:
 
 def summary(task: str, labels: Sequence[str], model: str, majority: float | None,
             zero_shot: EvalResult, final: EvalResult, rounds: int, rule: str,
-            privacy: dict | None, comm: dict, wall_seconds: float | None) -> dict[str, Any]:
+            privacy: dict | None, comm: dict, wall_seconds: float | None,
+            trained_loss: str = "answer") -> dict[str, Any]:
     """Return summary.json: task, metrics before and after, privacy, communication, versions."""
     return {
         "task": task,
@@ -188,6 +190,7 @@ def summary(task: str, labels: Sequence[str], model: str, majority: float | None
         "majority_class_accuracy": majority,
         "zero_shot": asdict(zero_shot),
         "final": asdict(final),
+        "trained_loss": trained_loss,  # train.loss: "answer" or "label" (which eval loss fell)
         "rounds": rounds,
         "aggregation": rule,
         "privacy": privacy,

@@ -10,8 +10,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def plot_rounds(rows: list[dict], out: Path, title: str) -> None:
-    """Draw accuracy (if any) and eval loss per evaluated round, with the epsilon spent."""
+def plot_rounds(rows: list[dict], out: Path, title: str, loss_key: str = "loss") -> None:
+    """Draw accuracy (if any) and eval loss per evaluated round, with the epsilon spent.
+
+    ``loss_key``: the loss the run trained ("loss" over the answer tokens, or "label_loss").
+    """
     eps = rows[-1].get("epsilon")
     rows = [r for r in rows if r["loss"] is not None]  # rounds skipped by eval_every
     rounds = [r["round"] for r in rows]
@@ -23,8 +26,9 @@ def plot_rounds(rows: list[dict], out: Path, title: str) -> None:
     else:
         axes[0].plot(rounds, [r["perplexity"] for r in rows], marker="o")
         axes[0].set_ylabel("eval perplexity")
-    axes[1].plot(rounds, [r["loss"] for r in rows], marker="o", color="tab:red")
-    axes[1].set_ylabel("eval loss (answer tokens)")
+    axes[1].plot(rounds, [r[loss_key] for r in rows], marker="o", color="tab:red")
+    axes[1].set_ylabel("eval loss (label words)" if loss_key == "label_loss"
+                       else "eval loss (answer tokens)")
     for ax in axes:
         ax.set_xlabel("round (0 = zero-shot)")
         ax.grid(alpha=0.3)

@@ -112,7 +112,8 @@ class RunDir:
         (self.path / "summary.json").write_text(_json(summary, indent=2))
         from privlora.report import plot_rounds  # matplotlib: imported only when needed
 
-        plot_rounds(self.rows, self.path / "report.png", title=summary["task"])
+        plot_rounds(self.rows, self.path / "report.png", title=summary["task"],
+                    loss_key="label_loss" if summary.get("trained_loss") == "label" else "loss")
         if hide_times:
             start = (self.path / "config.toml").stat().st_mtime
             for entry in [*self.path.rglob("*"), self.path]:

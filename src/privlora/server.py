@@ -332,7 +332,8 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
         server.task.name, server.task.labels, config.model.name,
         majority_share([e.label for e in server.eval_examples]), zero_shot, final,
         config.federation.rounds, server.rule.name, privacy, comm,
-        None if server.plan.private else wall)  # the duration grows with private batch sizes
+        None if server.plan.private else wall,  # the duration grows with private batch sizes
+        config.train.loss)
     marked = [r["model_privacy"] for r in files.rows if "model_privacy" in r]
     if marked:
         summary["model_privacy"] = records.model_privacy_summary(
