@@ -16,12 +16,15 @@ to smoke-test a GPU recipe on the CPU. Each row records the device it ran on.
 Cells: ``zero`` is read from every run's zero-shot eval. ``central`` = one client, no DP;
 ``nodp`` = the federated recipe without DP; ``sample-E`` / ``client-E`` / ``local-E`` = that mode
 at target epsilon E (delta 1e-5, secure noise). Suffixes ``+fedavg`` and ``+dirichlet`` switch
-the rule and the partition. Rows accumulate in bench/results/utility_<task>.json (a rerun of a
-cell with the same seed replaces it); the Markdown table and a plot of accuracy against epsilon
+the rule and the partition, ``+label`` / ``+answer`` the training loss (``train.loss``).
+Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
+replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
 
 Gain kept = (accuracy - floor) / (non-private accuracy - floor), floor = the larger of zero-shot
-and the majority class: the share of what fine-tuning adds that survives DP.
+and the majority class: the share of what fine-tuning adds that survives DP. The non-private
+accuracy is the ``nodp`` cell with the same suffixes when there is one (``nodp+label`` for
+``sample-8+label``), else ``nodp``.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
     name, *switches = cell.split("+")
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
     overrides += [{"fedavg": "federation.aggregation=fedavg",
-                   "dirichlet": "data.partition=dirichlet"}[s] for s in switches]
+                   "dirichlet": "data.partition=dirichlet",
+                   "label": "train.loss=label", "answer": "train.loss=answer"}[s]
+                  for s in switches]
     if name == "central":
         overrides.append("federation.num_clients=1")
     overrides += extra
@@ -166,10 +171,12 @@ def render(rows: list[dict]) -> str:
     grouped = _cells(rows)
     floor = max(statistics.median(r["zero_shot_accuracy"] for r in rows),
                 statistics.median(r["majority_accuracy"] for r in rows)) if rows else 0.0
-    nodp = grouped.get("nodp")
-    top = statistics.median(r["accuracy"] for r in nodp) if nodp else None
     lines = []
     for cell, group in grouped.items():
+        # the non-private twin: "nodp" with the same switches (nodp+label for sample-8+label)
+        switches = cell.split("+")[1:]
+        nodp = grouped.get("+".join(["nodp", *switches])) or grouped.get("nodp")
+        top = statistics.median(r["accuracy"] for r in nodp) if nodp else None
         acc = statistics.median(r["accuracy"] for r in group)
         share = None if top is None or top <= floor else (acc - floor) / (top - floor)
         kept = "-" if share is None else f"{100 * share:.0f}%"
