@@ -31,13 +31,14 @@ def _checkpoints(run: Path) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize(("secure", "fedlpp"), [(False, ()), (True, (
-    "quantization.base=q8_0", "quantization.uplink_bits=8"))],
-    ids=["insecure", "tls-node-auth-and-a-q8_0-bundle"])
+    "quantization.base=q8_0", "quantization.uplink_bits=8", "train.loss=label"))],
+    ids=["insecure", "tls-node-auth-a-q8_0-bundle-and-the-label-loss"])
 def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, secure, fedlpp):
     """Client-level DP, 2 sites, 2 rounds, reproducible noise: every round's global adapter
     and the ledger equal the in-process simulation's with the same config and seeds. The
     secure federation also composes with FedLPP: each site trains on the q8_0 bundle named in
-    its node-config (checked against the server's digest) and rounds its uplink to 8 bits."""
+    its node-config (checked against the server's digest) and rounds its uplink to 8 bits; and
+    its sites train the label-only loss (train.loss = "label") exactly as simulated clients do."""
     config = tiny_config(*CLIENT_DP, *fedlpp)
     held: list[LocalFederation] = []
     deployed = run_local(config, tmp_path / "flower", secure=secure, on_start=held.append)
