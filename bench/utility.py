@@ -16,7 +16,8 @@ to smoke-test a GPU recipe on the CPU. Each row records the device it ran on.
 Cells: ``zero`` is read from every run's zero-shot eval. ``central`` = one client, no DP;
 ``nodp`` = the federated recipe without DP; ``sample-E`` / ``client-E`` / ``local-E`` = that mode
 at target epsilon E (delta 1e-5, secure noise). Suffixes ``+fedavg`` and ``+dirichlet`` switch
-the rule and the partition, ``+label`` / ``+answer`` the training loss (``train.loss``).
+the rule and the partition, ``+label`` / ``+answer`` the training loss (``train.loss``),
+``+sgd`` SGD with momentum 0.9 instead of Adam, ``+lrX`` the learning rate (``+sgd+lr0.3``).
 Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
 replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
@@ -57,6 +58,19 @@ QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples
          "lora.last_layers=1"]
 
 
+SWITCHES = {"fedavg": ("federation.aggregation=fedavg",),
+            "dirichlet": ("data.partition=dirichlet",),
+            "label": ("train.loss=label",), "answer": ("train.loss=answer",),
+            "sgd": ("train.optimizer=sgd", "train.momentum=0.9")}
+
+
+def _switch(name: str) -> tuple[str, ...]:
+    """The overrides of one ``+suffix`` of a cell: a name in SWITCHES, or lrX (train.lr = X)."""
+    if name.startswith("lr"):
+        return (f"train.lr={float(name[2:])}",)
+    return SWITCHES[name]
+
+
 def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
     """The RunConfig of one cell: the task's config file, the cell's changes, the seed, then
     the ``--set`` overrides ``extra``."""
@@ -64,10 +78,7 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
 
     name, *switches = cell.split("+")
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
-    overrides += [{"fedavg": "federation.aggregation=fedavg",
-                   "dirichlet": "data.partition=dirichlet",
-                   "label": "train.loss=label", "answer": "train.loss=answer"}[s]
-                  for s in switches]
+    overrides += [o for s in switches for o in _switch(s)]
     if name == "central":
         overrides.append("federation.num_clients=1")
     overrides += extra

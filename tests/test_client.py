@@ -192,3 +192,16 @@ def test_a_chunked_step_equals_the_textbook_step(tiny_config, loss):
     expected = spec.sample_dp.noisy_gradient(total, seeded_generator(1, "n"))
     for name in named:
         torch.testing.assert_close(chunked[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_sgd_momentum_is_heavy_ball_from_the_config(tiny_config):
+    sim = prepare(tiny_config("train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.5"))
+    spec = sim.sites[0].spec
+    assert (spec.optimizer, spec.momentum) == ("sgd", 0.9)
+    w = torch.nn.Parameter(torch.zeros(3))
+    optimizer = client._optimizer([w], spec)
+    g = torch.tensor([1.0, -2.0, 0.5])
+    for _ in range(2):  # velocity v1 = g, v2 = 0.9 v1 + g; w = -lr (v1 + v2)
+        w.grad = g.clone()
+        optimizer.step()
+    torch.testing.assert_close(w.detach(), -0.5 * (g + 1.9 * g))

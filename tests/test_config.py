@@ -102,3 +102,11 @@ def test_the_label_loss_is_for_classification():
         load_config(None, ["data.path=d.jsonl", "data.kind=generation", "train.loss=label"])
     with pytest.raises(ConfigError, match="train.loss"):
         load_config(None, ["train.loss=labels"])
+
+
+def test_momentum_is_sgds():
+    assert load_config(None, ["train.optimizer=sgd", "train.momentum=0.9"]).train.momentum == 0.9
+    with pytest.raises(ConfigError, match="train.momentum = 0.9 is SGD's.*train.optimizer = 'sgd'"):
+        load_config(None, ["train.momentum=0.9"])
+    with pytest.raises(ConfigError, match=r"train.momentum = 1.0 must be in \[0, 1\)"):
+        load_config(None, ["train.optimizer=sgd", "train.momentum=1.0"])

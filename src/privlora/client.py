@@ -54,6 +54,7 @@ class LocalSpec:
     batch_size: int
     lr: float
     optimizer: str = "adamw"
+    momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
     train_a: bool = True  # False for FFA-LoRA: A stays frozen and is never sent
     rank: int | None = None  # heterogeneous ranks: components beyond this stay zero
@@ -102,7 +103,8 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None,
     (``label_tokens`` from ``evaluate.training_label_tokens``)."""
     t = config.train
     return LocalSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
-                     optimizer=t.optimizer, weight_decay=t.weight_decay, train_a=rule.trains_a,
+                     optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
+                     train_a=rule.trains_a,
                      rank=rank, sample_dp=plan.training_mechanism(),
                      local_dp=plan.release_mechanism(), send_counts=not plan.private,
                      microbatch=t.microbatch, uplink_bits=config.quantization.uplink_bits,
@@ -217,7 +219,8 @@ def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec
 
 def _optimizer(params: list[torch.nn.Parameter], spec: LocalSpec) -> torch.optim.Optimizer:
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
+                               weight_decay=spec.weight_decay)
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 

@@ -93,6 +93,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 3e-3
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.0  # SGD's heavy-ball momentum (reset each round, like Adam's moments)
     weight_decay: float = 0.0
     # "answer": cross-entropy of every answer token over the whole vocabulary (the default).
     # "label" (classification): cross-entropy over the task's label words only, at the first
@@ -284,6 +285,10 @@ def validate(c: RunConfig) -> None:
     _require(not (c.data.label_field != "label" and not c.data.text_fields),
              f"data.label_field = {c.data.label_field!r} is only read with data.text_fields; "
              "set data.text_fields to the fields that make each row's text")
+    _require(0 <= c.train.momentum < 1, f"train.momentum = {c.train.momentum} must be in [0, 1)")
+    _require(not (c.train.momentum and c.train.optimizer != "sgd"),
+             f"train.momentum = {c.train.momentum} is SGD's; set train.optimizer = 'sgd' or "
+             "remove train.momentum (AdamW keeps its own moments)")
     _require(not (c.train.loss == "label" and c.data.kind == "generation"),
              "train.loss = 'label' trains a classifier over the task's labels but data.kind = "
              "'generation'; set train.loss = 'answer'")
