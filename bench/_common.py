@@ -108,7 +108,9 @@ def summary_row(summary: dict, config_toml: str, seconds: float | None, out: Pat
         "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
         "accuracy": summary["final"]["accuracy"],
         "macro_f1": summary["final"].get("macro_f1"),
-        "loss": summary["final"]["loss"],
+        "loss": summary["final"]["loss"],  # answer loss (generation tasks: the metric)
+        "zero_shot_loss": summary["zero_shot"]["loss"],
+        "perplexity": summary["final"]["perplexity"],
         "noise_to_signal": privacy.get("noise_to_signal"),
         "epsilon_pld": privacy.get("epsilon_spent_pld"),
         "epsilon_rdp": privacy.get("epsilon_spent_rdp"),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 from pathlib import Path
 
@@ -48,6 +49,7 @@ RECIPE = {
     "fpb": CONFIGS / "fpb.toml",
     "fiqa": CONFIGS / "fiqa.toml",
     "pubmedqa": CONFIGS / "pubmedqa.toml",
+    "dolly": CONFIGS / "dolly.toml",  # generative: answer loss and perplexity
     # GPU recipes (model.device = "cuda"): what a GPU affords, far beyond the 2-core CPU's budget
     "builtin-gpu": CONFIGS / "builtin_gpu.toml",  # sample-level DP, batches of 1,024
     "builtin-clients-gpu": CONFIGS / "builtin_clients_gpu.toml",  # 1,000 clients, client DP
@@ -86,9 +88,12 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
     if name in ("nodp", "central"):
         return without_privacy(config)
     mode, target = name.split("-")
+    rate = config.privacy.sample_rate
+    if quick and rate:  # the smoke run's batch of 4: the same share of the recipe's batch
+        rate = min(1.0, rate * config.train.batch_size / load_config(RECIPE[task]).train.batch_size)
     privacy = dataclasses.replace(
         config.privacy, mode=mode, target_epsilon=float(target), noise_multiplier=None,
-        sample_rate=config.privacy.sample_rate if mode == "sample" else None)
+        sample_rate=rate if mode == "sample" else None)
     config = dataclasses.replace(config, privacy=privacy)
     validate(config)
     return config
@@ -128,8 +133,9 @@ def main() -> None:
                 save(name, {"task": args.task, "rows": rows})
                 print(f"{cell} seed {seed}: acc {pct(row['accuracy'])} in {row['seconds']} s",
                       flush=True)
-    print(render(rows))
-    plot(rows, RESULTS / f"{name}.png")
+    generation = bool(rows) and rows[0]["accuracy"] is None  # Dolly: answer loss, perplexity
+    print(render_generation(rows) if generation else render(rows))
+    plot(rows, RESULTS / f"{name}.png", "loss" if generation else "accuracy")
 
 
 def _cells(rows: list[dict]) -> dict[str, list[dict]]:
@@ -211,13 +217,43 @@ def render(rows: list[dict]) -> str:
                             lines)
 
 
+def render_generation(rows: list[dict]) -> str:
+    """The Markdown table of a generation task: answer loss and perplexity per cell; gain kept
+    = (zero-shot loss - loss) / (zero-shot loss - the non-private twin's loss)."""
+    grouped = _cells(rows)
+    start = statistics.median(r["zero_shot_loss"] for r in rows)
+    lines = []
+    for cell, group in grouped.items():
+        switches = cell.split("+")[1:]
+        nodp = grouped.get("+".join(["nodp", *switches])) or grouped.get("nodp")
+        top = statistics.median(r["loss"] for r in nodp) if nodp else None
+        loss = statistics.median(r["loss"] for r in group)
+        share = None if top is None or top >= start else (start - loss) / (start - top)
+        signal = group[0].get("noise_to_signal")
+        call = "-" if signal is None else f"{signal['whole_run']:.3g} {signal['verdict']}"
+        if signal is not None and share is not None:
+            call += "" if agrees(signal["verdict"], share) else " (**disagrees**)"
+        epsilon = group[0]["epsilon_pld"]
+        lines.append([cell, len(group), f"{epsilon:.2f}" if isinstance(epsilon, float) else "inf",
+                      "-" if group[0]["noise_multiplier"] is None
+                      else f"{group[0]['noise_multiplier']:.3f}",
+                      f"{loss:.3f}", f"{statistics.median(r['perplexity'] for r in group):.2f}",
+                      "-" if share is None else f"{100 * share:.0f}%", call, _seconds(group),
+                      group[0].get("device", "cpu")])
+    header = f"zero-shot answer loss {start:.3f} (perplexity {math.exp(start):.2f})\n\n"
+    return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "answer loss",
+                           "perplexity", "gain kept (loss)", "noise-to-signal (plan's call)",
+                           "seconds", "device"], lines)
+
+
 def _seconds(group: list[dict]) -> str:
     known = [r["seconds"] for r in group if r["seconds"] is not None]
     return f"{statistics.median(known):.0f}" if known else "-"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against epsilon, one line per mode (non-private as a dashed level)."""
+def plot(rows: list[dict], path: Path, metric: str = "accuracy") -> None:
+    """``metric`` (accuracy, or a generation task's answer loss) against epsilon, one line per
+    mode (non-private as a dashed level)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,19 +263,19 @@ def plot(rows: list[dict], path: Path) -> None:
     grouped = _cells(rows)
     for mode in ("sample", "client", "local"):
         points = sorted((float(c.split("-")[1].split("+")[0]),
-                         statistics.median(r["accuracy"] for r in g))
+                         statistics.median(r[metric] for r in g))
                         for c, g in grouped.items() if c.startswith(mode + "-") and "+" not in c)
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=f"{mode}-level DP")
     if "nodp" in grouped:
-        ax.axhline(statistics.median(r["accuracy"] for r in grouped["nodp"]), ls="--",
+        ax.axhline(statistics.median(r[metric] for r in grouped["nodp"]), ls="--",
                    color="grey", label="no DP")
     if rows:
-        ax.axhline(statistics.median(r["zero_shot_accuracy"] for r in rows), ls=":",
+        ax.axhline(statistics.median(r[f"zero_shot_{metric}"] for r in rows), ls=":",
                    color="black", label="zero-shot")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("epsilon (delta = 1e-5)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("answer loss" if metric == "loss" else "accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -30,7 +30,7 @@ def test_the_demo_is_sample_level_dp_within_epsilon_8_with_secure_noise():
     assert without_privacy(config).privacy.mode == "none"  # make demo PRIVACY=off
 
 
-@pytest.mark.parametrize("name", ["sst2", "fpb", "fiqa", "pubmedqa"])
+@pytest.mark.parametrize("name", ["sst2", "fpb", "fiqa", "pubmedqa", "dolly"])
 def test_the_shared_data_configs_fit_their_budget_and_rate(name):
     config = load_config(CONFIGS / f"{name}.toml")
     if not Path(config.data.path).is_file():
