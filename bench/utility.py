@@ -183,6 +183,24 @@ def agrees(verdict: str, kept: float) -> bool:
     return 0.1 <= kept <= 0.9
 
 
+def _twin(cell: str, grouped: dict[str, list[dict]]) -> list[dict] | None:
+    """The non-private twin of a cell: "nodp" with the same switches (nodp+label for
+    sample-8+label) when there is one, else "nodp"."""
+    switches = cell.split("+")[1:]
+    return grouped.get("+".join(["nodp", *switches])) or grouped.get("nodp")
+
+
+def _privacy_columns(group: list[dict], share: float | None) -> tuple[str, str, str]:
+    """A cell's epsilon, sigma and the plan's call, with whether the outcome agrees."""
+    signal = group[0].get("noise_to_signal")
+    call = "-" if signal is None else f"{signal['whole_run']:.3g} {signal['verdict']}"
+    if signal is not None and share is not None:
+        call += "" if agrees(signal["verdict"], share) else " (**disagrees**)"
+    epsilon, sigma = group[0]["epsilon_pld"], group[0]["noise_multiplier"]
+    return (f"{epsilon:.2f}" if isinstance(epsilon, float) else "inf",
+            "-" if sigma is None else f"{sigma:.3f}", call)
+
+
 def render(rows: list[dict]) -> str:
     """The Markdown table: one line per cell, medians over seeds with min-max."""
     grouped = _cells(rows)
@@ -190,22 +208,13 @@ def render(rows: list[dict]) -> str:
                 statistics.median(r["majority_accuracy"] for r in rows)) if rows else 0.0
     lines = []
     for cell, group in grouped.items():
-        # the non-private twin: "nodp" with the same switches (nodp+label for sample-8+label)
-        switches = cell.split("+")[1:]
-        nodp = grouped.get("+".join(["nodp", *switches])) or grouped.get("nodp")
+        nodp = _twin(cell, grouped)
         top = statistics.median(r["accuracy"] for r in nodp) if nodp else None
         acc = statistics.median(r["accuracy"] for r in group)
         share = None if top is None or top <= floor else (acc - floor) / (top - floor)
         kept = "-" if share is None else f"{100 * share:.0f}%"
-        signal = group[0].get("noise_to_signal")
-        call = "-" if signal is None else f"{signal['whole_run']:.3g} {signal['verdict']}"
-        if signal is not None and share is not None:
-            call += "" if agrees(signal["verdict"], share) else " (**disagrees**)"
-        epsilon = group[0]["epsilon_pld"]
-        lines.append([cell, len(group),
-                      f"{epsilon:.2f}" if isinstance(epsilon, float) else "inf",
-                      "-" if group[0]["noise_multiplier"] is None
-                      else f"{group[0]['noise_multiplier']:.3f}",
+        epsilon, sigma, call = _privacy_columns(group, share)
+        lines.append([cell, len(group), epsilon, sigma,
                       _spread([r["accuracy"] for r in group]),
                       _spread([r.get("macro_f1") for r in group]), kept, call,
                       _seconds(group), group[0].get("device", "cpu")])
@@ -224,20 +233,12 @@ def render_generation(rows: list[dict]) -> str:
     start = statistics.median(r["zero_shot_loss"] for r in rows)
     lines = []
     for cell, group in grouped.items():
-        switches = cell.split("+")[1:]
-        nodp = grouped.get("+".join(["nodp", *switches])) or grouped.get("nodp")
+        nodp = _twin(cell, grouped)
         top = statistics.median(r["loss"] for r in nodp) if nodp else None
         loss = statistics.median(r["loss"] for r in group)
         share = None if top is None or top >= start else (start - loss) / (start - top)
-        signal = group[0].get("noise_to_signal")
-        call = "-" if signal is None else f"{signal['whole_run']:.3g} {signal['verdict']}"
-        if signal is not None and share is not None:
-            call += "" if agrees(signal["verdict"], share) else " (**disagrees**)"
-        epsilon = group[0]["epsilon_pld"]
-        lines.append([cell, len(group), f"{epsilon:.2f}" if isinstance(epsilon, float) else "inf",
-                      "-" if group[0]["noise_multiplier"] is None
-                      else f"{group[0]['noise_multiplier']:.3f}",
-                      f"{loss:.3f}", f"{statistics.median(r['perplexity'] for r in group):.2f}",
+        epsilon, sigma, call = _privacy_columns(group, share)
+        lines.append([cell, len(group), epsilon, sigma, f"{loss:.3f}", f"{statistics.median(r['perplexity'] for r in group):.2f}",
                       "-" if share is None else f"{100 * share:.0f}%", call, _seconds(group),
                       group[0].get("device", "cpu")])
     header = f"zero-shot answer loss {start:.3f} (perplexity {math.exp(start):.2f})\n\n"
