@@ -79,7 +79,7 @@ def label_loss(model: PreTrainedModel | PeftModel, batch: Batch,
     hit = gold[:, None] == columns[None, :]  # (B, labels)
     if not bool(hit.any(dim=1).all()):
         raise DataError("an answer does not start with one of the label tokens; "
-                         "train.loss = 'label' needs answers that are the task's labels")
+                        "train.loss = 'label' needs answers that are the task's labels")
     with autocast_for(model):
         hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
         head = causal_lm(model).get_output_embeddings()
