@@ -31,7 +31,9 @@ def _quiet_libraries() -> None:
 
 _quiet_libraries()
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Why pretty_exceptions_show_locals=False: Typer's rich tracebacks print each frame's local
+# variables by default, and those can hold a site's private rows.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Private federated LoRA fine-tuning of causal language models.")
 privacy_app = typer.Typer(no_args_is_help=True, help="Epsilon, calibration and run plans.")
 app.add_typer(privacy_app, name="privacy")
@@ -67,21 +69,43 @@ def run(
     overwrite: OverwriteOption = False,
     no_privacy: Annotated[bool, typer.Option(
         help="Drop the config's [privacy] section: the same run without DP, to compare.")] = False,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the stopped run in this directory from its last complete round, with "
+             "its own config (--set may change only settings that touch no privacy).")] = None,
 ) -> None:
     """Run a federated LoRA fine-tune and write the run directory."""
-    try:
-        cfg = _run_config(config, set_, data, model, no_privacy)
-        out_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        from privlora.progress import RichProgress
-        from privlora.server import run as run_federation
+    from privlora.run_dir import Stopped, stop_on_signals, stopped_line
 
-        with RichProgress(cfg) as progress:
-            summary = run_federation(cfg, out_dir, progress, overwrite=overwrite)
+    try:
+        if resume is not None:
+            _refuse_beside_resume(config, out, data, model, overwrite, no_privacy)
+        cfg = (_run_config(resume / "config.toml", set_, None, None, False) if resume
+               else _run_config(config, set_, data, model, no_privacy))
+        out_dir = resume or out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        from privlora import server
+        from privlora.progress import RichProgress
+
+        with stop_on_signals(), RichProgress(cfg) as progress:
+            summary = (server.resume(resume, set_, progress) if resume else
+                       server.run(cfg, out_dir, progress, overwrite=overwrite))
     except _USER_ERRORS as err:
         _fail(err)
+    except Stopped as stop:
+        typer.echo(stopped_line(out_dir, cfg.federation.rounds, cfg.privacy.accountant), err=True)
+        raise typer.Exit(code=stop.code) from None
     from privlora.progress import print_summary
 
     print_summary(summary, out_dir)
+
+
+def _refuse_beside_resume(config: Path | None, out: Path | None, data: str | None,
+                          model: str | None, overwrite: bool, no_privacy: bool) -> None:
+    given = [name for name, value in (("--config", config), ("--out", out), ("--data", data),
+                                      ("--model", model), ("--overwrite", overwrite),
+                                      ("--no-privacy", no_privacy)) if value]
+    if given:
+        raise ConfigError(f"--resume continues a run with its own config and directory; drop "
+                          f"{', '.join(given)}")
 
 
 def _run_config(config: Path | None, set_: list[str], data: str | None, model: str | None,

@@ -365,6 +365,33 @@ def _validate_privacy(p: PrivacyConfig) -> None:
         _require(0 < p.sample_rate <= 1, f"privacy.sample_rate = {p.sample_rate} not in (0, 1]")
 
 
+# Settings a resumed run may change: none of them touches what is released or how it is
+# accounted (federation.rounds may change too: the resumed plan keeps the run's sigma, so more
+# rounds than the budget holds are refused by the plan itself).
+RESUMABLE = frozenset({"model.device", "train.microbatch", "federation.eval_every",
+                       "federation.round_timeout", "federation.connect_timeout",
+                       "federation.min_clients", "federation.rounds"})
+
+
+def refuse_changes(saved: RunConfig, new: RunConfig) -> None:
+    """Refuse a resume whose config differs from the run's own in anything but RESUMABLE,
+    naming the first such setting."""
+    for section in dataclasses.fields(RunConfig):
+        old_value, new_value = getattr(saved, section.name), getattr(new, section.name)
+        if not dataclasses.is_dataclass(old_value):
+            keys = [(section.name, old_value, new_value)]
+        else:
+            keys = [(f"{section.name}.{f.name}", getattr(old_value, f.name),
+                     getattr(new_value, f.name)) for f in dataclasses.fields(old_value)]
+        for key, was, now in keys:
+            if was != now and key not in RESUMABLE:
+                raise ConfigError(
+                    f"--resume: {key} = {now!r} differs from the run's {was!r}; a resumed run "
+                    "keeps every setting that shapes what is trained, released or accounted. "
+                    f"Drop that override (only {sorted(RESUMABLE)} may change)"
+                )
+
+
 def without_privacy(config: RunConfig) -> RunConfig:
     """Return ``config`` with the default [privacy] section (mode 'none'): the non-private twin."""
     return dataclasses.replace(config, privacy=PrivacyConfig())

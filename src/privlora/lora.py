@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from privlora import import_peft_without_bitsandbytes
+from privlora import import_peft_without_bitsandbytes, quiet
 
 import_peft_without_bitsandbytes()
 
@@ -81,7 +81,7 @@ def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
     )
     # Why: PEFT draws A from the global RNG; seeding it makes the initial A a function of the seed,
     # which FFA-LoRA relies on (every party derives the same frozen A).
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), quiet.peft_wrapping():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     layers = {
@@ -192,6 +192,13 @@ def flatten(adapter: Adapter) -> dict[str, torch.Tensor]:
         flat[wire_name(name, "A")] = adapter[name].A
         flat[wire_name(name, "B")] = adapter[name].B
     return flat
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> Adapter:
+    """Invert ``flatten``: wire names back to factors by layer."""
+    layers = sorted({name[: -len(_SUFFIX["A"])] for name in flat if name.endswith(_SUFFIX["A"])})
+    return {layer: Factors(A=flat[wire_name(layer, "A")], B=flat[wire_name(layer, "B")])
+            for layer in layers}
 
 
 def released_coordinates(adapter: Adapter, train_a: bool) -> int:

@@ -63,6 +63,11 @@ class RichProgress:
         rate = f"{self._tokens / elapsed:,.0f} tok/s" if elapsed > 0 else ""
         self.bar.update(self.step_task, rate=rate)
 
+    def resumed(self, round_: int) -> None:
+        """Start the rounds bar at a resumed run's last complete round."""
+        self.bar.update(self.rounds, completed=round_)
+        console.log(f"resumed after round {round_}")
+
     def round_done(self, round_: int, result, epsilon: float | None) -> None:
         self.bar.advance(self.rounds)
         eps = f"  epsilon {epsilon:.3f}" if epsilon is not None else ""

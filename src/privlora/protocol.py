@@ -34,6 +34,7 @@ from safetensors.torch import save as safetensors_save
 from privlora.config import FederationConfig
 from privlora.errors import InvalidUpdate, PrivacyBudgetExceeded
 from privlora.lora import Adapter, Factors, first_components, flatten, is_factor_b, wire_name
+from privlora.privacy.accounting import compose
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan
@@ -70,11 +71,15 @@ class Payload:
             size = int.from_bytes(data[:8], "little")
             header = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
             meta = {k: json.loads(v) for k, v in header.items()}
-        except (SafetensorError, ValueError, UnicodeDecodeError) as err:
+        except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as err:
             raise InvalidUpdate(
                 f"payload of {len(data)} bytes is not a valid safetensors buffer ({err}); "
                 "the transfer was damaged: send it again"
             ) from None
+        if not all(isinstance(v, int | float | str) and not isinstance(v, bool)
+                   for v in meta.values()):
+            raise InvalidUpdate(f"payload meta {sorted(meta)[:5]} must hold numbers and strings "
+                                "only; client and server must run the same privlora version")
         return cls(tensors, meta)
 
 
@@ -233,27 +238,61 @@ def aggregate(rule: Rule, plan: PrivacyPlan, global_adapter: Adapter, uplinks: S
 
 
 def check_budget(ledger: PrivacyLedger | None, plan: PrivacyPlan,
-                 participants: Sequence[int]) -> None:
-    """Refuse a round whose events would take any party past privacy.target_epsilon."""
+                 participants: Sequence[int], repeat: frozenset[str] = frozenset()) -> None:
+    """Refuse a round whose events would take any party past privacy.target_epsilon (parties
+    in ``repeat`` release again exactly what they were charged for: see ``spend``)."""
     target = plan.target_epsilon
     if ledger is None or target is None:
         return
     for party, event in plan.round_events(participants).items():
-        if ledger.would_exceed(party, event, target, plan.accountant):
+        if party not in repeat and ledger.would_exceed(party, event, target, plan.accountant):
             raise PrivacyBudgetExceeded(
                 f"round would take {party} past privacy.target_epsilon = {target}; "
                 "stop here, or start a new run with a larger budget"
             )
 
 
-def spend(ledger: PrivacyLedger | None, plan: PrivacyPlan, participants: Sequence[int]) -> None:
+def check_remaining(ledger: PrivacyLedger | None, plan: PrivacyPlan, rounds: int,
+                    repeat: frozenset[str] = frozenset()) -> None:
+    """Refuse to resume when ``rounds`` more rounds (each party in every one, the forecast's
+    worst case) would take a party past privacy.target_epsilon; say how many still fit."""
+    target = plan.target_epsilon
+    if ledger is None or target is None or rounds <= 0:
+        return
+
+    def over(k: int) -> str | None:
+        for party, event in plan.round_events(range(plan.num_clients)).items():
+            n = k - 1 if party in repeat else k
+            if n > 0 and ledger.would_exceed(party, compose([event] * n), target,
+                                             plan.accountant):
+                return party
+        return None
+
+    worst = over(rounds)
+    if worst is None:
+        return
+    fit = max((k for k in range(rounds) if over(k) is None), default=0)
+    raise PrivacyBudgetExceeded(
+        f"resuming would take {worst} past privacy.target_epsilon = {target}: the round that "
+        "was cut off was charged when it started (what left a site is spent) and its repeat "
+        f"is a fresh release under OS-random noise. At most {fit} more round(s) fit: resume "
+        f"with --set federation.rounds=N for N up to the rounds done + {fit}, or keep the "
+        "last checkpoint's adapter"
+    )
+
+
+def spend(ledger: PrivacyLedger | None, plan: PrivacyPlan, participants: Sequence[int],
+          repeat: frozenset[str] = frozenset()) -> None:
     """Record this round's events (the same ones ``check_budget`` and the plan forecast use).
 
     Call it before any client releases anything: a round that breaks off then counts in full,
-    so the ledger can overstate what was spent but never understate it.
+    so the ledger can overstate what was spent but never understate it. ``repeat`` names the
+    parties already charged for this very round before a crash, when the resumed round
+    releases bit for bit what they released then (reproducible noise): releasing the same
+    values again reveals nothing new, so they are not charged twice.
     """
     if ledger is None:
         return
     for party, event in plan.round_events(participants).items():
-        ledger.record(party, event)
-
+        if party not in repeat:
+            ledger.record(party, event)

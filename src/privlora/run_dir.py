@@ -4,28 +4,80 @@
 ``adapter/`` (stock PEFT format, written by the runtime), ``checkpoints/round_NNN/``,
 ``report.png``. A directory that already holds anything is refused unless ``overwrite`` is
 given, and then only if it holds nothing but a run's own files.
+
+Every file a crash could leave half-written is written atomically (a temporary file, fsync,
+rename); a round's checkpoint folder appears whole or not at all, so ``--resume`` always finds
+a complete last round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save
 
 from privlora.errors import ConfigError
 
 RUN_FILES = frozenset({"config.toml", "metrics.jsonl", "summary.json", "ledger.json", "adapter",
-                       "checkpoints", "report.png"})
+                       "checkpoints", "report.png", "sites"})
+_PARTIAL = ".partial"  # a checkpoint folder being written; never read, removed on resume
 
 
 def _json(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, indent=indent, default=str)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``path`` so a crash leaves either the old file or the new one, never a mix: write a
+    temporary file beside it, fsync, rename over ``path``, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The last complete round of a run directory, as ``RunDir.checkpoint`` saved it."""
+
+    round: int
+    tensors: dict[str, torch.Tensor]
+    ledger: dict | None  # the ledger after this round's spend
+    state: dict  # what the round loop needs to go on (rows, evaluations, run id, sigma)
+
+
+def last_checkpoint(path: Path) -> Checkpoint | None:
+    """Return the newest complete checkpoint under ``path`` (None when there is none)."""
+    folder = path / "checkpoints"
+    rounds = sorted(int(d.name.split("_")[1]) for d in folder.glob("round_[0-9][0-9][0-9]")
+                    if (d / "state.json").is_file()) if folder.is_dir() else []
+    if not rounds:
+        return None
+    done = folder / f"round_{rounds[-1]:03d}"
+    ledger = done / "ledger.json"
+    return Checkpoint(rounds[-1], load_file(str(done / "adapter.safetensors")),
+                      json.loads(ledger.read_text()) if ledger.is_file() else None,
+                      json.loads((done / "state.json").read_text()))
 
 
 def check_target(path: Path, overwrite: bool) -> None:
@@ -61,6 +113,16 @@ class RunDir:
     rows: list[dict] = field(default_factory=list)
 
     @classmethod
+    def reopen(cls, path: Path, rows: list[dict]) -> RunDir:
+        """Continue the run in ``path`` from a checkpoint whose metrics rows are ``rows``: the
+        metrics file is rewritten to exactly those (a line the crash left is dropped) and any
+        half-written checkpoint folder is removed."""
+        for partial in (path / "checkpoints").glob(f"*{_PARTIAL}"):
+            shutil.rmtree(partial)
+        atomic_write(path / "metrics.jsonl", "".join(_json(r) + "\n" for r in rows))
+        return cls(path, list(rows))
+
+    @classmethod
     def create(cls, path: Path, config_toml: str, overwrite: bool = False) -> RunDir:
         """Check ``path`` (see ``check_target``), clear an old run if overwriting, start anew."""
         check_target(path, overwrite)
@@ -85,17 +147,34 @@ class RunDir:
     def save_ledger(self, ledger: dict | None) -> None:
         """Write ledger.json now (each round, before any release, and at the end)."""
         if ledger is not None:
-            (self.path / "ledger.json").write_text(_json(ledger, indent=1))
+            atomic_write(self.path / "ledger.json", _json(ledger, indent=1))
 
     def checkpoint(self, round_: int, tensors: dict[str, torch.Tensor],
-                   ledger: dict | None) -> None:
-        """Save the global adapter (flat safetensors) and the ledger for this round."""
-        folder = self.path / "checkpoints" / f"round_{round_:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()},
-                  str(folder / "adapter.safetensors"))
+                   ledger: dict | None, state: dict | None = None) -> int:
+        """Save the global adapter (flat safetensors), the ledger and the loop's ``state`` for
+        this round; return the bytes written. The folder is written under a temporary name,
+        fsynced and renamed: a crash leaves the previous round as the last complete one."""
+        root = self.path / "checkpoints"
+        folder, partial = root / f"round_{round_:03d}", root / f"round_{round_:03d}{_PARTIAL}"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        files = {"adapter.safetensors": save({k: v.contiguous() for k, v in tensors.items()})}
         if ledger is not None:
-            (folder / "ledger.json").write_text(_json(ledger, indent=1))
+            files["ledger.json"] = _json(ledger, indent=1).encode()
+        if state is not None:
+            files["state.json"] = _json(state, indent=1).encode()
+        for name, data in files.items():
+            with (partial / name).open("wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(partial)
+        if folder.exists():  # a round repeated after a resume replaces its old checkpoint
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+        _fsync_dir(root)
+        return sum(len(d) for d in files.values())
 
     def finish(self, summary: dict, ledger: dict | None, task_meta: dict,
                hide_times: bool = False) -> None:
@@ -109,7 +188,7 @@ class RunDir:
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
         (self.adapter_dir / "task.json").write_text(_json(task_meta, indent=1))
         self.save_ledger(ledger)
-        (self.path / "summary.json").write_text(_json(summary, indent=2))
+        atomic_write(self.path / "summary.json", _json(summary, indent=2))
         from privlora.report import plot_rounds  # matplotlib: imported only when needed
 
         plot_rounds(self.rows, self.path / "report.png", title=summary["task"],
@@ -118,3 +197,45 @@ class RunDir:
             start = (self.path / "config.toml").stat().st_mtime
             for entry in [*self.path.rglob("*"), self.path]:
                 os.utime(entry, (start, start))
+
+
+class Stopped(Exception):
+    """The operator stopped the run (Ctrl-C or SIGTERM); ``code`` is the shell's exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"stopped (exit {code})")
+        self.code = code
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn Ctrl-C (SIGINT) and SIGTERM into ``Stopped`` for the block, so a run ends with one
+    line instead of a traceback; what is written is written atomically, so nothing is lost."""
+
+    def on_term(signum, frame):
+        raise Stopped(128 + signal.SIGTERM)
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Stopped(128 + signal.SIGINT) from None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def stopped_line(path: Path, rounds: int, accountant: str) -> str:
+    """Return the one line a stopped run prints: its last complete round, the epsilon its
+    ledger holds, and the command that continues it."""
+    done = last_checkpoint(path)
+    if done is None:
+        return (f"stopped before round 1 completed; nothing to resume: run again with --out "
+                f"{path} --overwrite")
+    ledger = path / "ledger.json"
+    spent = ""
+    if ledger.is_file():
+        eps = json.loads(ledger.read_text())["epsilon"][accountant]["max"]
+        spent = f", epsilon {eps:.3f} spent ({accountant}; ledger.json)" if isinstance(
+            eps, float | int) else f", epsilon {eps} spent"
+    return (f"stopped after round {done.round} of {rounds}{spent}; continue with: "
+            f"privlora run --resume {path}")

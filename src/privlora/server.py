@@ -8,9 +8,13 @@ the shared PEFT model for a client's update), so memory does not grow with the c
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,8 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from privlora import client, data, protocol, records, uplink
 from privlora.communication import full_finetune_bytes
-from privlora.config import RunConfig, to_toml
-from privlora.errors import InvalidUpdate, RoundFailed
+from privlora.config import RunConfig, config_from_toml, load_config, refuse_changes, to_toml
+from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
 from privlora.evaluate import EvalResult, evaluate, majority_share, training_label_tokens
 from privlora.lora import (
     Adapter,
@@ -29,6 +33,7 @@ from privlora.lora import (
     read_adapter,
     released_coordinates,
     save_peft,
+    unflatten,
     write_adapter,
 )
 from privlora.lora import spec_of as lora_spec_of
@@ -40,7 +45,7 @@ from privlora.privacy.signal import NoiseToSignal
 from privlora.quantization import codec
 from privlora.quantization.bundle import Manifest, distribute
 from privlora.rules import Rule, build_rule
-from privlora.run_dir import RunDir, check_target
+from privlora.run_dir import Checkpoint, RunDir, check_target, last_checkpoint
 
 # Messages that stay with the party that logs them: never written to the run directory.
 local_log = logging.getLogger("privlora.local")
@@ -170,26 +175,135 @@ def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = Fal
     return run_rounds(sim, InProcess(sim, progress), out, progress, overwrite)
 
 
+def resume(out: Path | str, overrides: Sequence[str] = (), progress=None) -> dict:
+    """Continue the killed run in ``out`` from its last complete round (``privlora run
+    --resume``); ``overrides`` may change only settings that do not touch privacy."""
+    config, start = resume_point(Path(out), overrides)
+    sim = prepare(start.pinned(config))
+    return run_rounds(sim, InProcess(sim, progress), out, progress, start=start)
+
+
+def resume_point(out: Path, overrides: Sequence[str] = ()) -> tuple[RunConfig, Start]:
+    """Read where the run in ``out`` stopped; return its config (with ``overrides``) and the
+    loop's starting point. Refuses a directory with no checkpoint, a finished run, or a changed
+    privacy-relevant setting (naming it)."""
+    saved = out / "config.toml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {out}: no config.toml there; give the directory of a run "
+                          "that `privlora run` started")
+    config = load_config(saved, overrides)
+    refuse_changes(config_from_toml(saved.read_text()), config)
+    done = last_checkpoint(out)
+    if done is None:
+        raise ConfigError(f"--resume {out}: the run stopped before its first round completed "
+                          "(no checkpoint); start it again with --overwrite")
+    if (out / "summary.json").is_file():
+        raise ConfigError(f"--resume {out}: the run finished (summary.json is there); nothing "
+                          "to resume")
+    if done.round > config.federation.rounds:
+        raise ConfigError(f"--resume {out}: federation.rounds = {config.federation.rounds} is "
+                          f"below the {done.round} rounds already done")
+    return config, Start.read(out, done)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the round loop starts: a new run (round 0), or a resumed one's last round."""
+
+    round: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    files: RunDir | None = None
+    adapter: Adapter | None = None  # the global adapter after ``round``
+    ledger: dict | None = None  # what the run dir's ledger holds (any charge after ``round``)
+    charged: frozenset[str] = frozenset()  # parties already charged for round ``round + 1``
+    zero_shot: EvalResult | None = None
+    last: EvalResult | None = None
+    noise_multiplier: float | None = None  # the run's sigma, as calibrated at its start
+    seconds: float | None = None  # wall time so far (kept only without DP)
+
+    @classmethod
+    def read(cls, out: Path, done: Checkpoint) -> Start:
+        state, top = done.state, out / "ledger.json"
+        ledger = json.loads(top.read_text()) if top.is_file() else done.ledger
+        return cls(done.round, state["run_id"], RunDir.reopen(out, _rows_until(out, done.round)),
+                   unflatten(done.tensors), ledger, _charged_after(done.ledger, ledger),
+                   EvalResult(**state["zero_shot"]), EvalResult(**state["last_eval"]),
+                   state["noise_multiplier"], state["seconds"])
+
+    def pinned(self, config: RunConfig) -> RunConfig:
+        """Return ``config`` with the run's own sigma, so a resumed plan never recalibrates."""
+        if self.noise_multiplier is None:
+            return config
+        return dataclasses.replace(config, privacy=dataclasses.replace(
+            config.privacy, noise_multiplier=self.noise_multiplier))
+
+
+def _rows_until(out: Path, round_: int) -> list[dict]:
+    """Return metrics.jsonl's rows of rounds 0 .. ``round_`` (a line cut by the crash, or a
+    row of a round whose checkpoint was not written, is dropped)."""
+    rows = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # the last line, cut by the crash
+        if row["round"] <= round_:
+            rows.append(row)
+    if [r["round"] for r in rows] != list(range(round_ + 1)):
+        raise ConfigError(f"{out}/metrics.jsonl lacks rows of rounds 0 .. {round_}; the run "
+                          "directory was changed by hand and cannot be resumed")
+    return rows
+
+
+def _charged_after(checkpointed: dict | None, current: dict | None) -> frozenset[str]:
+    """Return the parties with more events in ``current`` than in ``checkpointed``: those
+    charged for the round that was cut off (charged before any release, see ``protocol.spend``)."""
+    if checkpointed is None or current is None:
+        return frozenset()
+    before, after = checkpointed["events"], current["events"]
+    return frozenset(p for p, events in after.items() if len(events) > len(before.get(p, [])))
+
+
 def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=None,
-               overwrite: bool = False) -> dict:
-    """The round loop of both runtimes, over the protocol; write the run directory."""
+               overwrite: bool = False, start: Start | None = None) -> dict:
+    """The round loop of both runtimes, over the protocol; write the run directory.
+
+    ``start`` continues a killed run from its last checkpoint (``resume_point``): the ledger
+    goes on from what was charged, including the round that was cut off. With reproducible noise
+    a repeated round releases exactly what it released before (every draw is seeded by the run
+    seed, the round and the client), which reveals nothing new, so the parties charged for it
+    are not charged again; with the OS CSPRNG the repeat is a fresh release and is charged again.
+    """
     started, out, config = time.time(), Path(out), sim.config
-    files = RunDir.create(out, to_toml(config), overwrite)
     server, plan, seed = sim.server, sim.server.plan, config.seed
-    ledger = plan.new_ledger()
-    global_adapter = sim.init
-    zero_shot = result = _evaluate(sim, global_adapter)
-    files.log_round(_row(sim, 0, result, {}, {}, [], 0.0, ledger, {},
-                         _model_privacy(sim, global_adapter, result)))
-    for round_ in range(1, config.federation.rounds + 1):
+    start = start or Start()
+    if start.files is None:
+        files, ledger, global_adapter = RunDir.create(out, to_toml(config), overwrite), \
+            plan.new_ledger(), sim.init
+        zero_shot = result = _evaluate(sim, global_adapter)
+        files.log_round(_row(sim, 0, result, {}, {}, [], 0.0, ledger, {},
+                             _model_privacy(sim, global_adapter, result)))
+    else:
+        files, global_adapter = start.files, start.adapter
+        ledger = None if start.ledger is None else PrivacyLedger.from_dict(start.ledger)
+        zero_shot, result = start.zero_shot, start.last
+        repeat = start.charged if plan.reproducible else frozenset()
+        protocol.check_remaining(ledger, plan, config.federation.rounds - start.round, repeat)
+        local_log.warning("server: resuming after round %d of %d", start.round,
+                          config.federation.rounds)
+        if progress:
+            progress.resumed(start.round)
+    for round_ in range(start.round + 1, config.federation.rounds + 1):
         t0 = time.time()
         selected = protocol.select_clients(plan, config.federation, seed, round_)
         ids = transport.reachable(selected)  # only those sent a round are charged for it
         if len(ids) < len(selected):
             local_log.warning("server: round %d: clients %s unreachable, left out", round_,
                               sorted(set(selected) - set(ids)))
-        protocol.check_budget(ledger, plan, ids)
-        protocol.spend(ledger, plan, ids)  # before any release: a crash can only overcount
+        # a repeated round of reproducible noise releases what it released before: not again
+        repeat = start.charged if round_ == start.round + 1 and plan.reproducible else frozenset()
+        protocol.check_budget(ledger, plan, ids, repeat)
+        protocol.spend(ledger, plan, ids, repeat)  # before any release: a crash can only overcount
         spent = _ledger_dict(ledger)  # the round's whole spend: nothing is recorded after this
         files.save_ledger(spent)
         downs = {cid: _encode_down(sim, global_adapter, server.ranks[cid]) for cid in ids}
@@ -200,16 +314,32 @@ def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=
             server.rule, plan, global_adapter, list(uplinks.values()),
             seeded_generator(seed, round_, "server", "noise"))
         due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds
-        result = _evaluate(sim, global_adapter) if due else None
-        files.log_round(_row(sim, round_, result, uplinks, traffic, refused, time.time() - t0,
-                             ledger, diagnostics,
+        if due:
+            result = _evaluate(sim, global_adapter)
+        files.log_round(_row(sim, round_, result if due else None, uplinks, traffic, refused,
+                             time.time() - t0, ledger, diagnostics,
                              _model_privacy(sim, global_adapter, result) if due else None))
-        files.checkpoint(round_, flatten(global_adapter), spent)
+        files.checkpoint(round_, flatten(global_adapter), spent, _state(
+            start, round_, zero_shot, result, plan,
+            None if plan.private else (start.seconds or 0.0) + time.time() - started))
         if progress:
-            progress.round_done(round_, result,
+            progress.round_done(round_, result if due else None,
                                 ledger.epsilon(accountant=plan.accountant) if ledger else None)
-    assert result is not None  # the last round is always evaluated
-    return _finish(sim, files, global_adapter, ledger, zero_shot, result, time.time() - started)
+    wall = (start.seconds or 0.0) + time.time() - started
+    return _finish(sim, files, global_adapter, ledger, zero_shot, result, wall)
+
+
+def _state(start: Start, round_: int, zero_shot: EvalResult, last: EvalResult,
+           plan: PrivacyPlan, seconds: float | None) -> dict:
+    """Return what a checkpoint keeps beside the adapter and the ledger for ``--resume``.
+
+    Nothing else is needed: every other draw (client selection, batches, dropout, noise when
+    reproducible) is seeded by (run seed, round, client, purpose), not carried from round to
+    round, and local optimizers start afresh each round.
+    """
+    return {"format": 1, "round": round_, "run_id": start.run_id,
+            "zero_shot": dataclasses.asdict(zero_shot), "last_eval": dataclasses.asdict(last),
+            "noise_multiplier": getattr(plan, "noise_multiplier", None), "seconds": seconds}
 
 
 def _accept(sim: Simulation, round_: int, ids: list[int], downs: dict[int, protocol.Payload],

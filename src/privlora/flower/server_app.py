@@ -70,6 +70,9 @@ class RoundLog:
 
     started: float = field(default_factory=time.time)
 
+    def resumed(self, round_: int) -> None:
+        log.info("privlora: resumed after round %d", round_)
+
     def round_done(self, round_: int, result, epsilon: float | None) -> None:
         accuracy = None if result is None else f"{result.accuracy:.3f}"
         spent = "" if epsilon is None else f", epsilon {epsilon:.3f}"

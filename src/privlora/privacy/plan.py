@@ -65,6 +65,7 @@ class PrivacyPlan(Protocol):
     target_epsilon: float | None
     accountant: accounting.Accountant
     noise_source: str | None
+    reproducible: bool  # every draw seeded by the run: a repeated round releases the same
 
     def select_clients(self, num_clients: int, per_round: int,
                        rng: torch.Generator) -> list[int]: ...
@@ -89,6 +90,7 @@ class NoPrivacy:
     target_epsilon: ClassVar[None] = None
     accountant: ClassVar[str] = "pld"
     noise_source: ClassVar[None] = None
+    reproducible: ClassVar[bool] = True
 
     def select_clients(self, num_clients: int, per_round: int,
                        rng: torch.Generator) -> list[int]:
@@ -162,6 +164,10 @@ class _Private:
     @property
     def secure(self) -> bool:
         return not self.reproducible_noise
+
+    @property
+    def reproducible(self) -> bool:
+        return self.reproducible_noise
 
     @property
     def noise_source(self) -> str:
