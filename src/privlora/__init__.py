@@ -7,12 +7,9 @@ The three calls most users need::
     print(summary["final"]["accuracy"], summary["privacy"])
 """
 
-import logging
-
-# bitsandbytes (the nf4 extra) is imported by PEFT whenever it is installed; its CPU backend then
-# logs that an optional 4-bit matmul kernel package is missing. privlora only quantizes with it.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
+# Library warnings that cannot be fixed at their cause, each silenced narrowly (privlora.quiet);
+# here, so that every privlora process has the filters, the Flower app's processes included.
+from privlora import quiet as _quiet  # noqa: F401
 
 
 def import_peft_without_bitsandbytes() -> None:

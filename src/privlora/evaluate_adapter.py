@@ -6,9 +6,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from privlora import data, import_peft_without_bitsandbytes, quiet
+
+import_peft_without_bitsandbytes()  # PEFT would import bitsandbytes (2 s) for layers never used
+
 from peft import PeftModel
 
-from privlora import data
 from privlora.config import DataConfig, load_config
 from privlora.errors import ConfigError, DataError
 from privlora.evaluate import evaluate
@@ -38,7 +41,8 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
     name = model_name or meta["model"]
     tokenizer = load_tokenizer(name)
     base = load_model(name, config.model.dtype, config.model.device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    with quiet.peft_wrapping():
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
     examples = data.tokenize(list(rows), task, tokenizer, meta["max_length"])
     result = evaluate(model, examples, task, tokenizer)
     return {"data": source, **asdict(result)}

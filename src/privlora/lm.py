@@ -10,6 +10,11 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from privlora import import_peft_without_bitsandbytes
+
+import_peft_without_bitsandbytes()  # whichever module imports PEFT first
+
 from peft import PeftModel
 from transformers import PreTrainedModel
 

@@ -19,7 +19,10 @@ import dp_accounting
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
+from privlora import quiet
 from privlora.errors import ConfigError
+
+quiet.quiet_dp_accounting()
 
 Accountant = Literal["pld", "rdp"]
 DpEvent = dp_accounting.DpEvent
