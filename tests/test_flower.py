@@ -30,16 +30,25 @@ def _checkpoints(run: Path) -> list[dict[str, torch.Tensor]]:
     return [load_file(str(f / "adapter.safetensors")) for f in folders]
 
 
-@pytest.mark.parametrize(("secure", "fedlpp"), [(False, ()), (True, (
-    "quantization.base=q8_0", "quantization.uplink_bits=8", "train.loss=label"))],
-    ids=["insecure", "tls-node-auth-a-q8_0-bundle-and-the-label-loss"])
-def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, secure, fedlpp):
-    """Client-level DP, 2 sites, 2 rounds, reproducible noise: every round's global adapter
-    and the ledger equal the in-process simulation's with the same config and seeds. The
-    secure federation also composes with FedLPP: each site trains on the q8_0 bundle named in
-    its node-config (checked against the server's digest) and rounds its uplink to 8 bits; and
-    its sites train the label-only loss (train.loss = "label") exactly as simulated clients do."""
-    config = tiny_config(*CLIENT_DP, *fedlpp)
+def _final_adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(("secure", "settings"), [
+    (False, ("federation.num_clients=2", "train.threads=1")),
+    (True, (*CLIENT_DP, "train.threads=1", "quantization.base=q8_0",
+            "quantization.uplink_bits=8", "train.loss=label"))],
+    ids=["insecure-no-dp", "tls-node-auth-client-dp-a-q8_0-bundle-and-the-label-loss"])
+def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, secure, settings):
+    """2 sites, 2 rounds, the same config and seed: every round's global adapter and the final
+    PEFT adapter equal the in-process simulation's bit for bit (train.threads pins each local
+    update's CPU threads in both runtimes; the sites' SuperNodes get fewer cores than the
+    simulation has). Without DP; and in the secure federation with client-level DP and
+    reproducible noise (the ledger equal too), composed with FedLPP: each site trains on the
+    q8_0 bundle named in its node-config (checked against the server's digest) and rounds its
+    uplink to 8 bits; and its sites train the label-only loss (train.loss = "label") exactly as
+    simulated clients do."""
+    config = tiny_config(*settings)
     held: list[LocalFederation] = []
     deployed = run_local(config, tmp_path / "flower", secure=secure, on_start=held.append)
     simulated = server.run(config, tmp_path / "simulation")
@@ -51,25 +60,32 @@ def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, 
 
     flower, local = _checkpoints(tmp_path / "flower"), _checkpoints(tmp_path / "simulation")
     assert len(flower) == len(local) == 2
+    flower.append(_final_adapter(tmp_path / "flower"))
+    local.append(_final_adapter(tmp_path / "simulation"))
     for a, b in zip(flower, local):
         assert a.keys() == b.keys()
-        for name in a:  # float32 training in separate processes: float32's tolerance
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
-    assert any(float(t.abs().max()) > 1e-3 for t in flower[-1].values())  # it moved
-    ledger = json.loads((tmp_path / "flower" / "ledger.json").read_text())
-    assert ledger == json.loads((tmp_path / "simulation" / "ledger.json").read_text())
+        for name in a:  # bit for bit, not merely within float32's tolerance
+            assert torch.equal(a[name], b[name]), (name, float((a[name] - b[name]).abs().max()))
+    assert any(float(t.abs().max()) > 1e-3 for t in flower[1].values())  # it moved
+    private = deployed.summary["privacy"] is not None
+    assert private == ("privacy.mode=client" in settings)
+    if private:
+        ledger = json.loads((tmp_path / "flower" / "ledger.json").read_text())
+        assert ledger == json.loads((tmp_path / "simulation" / "ledger.json").read_text())
     assert deployed.summary["privacy"] == simulated["privacy"]
-    assert deployed.summary["final"]["accuracy"] == simulated["final"]["accuracy"]
+    assert deployed.summary["final"] == simulated["final"]
     rows = read_metrics(tmp_path / "flower")
     assert [r["round"] for r in rows] == [0, 1, 2]
     for got, want in zip(rows, read_metrics(tmp_path / "simulation"), strict=True):
         assert got.keys() == want.keys()  # and bytes counted the same way
         for key, value in want.items():
-            assert got[key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float)
-                                else value), key
-    if fedlpp:
+            if key != "seconds":  # wall time: shown without DP, and never equal
+                assert got[key] == value, key
+    if "quantization.base=q8_0" in settings:
         assert deployed.summary["model_privacy"] == simulated["model_privacy"]
-    assert set(os.listdir(tmp_path / "flower")) == set(os.listdir(tmp_path / "simulation"))
+    # the simulation also holds its sites' own ledgers (sites/); a Flower site keeps its own
+    assert set(os.listdir(tmp_path / "flower")) == set(os.listdir(tmp_path / "simulation")) - {
+        "sites"}
 
 
 def test_malformed_updates_are_refused_and_the_run_goes_on(tmp_path, tiny_config, read_metrics):

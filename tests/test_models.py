@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from privlora.errors import ConfigError
-from privlora.models import builtin_gguf_path, load_model, local_source
+from privlora.models import builtin_gguf_path, compute_threads, load_model, local_source
 
 
 def test_builtin_gguf_is_found_through_package_metadata():
@@ -56,3 +56,16 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_natively(tmp_path):
     info.write_text("flags\t: fpu amx_bf16 amx_tile\n")
     assert native_bf16(info)
     assert not native_bf16(tmp_path / "absent")
+
+
+def test_compute_threads_pins_the_count_and_restores_it():
+    """train.threads: a local update runs on exactly that many CPU threads (0: as they are)."""
+    before = torch.get_num_threads()
+    with compute_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), compute_threads(before + 1):
+        raise RuntimeError("a failed round")
+    assert torch.get_num_threads() == before
+    with compute_threads(0):
+        assert torch.get_num_threads() == before

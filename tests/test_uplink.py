@@ -175,8 +175,8 @@ class LossyTransport:
     def reachable(self, ids):
         return ids
 
-    def exchange(self, round_, downs):
-        replies = self.inner.exchange(round_, downs)
+    def exchange(self, round_, downs, run):
+        replies = self.inner.exchange(round_, downs, run)
         replies.pop(1, None)
         payload, size = replies[2]
         bad = dict(payload.tensors)

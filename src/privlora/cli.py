@@ -21,16 +21,6 @@ from privlora.errors import (
     RoundFailed,
 )
 
-
-def _quiet_libraries() -> None:
-    """Silence dp-accounting's per-order RDP convergence warnings (the order is just skipped)."""
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
-_quiet_libraries()
-
 # Why pretty_exceptions_show_locals=False: Typer's rich tracebacks print each frame's local
 # variables by default, and those can hold a site's private rows.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -40,6 +30,8 @@ app.add_typer(privacy_app, name="privacy")
 flower_app = typer.Typer(no_args_is_help=True,
                          help="Run on Flower's deployment engine (SuperLink + SuperNodes).")
 app.add_typer(flower_app, name="flower")
+site_app = typer.Typer(no_args_is_help=True, help="A site's own privacy ledger.")
+app.add_typer(site_app, name="site")
 
 _USER_ERRORS = (ConfigError, DataError, InvalidUpdate, PrivacyBudgetExceeded, BundleError,
                 RoundFailed)
@@ -307,6 +299,33 @@ def privacy_plan(
     except _USER_ERRORS as err:
         _fail(err)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else report["text"])
+
+
+@site_app.command("budget")
+def site_budget(
+    ledger: Annotated[Path, typer.Option(help="The site's ledger file (node-config ledger).")],
+    delta: Annotated[float | None, typer.Option(
+        help="State epsilon at this delta (default: the site's own, from the file).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print what a site's data has spent: epsilon per run and in total (PLD)."""
+    from privlora.privacy.site import spend_by_run
+
+    try:
+        if not ledger.is_file():
+            raise ConfigError(f"--ledger {ledger}: no such file; give the path a site's "
+                              "node-config names as ledger (default: its data file + "
+                              "'.ledger.json')")
+        rows = spend_by_run(ledger, delta)
+    except _USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        typer.echo(f"data {row['dataset'][:12]}  run {row['run'][:12]:12}  rounds "
+                   f"{row['rounds']:4d}  modes {','.join(row['modes']):14}  epsilon "
+                   f"{row['epsilon']:.3f}")
 
 
 def _check_accountant(name: str) -> None:

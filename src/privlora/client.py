@@ -13,6 +13,7 @@ spec, its generators.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +36,13 @@ from privlora.lora import (
     trained_parameters,
     write_adapter,
 )
+from privlora.models import compute_threads
+from privlora.privacy.central import CentralDP
 from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import clip_per_example, seeded_generator, uniform
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.privacy.plan import PrivacyPlan
+from privlora.privacy.site import SiteBudget, release_of
 from privlora.quantization import codec
 from privlora.rules import Rule
 
@@ -60,10 +64,12 @@ class LocalSpec:
     rank: int | None = None  # heterogeneous ranks: components beyond this stay zero
     sample_dp: SampleDP | None = None  # DP-SGD inside the steps (sample mode)
     local_dp: LocalDP | None = None  # clip + noise on the release (local mode)
+    server_dp: CentralDP | None = None  # client mode: the noise the server says it adds
     send_counts: bool = True  # example count and loss beside the update: never under DP
     microbatch: int = 32  # examples per forward; a larger batch is split and summed
     uplink_bits: int = 0  # 8 or 4: stochastic rounding of the update as sent (after any noise)
     label_tokens: tuple[int, ...] = ()  # train.loss = "label": the softmax's tokens; () = answer
+    threads: int = 1  # train.threads: CPU threads of the round (0 = torch's default)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Site:
     client_id: int
     examples: list[Example]
     spec: LocalSpec
+    budget: SiteBudget | None = None  # the site's own cap and ledger, checked every round
 
 
 @dataclass
@@ -106,25 +113,33 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None,
                      optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
                      train_a=rule.trains_a,
                      rank=rank, sample_dp=plan.training_mechanism(),
-                     local_dp=plan.release_mechanism(), send_counts=not plan.private,
+                     local_dp=plan.release_mechanism(), server_dp=plan.central_mechanism(),
+                     send_counts=not plan.private,
                      microbatch=t.microbatch, uplink_bits=config.quantization.uplink_bits,
-                     label_tokens=label_tokens)
+                     label_tokens=label_tokens, threads=t.threads)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
               seed: int, round_: int, pad_id: int,
-              on_step: Callable[[int], None] | None = None) -> protocol.Payload:
+              on_step: Callable[[int], None] | None = None, run: str = "") -> protocol.Payload:
     """Train from what ``payload`` carries; return the uplink payload.
 
     ``init`` is the adapter this site derived from the shared LoRA seed (shapes; FFA's A).
     Generators are seeded by (seed, round, client id, purpose); under DP the noise and the
-    Poisson draws ignore them unless privacy.reproducible_noise is set.
+    Poisson draws ignore them unless privacy.reproducible_noise is set. A site with a budget
+    charges its own ledger for round ``round_`` of run ``run`` before anything is trained, or
+    refuses (``SiteRefused``) and sends nothing.
     """
     start = protocol.client_start(payload, init, site.spec.train_a)
-    result = local_update(handles, start, site.examples, site.spec,
-                          seeded_generator(seed, round_, site.client_id, "batches"),
-                          seeded_generator(seed, round_, site.client_id, "noise"), pad_id,
-                          on_step)
+    if site.budget is not None:
+        spec = site.spec
+        site.budget.spend(release_of(spec.steps, spec.sample_dp, spec.local_dp, spec.server_dp),
+                          run, round_, hashlib.sha256(payload.to_bytes()).hexdigest())
+    with compute_threads(site.spec.threads):  # the same sums in every runtime (train.threads)
+        result = local_update(handles, start, site.examples, site.spec,
+                              seeded_generator(seed, round_, site.client_id, "batches"),
+                              seeded_generator(seed, round_, site.client_id, "noise"), pad_id,
+                              on_step)
     if any(result.local_log.values()):
         local_log.warning("client %d round %d: %s", site.client_id, round_, result.local_log)
     return codec.pack_update(protocol.Payload(result.delta, result.meta), site.spec.uplink_bits,

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -104,6 +106,13 @@ class TrainConfig:
     # examples per forward pass: larger batches (DP's hundreds per step) are split into chunks
     # and their (clipped) gradients summed, so memory stays flat; the result is the same
     microbatch: int = 32
+    # CPU threads for a client's local update, in both runtimes (restored after it). A CPU's
+    # matmuls and reductions split their sums by thread count, so the same seed gives the same
+    # adapter only at the same count: pinned (e.g. 1), the simulation and every site agree bit
+    # for bit. 0 = torch's default (all cores in the simulation, OMP_NUM_THREADS at a site):
+    # the fast default, with which the runtimes agree only to float rounding, which training
+    # amplifies (0.018 on SmolLM2 in bf16 after 3 rounds, 1 thread per site against 2)
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,21 @@ class QuantizationConfig:
 
 
 @dataclass(frozen=True)
+class SiteSection:
+    """What every simulated site's owner allows; a Flower site sets the same in its SuperNode's
+    node-config (max-epsilon, delta, modes, allow-non-private, ledger). Each site checks it
+    before every round against its own ledger, so `privlora run` shows the refusals a
+    deployment would. The defaults take part in any run, with no cap beyond the run's own."""
+
+    max_epsilon: float | None = None  # the site's cap over all runs on its data (needs delta)
+    delta: float | None = None  # the delta its epsilon is stated at
+    modes: tuple[str, ...] = ("sample", "local", "client")  # client mode trusts the server
+    allow_non_private: bool = True
+    # where each simulated site keeps its ledger (client-<id>.json); "" = <run dir>/sites
+    ledger_dir: str = ""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +168,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    site: SiteSection = field(default_factory=SiteSection)
 
 
 def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -153,7 +178,14 @@ def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) 
         if not Path(path).is_file():
             raise ConfigError(f"--config {path}: no such file; give a TOML file path")
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            raw = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            line = err.object[:err.start].count(b"\n") + 1
+            raise ConfigError(f"--config {path}: line {line} is not UTF-8; save the file as "
+                              "UTF-8 text") from None
+        except OSError as err:
+            raise ConfigError(f"--config {path}: cannot be read ({err.strerror}); check the "
+                              "file's permissions") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"--config {path}: not valid TOML ({err}); fix the syntax") from None
     for item in overrides:
@@ -213,7 +245,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {names}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
+            raise ConfigError(f"unknown config key {prefix + key!r}; {hint}")
     values = {}
     for name in names:
         if name in raw:
@@ -249,6 +281,13 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(
             f"{key} = {value!r} has type {type(value).__name__}; it must be {hint.__name__}"
         )
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r} is not a finite number; give one, e.g. {key} = 1.0")
+    if hint is str and any(unicodedata.category(ch) == "Cc" for ch in value):
+        # Why: no name, path or module has one, and to_toml (what a server sends its sites)
+        # writes strings as they are, where TOML forbids control characters
+        raise ConfigError(f"{key} = {value!r} holds a control character (newline, tab, ...); "
+                          "remove it")
     return value
 
 
@@ -259,19 +298,26 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(c: RunConfig) -> None:
     """Check value ranges and mode/field consistency; raise ConfigError naming the field."""
+    _require(bool(c.model.name), "model.name is empty; give 'builtin', 'tiny-random', a .gguf "
+             "file, a Hugging Face directory or a hub id")
     _require(c.lora.rank >= 1, f"lora.rank = {c.lora.rank} must be >= 1")
     _require(c.lora.alpha > 0, f"lora.alpha = {c.lora.alpha} must be > 0")
     _require(0 <= c.lora.dropout < 1, f"lora.dropout = {c.lora.dropout} must be in [0, 1)")
     _require(bool(c.lora.target_modules), "lora.target_modules is empty; name at least one module")
+    _require(all(c.lora.target_modules),
+             f"lora.target_modules = {list(c.lora.target_modules)} names an empty module; "
+             "remove the empty string")
     _require(c.lora.last_layers >= 0,
              f"lora.last_layers = {c.lora.last_layers} must be >= 0 (0 adapts every layer)")
     for r in c.lora.client_ranks:
         _require(1 <= r <= c.lora.rank, f"lora.client_ranks has {r}; each must be in [1, lora.rank]")
+    _require(bool(c.data.path), "data.path is empty; give a JSONL file or 'builtin'")
     _require(0 < c.data.eval_fraction < 1, f"data.eval_fraction = {c.data.eval_fraction} not in (0,1)")
     _require(c.data.max_eval >= 1, f"data.max_eval = {c.data.max_eval} must be >= 1")
     _require(c.data.dirichlet_alpha > 0, f"data.dirichlet_alpha = {c.data.dirichlet_alpha} must be > 0")
     _require(c.data.max_length >= 16, f"data.max_length = {c.data.max_length} must be >= 16")
-    _require(c.data.builtin_examples >= 20, "data.builtin_examples must be >= 20")
+    _require(c.data.builtin_examples >= 20,
+             f"data.builtin_examples = {c.data.builtin_examples} must be >= 20")
     _require(not (c.data.text_fields and c.data.path == "builtin"),
              "data.text_fields is set but data.path = 'builtin' (the generated task has its own "
              "fields); remove data.text_fields or point data.path at a JSONL file")
@@ -309,12 +355,18 @@ def validate(c: RunConfig) -> None:
              "set federation.clients_per_round or federation.client_fraction, not both")
     _require(1 <= f.min_clients <= f.num_clients,
              f"federation.min_clients = {f.min_clients} must be in [1, num_clients]")
-    _require(f.round_timeout > 0 and f.connect_timeout > 0,
-             "federation.round_timeout and federation.connect_timeout must be > 0 seconds")
+    _require(f.round_timeout > 0,
+             f"federation.round_timeout = {f.round_timeout} must be > 0 (seconds)")
+    _require(f.connect_timeout > 0,
+             f"federation.connect_timeout = {f.connect_timeout} must be > 0 (seconds)")
     _require(c.train.local_steps >= 1, f"train.local_steps = {c.train.local_steps} must be >= 1")
     _require(c.train.batch_size >= 1, f"train.batch_size = {c.train.batch_size} must be >= 1")
     _require(c.train.microbatch >= 1, f"train.microbatch = {c.train.microbatch} must be >= 1")
+    _require(c.train.threads >= 0,
+             f"train.threads = {c.train.threads} must be >= 0 (0 = torch's default)")
     _require(c.train.lr > 0, f"train.lr = {c.train.lr} must be > 0")
+    _require(c.train.weight_decay >= 0,
+             f"train.weight_decay = {c.train.weight_decay} must be >= 0 (0 = none)")
     if c.lora.client_ranks and f.aggregation == "fedavg":
         raise ConfigError(
             "lora.client_ranks (heterogeneous ranks) cannot be used with federation.aggregation = "
@@ -324,6 +376,13 @@ def validate(c: RunConfig) -> None:
         raise ConfigError("lora.client_ranks needs federation.aggregation = 'exact', not 'ffa'")
     _validate_privacy(c.privacy)
     _validate_quantization(c.quantization)
+    _validate_site(c.site)
+
+
+def _validate_site(s: SiteSection) -> None:
+    from privlora.privacy.site import SitePolicy
+
+    SitePolicy(s.max_epsilon, s.delta, s.modes, s.allow_non_private)  # raises, naming it
 
 
 def _validate_quantization(q: QuantizationConfig) -> None:
@@ -361,7 +420,8 @@ def _validate_privacy(p: PrivacyConfig) -> None:
     _require(p.clip > 0, f"privacy.clip = {p.clip} must be > 0 (an L2 bound on the update)")
     _require(0 < p.delta < 1, f"privacy.delta = {p.delta} must be in (0, 1), e.g. 1e-5")
     if p.sample_rate is not None:
-        _require(p.mode == "sample", "privacy.sample_rate applies to privacy.mode = 'sample' only")
+        _require(p.mode == "sample", f"privacy.sample_rate = {p.sample_rate} applies to "
+                 f"privacy.mode = 'sample' only, not {p.mode!r}; remove it")
         _require(0 < p.sample_rate <= 1, f"privacy.sample_rate = {p.sample_rate} not in (0, 1]")
 
 

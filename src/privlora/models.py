@@ -11,6 +11,8 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -124,6 +126,26 @@ def attention_for(device: torch.device) -> str:
     attention; eager attention made the whole forward + backward 22% faster (bench/README.md).
     """
     return "eager" if device.type == "cpu" else "sdpa"
+
+
+@contextmanager
+def compute_threads(threads: int) -> Iterator[None]:
+    """Run the block with torch's CPU ops on ``threads`` threads (0: leave them as they are),
+    then restore the count.
+
+    Why: a CPU GEMM or reduction splits its sums by thread count (measured: one SmolLM2
+    client round, bf16, 1 vs 2 threads: updates 0.018 apart after 12 AdamW steps; the tiny
+    float32 model, 2 steps: 6e-8), so an adapter is a function of the seed only at a fixed count.
+    """
+    if threads <= 0 or threads == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_random_llama(vocab_size: int, seed: int = 0, attention: str = "eager") -> LlamaForCausalLM:

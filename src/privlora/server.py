@@ -9,6 +9,7 @@ the shared PEFT model for a client's update), so memory does not grow with the c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -42,6 +43,7 @@ from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan, make_plan, predicted_signal
 from privlora.privacy.signal import NoiseToSignal
+from privlora.privacy.site import SiteBudget, SitePolicy, SiteRefused
 from privlora.quantization import codec
 from privlora.quantization.bundle import Manifest, distribute
 from privlora.rules import Rule, build_rule
@@ -135,11 +137,12 @@ class Transport(Protocol):
         """Return the ids among ``ids`` that can be sent a round now (the others sit it out)."""
         ...
 
-    def exchange(self, round_: int, downs: dict[int, protocol.Payload]
+    def exchange(self, round_: int, downs: dict[int, protocol.Payload], run: str
                  ) -> dict[int, tuple[protocol.Payload, int] | str]:
-        """Send each client its encoded downlink; return each one's encoded uplink as it
-        arrived with its size in bytes (as a payload: ``Payload.to_bytes``, the same measure in
-        both runtimes), or why none came (a client missing from the result sent nothing)."""
+        """Send each client its encoded downlink for round ``round_`` of run ``run``; return
+        each one's encoded uplink as it arrived with its size in bytes (as a payload:
+        ``Payload.to_bytes``, the same measure in both runtimes), or why none came (a client
+        missing from the result sent nothing)."""
         ...
 
 
@@ -154,24 +157,49 @@ class InProcess:
     def reachable(self, ids: list[int]) -> list[int]:
         return ids
 
-    def exchange(self, round_: int, downs: dict[int, protocol.Payload]
+    def exchange(self, round_: int, downs: dict[int, protocol.Payload], run: str
                  ) -> dict[int, tuple[protocol.Payload, int] | str]:
         sim, progress = self.sim, self.progress
         replies: dict[int, tuple[protocol.Payload, int] | str] = {}
         for cid in progress.clients(round_, list(downs)) if progress else downs:
             arrived = codec.unpack_adapter(protocol.transmit(downs[cid])[0])
-            up = client.run_round(sim.handles, sim.init, sim.sites[cid], arrived,
-                                  sim.config.seed, round_, sim.tokenizer.pad_token_id,
-                                  progress.step if progress else None)
+            try:
+                up = client.run_round(sim.handles, sim.init, sim.sites[cid], arrived,
+                                      sim.config.seed, round_, sim.tokenizer.pad_token_id,
+                                      progress.step if progress else None, run)
+            except SiteRefused as err:  # what a Flower site answers: its reason, no data
+                replies[cid] = f"site refused: {err}"
+                continue
             replies[cid] = protocol.transmit(up)
         return replies
+
+
+def with_site_budgets(sim: Simulation, out: Path) -> Simulation:
+    """Give each simulated site its owner's policy (``[site]``) and its own ledger file, kept
+    in ``site.ledger_dir`` (default ``<out>/sites``) under a key naming its share of the data.
+
+    Why not a digest of the rows, as a Flower site keys its data file: the run directory may be
+    published, and a digest of a client's rows would let anyone who knows all but one of them
+    test for the last one.
+    """
+    s, d = sim.config.site, sim.config.data
+    policy = SitePolicy(s.max_epsilon, s.delta, s.modes, s.allow_non_private)
+    folder = Path(s.ledger_dir) if s.ledger_dir else out / "sites"
+    share = json.dumps([d.path, d.partition, d.dirichlet_alpha, d.builtin_examples,
+                        d.eval_fraction, d.max_eval, sim.config.federation.num_clients,
+                        sim.config.seed])
+    sim.sites = [dataclasses.replace(site, budget=SiteBudget(
+        policy, folder / f"client-{site.client_id}.json",
+        hashlib.sha256(f"{share}:client-{site.client_id}".encode()).hexdigest()))
+        for site in sim.sites]
+    return sim
 
 
 def run(config: RunConfig, out: Path | str, progress=None, overwrite: bool = False) -> dict:
     """Run the whole federated fine-tune in process; write the run directory; return the
     summary."""
     check_target(Path(out), overwrite)  # refuse an existing run before any work
-    sim = prepare(config)  # an overspending plan refuses here: nothing written
+    sim = with_site_budgets(prepare(config), Path(out))  # an overspending plan refuses here
     return run_rounds(sim, InProcess(sim, progress), out, progress, overwrite)
 
 
@@ -179,7 +207,7 @@ def resume(out: Path | str, overrides: Sequence[str] = (), progress=None) -> dic
     """Continue the killed run in ``out`` from its last complete round (``privlora run
     --resume``); ``overrides`` may change only settings that do not touch privacy."""
     config, start = resume_point(Path(out), overrides)
-    sim = prepare(start.pinned(config))
+    sim = with_site_budgets(prepare(start.pinned(config)), Path(out))
     return run_rounds(sim, InProcess(sim, progress), out, progress, start=start)
 
 
@@ -307,7 +335,7 @@ def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=
         spent = _ledger_dict(ledger)  # the round's whole spend: nothing is recorded after this
         files.save_ledger(spent)
         downs = {cid: _encode_down(sim, global_adapter, server.ranks[cid]) for cid in ids}
-        replies = transport.exchange(round_, downs)
+        replies = transport.exchange(round_, downs, start.run_id)
         uplinks, traffic, refused = _accept(sim, round_, ids, downs, replies)
         _check_quorum(config.federation.min_clients, round_, ids, uplinks)
         global_adapter, diagnostics = protocol.aggregate(

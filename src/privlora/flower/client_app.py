@@ -6,7 +6,15 @@ The site's own settings are its SuperNode's ``--node-config``:
     path = "/data/site0.jsonl"  its training rows (the task's fields; labels among the task's)
     rank = 4                    optional: a lower LoRA rank for this site (aggregation exact/ffa)
     bundle = "/models/q4"       FedLPP: the quantized bundle (``privlora quantize``) it trains on
-    max-epsilon = 8.0           optional: refuse a run whose plan would spend more on this site
+    max-epsilon = 8.0           the cap on what this data ever spends, over all runs (PLD) ...
+    delta = 1e-5                ... at this delta (both required for a private run)
+    modes = "sample,local"      the privacy modes it accepts ("client" trusts the server)
+    allow-non-private = false   true: also take part in runs without DP (then no cap applies)
+    ledger = "/data/site0.ledger.json"  its own ledger (default: beside the data file)
+
+Before every round the site charges its own ledger for what its own mechanism will apply
+(``privacy.site``), or refuses; a refusal reaches the server with its reason, which names
+the policy and never the data.
 
 Everything else comes with each message: the run's config (sigma already calibrated), the task
 and the downlink. A failure is logged in full at the site and reported to the server as its
@@ -27,13 +35,14 @@ from transformers import PreTrainedTokenizerBase
 
 from privlora import client, data
 from privlora.config import RunConfig, config_from_toml
-from privlora.errors import BundleError, ConfigError, PrivacyBudgetExceeded
+from privlora.errors import BundleError, ConfigError
 from privlora.evaluate import training_label_tokens
 from privlora.flower import wire
 from privlora.lora import Adapter, LoraHandles, attach, read_adapter
 from privlora.lora import spec_of as lora_spec_of
 from privlora.models import load_model, load_tokenizer
 from privlora.privacy.plan import check_site, make_plan
+from privlora.privacy.site import SiteBudget, SitePolicy, SiteRefused, fingerprint
 from privlora.quantization import codec
 from privlora.quantization.bundle import load_bundle
 from privlora.rules import build_rule
@@ -60,6 +69,9 @@ def train(msg: Message, context: Context) -> Message:
     """Run this site's round from the downlink; answer with the update."""
     try:
         return _train(msg, context)
+    except SiteRefused as err:  # the owner's policy said no: the reason names no data
+        local_log.warning("site: refused round %s: %s", msg.content["run"]["round"], err)
+        raise SiteError(f"site refused: {err}") from None
     except Exception as err:  # noqa: BLE001  # every failure: its text stays at the site
         local_log.exception("site: the round failed")
         raise SiteError(f"{type(err).__name__} at the site; its SuperNode's log has the "
@@ -73,9 +85,12 @@ def _train(msg: Message, context: Context) -> Message:
         raise ConfigError(f"a message for client {run['client']} reached site {cid}")
     site = _site(str(run["config"]), str(run["task"]), str(run["bundle"]),
                  tuple(sorted((str(k), str(v)) for k, v in node.items())))
+    if not 1 <= int(run["round"]) <= site.config.federation.rounds:
+        raise SiteRefused(f"round {run['round']} is outside the run's federation.rounds = "
+                          f"{site.config.federation.rounds}")
     down = codec.unpack_adapter(wire.from_record(msg.content["down"], str(run["meta"])))
     up = client.run_round(site.handles, site.init, site.site, down, site.config.seed,
-                          int(run["round"]), site.tokenizer.pad_token_id)
+                          int(run["round"]), site.tokenizer.pad_token_id, run=str(run["run"]))
     arrays, meta = wire.to_record(up)
     return Message(RecordDict({"update": arrays, "meta": ConfigRecord({"meta": meta})}),
                    reply_to=msg)
@@ -100,13 +115,12 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     node = dict(node_items)
     cid = int(node["partition-id"])
     task = data.task_from_meta(json.loads(task_json))
-    rows = data.site_rows(Path(node["path"]), task, config.data)
+    path = Path(node["path"])
+    budget = SiteBudget(SitePolicy.from_node_config(node),
+                        Path(node.get("ledger", str(path) + ".ledger.json")), fingerprint(path))
+    rows = data.site_rows(path, task, config.data)
     plan = make_plan(config, None)  # sigma comes resolved: this only rebuilds the mechanisms
     check_site(config, len(rows))
-    if "max-epsilon" in node and plan.private and plan.epsilon > float(node["max-epsilon"]):
-        raise PrivacyBudgetExceeded(f"the run would spend epsilon {plan.epsilon:.3f} on this "
-                                    f"site, over its node-config max-epsilon = "
-                                    f"{node['max-epsilon']}")
     tokenizer = load_tokenizer(config.model.name)
     model = _base_model(config, node.get("bundle", ""), bundle_digest)
     handles = attach(model, lora_spec_of(config.lora), seed=config.seed)
@@ -114,8 +128,8 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     spec = client.spec_for(config, build_rule(config), plan, rank,
                            training_label_tokens(task, tokenizer, config.train.loss))
     examples = data.tokenize(rows, task, tokenizer, config.data.max_length)
-    return SiteState(config, handles, read_adapter(handles), client.Site(cid, examples, spec),
-                     tokenizer)
+    return SiteState(config, handles, read_adapter(handles),
+                     client.Site(cid, examples, spec, budget), tokenizer)
 
 
 def _base_model(config: RunConfig, bundle: str, digest: str):

@@ -213,10 +213,12 @@ class LocalFederation:
                                    f"{(done.stdout + done.stderr).strip()[-800:]}")
         return done.stdout
 
-    def submit(self, app: Path, config_path: Path, out: Path, overwrite: bool) -> int:
+    def submit(self, app: Path, config_path: Path, out: Path, overwrite: bool,
+               resume: bool = False) -> int:
         """Submit the Flower App in directory ``app``; return the run id."""
         settings = (f"config={json.dumps(str(config_path))} out={json.dumps(str(out))} "
-                    f"overwrite={'true' if overwrite else 'false'}")
+                    f"overwrite={'true' if overwrite else 'false'} "
+                    f"resume={'true' if resume else 'false'}")
         reply = json.loads(self.flwr("run", str(app), CONNECTION, "--run-config", settings,
                                      "--format", "json"))
         if not reply.get("success", True) or "run-id" not in reply:
@@ -238,8 +240,9 @@ class LocalFederation:
 
 
 def node_config(site: dict[str, object]) -> str:
-    """Render a site's settings as --node-config (TOML values: strings quoted)."""
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in site.items())
+    """Render a site's settings as --node-config (TOML values: strings quoted, true/false)."""
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str | bool) else v}"
+                    for k, v in site.items())
 
 
 def write_sites(config: RunConfig, folder: Path) -> list[dict[str, object]]:
@@ -258,8 +261,24 @@ def write_sites(config: RunConfig, folder: Path) -> list[dict[str, object]]:
             for row in part:
                 fh.write(json.dumps(row) + "\n")
         path.chmod(0o600)
-        sites.append({"partition-id": cid, "path": str(path)})
+        site: dict[str, object] = {"partition-id": cid, "path": str(path), **site_policy(config)}
+        if config.site.ledger_dir:  # else beside the site's data, which goes with the run
+            site["ledger"] = str(Path(config.site.ledger_dir).resolve() / f"client-{cid}.json")
+        sites.append(site)
     return sites
+
+
+def site_policy(config: RunConfig) -> dict[str, object]:
+    """Return the node-config keys that give a site the policy of the config's [site]
+    section: the same policy the simulation's sites hold."""
+    s = config.site
+    keys: dict[str, object] = {"modes": ",".join(s.modes),
+                               "allow-non-private": s.allow_non_private}
+    if s.max_epsilon is not None:
+        keys["max-epsilon"] = s.max_epsilon
+    if s.delta is not None:
+        keys["delta"] = s.delta
+    return keys
 
 
 @dataclass(frozen=True)
@@ -276,15 +295,18 @@ def run_local(config: RunConfig, out: Path, overwrite: bool = False, secure: boo
               on_round: Callable[[dict], None] | None = None,
               on_site: Callable[[list[dict]], None] | None = None,
               on_start: Callable[[LocalFederation], None] | None = None,
-              poll: float = 1.0) -> LocalRun:
+              poll: float = 1.0, resume: bool = False) -> LocalRun:
     """Run ``config`` over a local Flower federation of ``federation.num_clients`` SuperNodes.
 
     ``app`` replaces the privlora Flower App (tests use a faulty one); ``on_site(sites)`` may
     edit the sites' node-configs before the SuperNodes start; ``on_start(federation)`` sees
     the running federation; ``on_round(row)`` sees each metrics.jsonl line as it lands.
+    ``resume`` restarts the ServerApp on the stopped run in ``out`` (whose own config must be
+    ``config``: the sites' data is split from it).
     """
     out = out.resolve()
-    check_target(out, overwrite)
+    if not resume:
+        check_target(out, overwrite)
     work = Path(tempfile.mkdtemp(prefix="privlora-flower-"))
     federation = LocalFederation(work, config.federation.num_clients, secure)
     failed = True
@@ -300,7 +322,7 @@ def run_local(config: RunConfig, out: Path, overwrite: bool = False, secure: boo
                          + (" (TLS, node authentication)" if secure else "") + "\n")
         if on_start:
             on_start(federation)
-        run_id = federation.submit(app or app_dir(), work / "run.toml", out, overwrite)
+        run_id = federation.submit(app or app_dir(), work / "run.toml", out, overwrite, resume)
         status = _follow(federation, run_id, out, on_round, poll)
         log = federation.server_log(run_id)
         if status != "finished:completed":

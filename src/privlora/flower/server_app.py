@@ -2,7 +2,8 @@
 wire.
 
 Run config (``flwr run APP CONN --run-config '...'``): ``config``, the run's TOML on the server
-machine; ``out``, the run directory to write; ``overwrite``. The sites are the SuperNodes; each
+machine; ``out``, the run directory to write; ``overwrite``; ``resume = true`` continues the
+stopped run in ``out`` from its last complete round (its own config; ``config`` is ignored). The sites are the SuperNodes; each
 answers a ``query`` with its ``partition-id`` (its client id: 0 .. num_clients - 1, each once)
 and its optional ``rank``. Each round every selected site gets one ``train`` message: the run's
 config, the task, the round and its downlink as named arrays; it answers with its update.
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from privlora import data, protocol, server, uplink
@@ -38,14 +39,18 @@ def main(grid: Grid, context: Context) -> None:
     """Run the whole federated fine-tune over the connected SuperNodes."""
     settings = context.run_config
     try:
-        config = load_config(Path(str(settings["config"])))
         out, overwrite = Path(str(settings["out"])), bool(settings.get("overwrite", False))
-        check_target(out, overwrite)
+        if settings.get("resume", False):  # a restarted ServerApp: go on from the run dir
+            config, start = server.resume_point(out)
+            config = start.pinned(config)
+        else:
+            config, start = load_config(Path(str(settings["config"]))), server.Start()
+            check_target(out, overwrite)
         task, _, eval_rows = server.load_rows(config)
         sim = server.prepare_server(config, task, eval_rows, None)
         transport = FlowerTransport(grid, sim)
         sim.server = dataclasses.replace(sim.server, ranks=transport.connect())
-        summary = server.run_rounds(sim, transport, out, RoundLog(), overwrite)
+        summary = server.run_rounds(sim, transport, out, RoundLog(), overwrite, start)
     except Exception as err:  # the reason, on one line, where `flwr log` shows it
         log.error("privlora: run failed: %s: %s", type(err).__name__, err)
         raise
@@ -121,12 +126,12 @@ class FlowerTransport:
         online = set(self.grid.get_node_ids())
         return [cid for cid in ids if self.nodes[cid] in online]
 
-    def exchange(self, round_: int, downs: dict[int, protocol.Payload]
+    def exchange(self, round_: int, downs: dict[int, protocol.Payload], run_id: str
                  ) -> dict[int, tuple[protocol.Payload, int] | str]:
         sim = self.sim
         run = {"config": to_toml(sent_config(sim)),
                "task": json.dumps(data.task_meta(sim.server.task)),
-               "bundle": _bundle_digest(sim), "round": round_}
+               "bundle": _bundle_digest(sim), "round": round_, "run": run_id}
         messages, limits = [], []
         for cid, down in downs.items():
             arrays, meta = wire.to_record(down)
@@ -157,9 +162,15 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> dict[int, M
     index = {message_id: k for k, message_id in enumerate(ids)}
     waiting, replies = set(ids), {}
     deadline = time.time() + timeout
+    sent_to = {message_id: m.metadata.dst_node_id for message_id, m in zip(ids, messages)}
     while waiting and time.time() < deadline:
         for reply in grid.pull_messages(list(waiting)):
             answered = reply.metadata.reply_to_message_id
+            if answered in waiting and reply.metadata.src_node_id != sent_to[answered]:
+                # the SuperLink routes replies by node; this is a second line of defence
+                log.warning("privlora: a reply to node %s's message came from node %s; ignored",
+                            sent_to[answered], reply.metadata.src_node_id)
+                continue
             if answered in waiting:
                 waiting.discard(answered)
                 replies[index[answered]] = reply
@@ -175,6 +186,8 @@ def _read_reply(reply: Message, limit: int) -> tuple[protocol.Payload, int] | st
         return f"site error (code {reply.error.code}): {reply.error.reason}"
     try:
         arrays = reply.content["update"]
+        if not isinstance(arrays, ArrayRecord):
+            return f"malformed reply (its update is a {type(arrays).__name__}, not arrays)"
         size = sum(len(a.data) for a in arrays.values())
         if size > limit:
             return f"{size} bytes of arrays, over the {limit} an update of its downlink takes"
