@@ -8,9 +8,11 @@ Loss and scoring use only the answer tokens.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,24 +73,60 @@ class Batch:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file; a missing, empty or malformed file raises DataError naming the line."""
+    """Read a JSONL file; a missing, empty or malformed file raises DataError naming the line.
+
+    Blank lines are skipped. No message quotes a line: rows are private data.
+    """
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; give a JSONL path or 'builtin'")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); fix that line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line")
-            rows.append(row)
+    rows = [_parse_line(line, number, path) for number, line in _lines(path)]
     if not rows:
         raise DataError(f"data file {path} is empty; it needs one JSON object per line")
     return rows
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, text) for each non-blank line of a UTF-8 file (a leading BOM is
+    dropped)."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: byte {err.start + 1} of the line is not UTF-8; "
+                                "save the file as UTF-8") from None
+            if line.strip():
+                yield number, line
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null", dict: "an object"}
+
+
+def _parse_line(line: str, number: int, path: Path) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
+                        "fix that line") from None
+    except (ValueError, RecursionError):  # a number of thousands of digits; deep nesting
+        raise DataError(f"{path}:{number}: JSON nested too deeply or with a number too long to "
+                        "read; fix that line") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number}: {_JSON_KINDS[type(row)]}, not a JSON object; each "
+                        "line must be one {...} row")
+    return row
+
+
+def _line_of(path: Path, row: int) -> int:
+    """Return the file line that holds the ``row``-th row (1-based; blank lines hold none)."""
+    return next(itertools.islice(_lines(path), row - 1, None))[0]
+
+
+def _shown(value: object) -> str:
+    """Return a short repr of a label or id for a message (never a long private text)."""
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def load_task(config: DataConfig, seed: int) -> Task:
@@ -110,11 +148,10 @@ def load_task(config: DataConfig, seed: int) -> Task:
         return Task(path.stem, kind, "", (), tuple(rows), tuple(eval_rows))
     labels = tuple(sorted({str(r["label"]) for r in rows}))
     if len(labels) < 2:
-        raise DataError(f"{path}: only one label {labels}; classification needs at least two")
-    unknown = sorted({str(r["label"]) for r in eval_rows} - set(labels))
-    if unknown:
-        raise DataError(f"{config.eval_path}: labels {unknown} do not occur in {path} "
-                        f"{list(labels)}; evaluate on data with the training labels")
+        raise DataError(f"{path}: only one label {_shown(labels[0])}; classification needs at "
+                        "least two")
+    _check_labels(eval_rows, labels, Path(config.eval_path),
+                  f"do not occur in {path}; evaluate on data with the training labels")
     instruction = f"Classify the text. Answer with one word: {', '.join(labels)}."
     rows = [{**r, "label": str(r["label"])} for r in rows]
     eval_rows = [{**r, "label": str(r["label"])} for r in eval_rows]
@@ -127,6 +164,7 @@ def read_rows(path: Path, config: DataConfig) -> list[dict]:
     own fields stay, so mapped rows written out (``privlora flower local``'s sites) map again
     to the same text."""
     rows = read_jsonl(path)
+    _check_ids(rows, path)
     if not config.text_fields:
         return rows
     wanted = (*config.text_fields, config.label_field)
@@ -134,8 +172,9 @@ def read_rows(path: Path, config: DataConfig) -> list[dict]:
     for number, row in enumerate(rows, start=1):
         missing = [f for f in wanted if row.get(f) in (None, "")]
         if missing:
-            raise DataError(f"{path}: row {number} lacks {missing}; data.text_fields and "
-                            f"data.label_field name fields every row needs ({list(wanted)})")
+            raise DataError(f"{path}:{_line_of(path, number)}: row {number} lacks {missing}; "
+                            "data.text_fields and data.label_field name fields every row needs "
+                            f"({list(wanted)})")
         text = "\n\n".join(f"{f.replace('_', ' ').capitalize()}: {row[f]}"
                             for f in config.text_fields)
         mapped.append({**row, "text": text, "label": str(row[config.label_field])})
@@ -150,11 +189,40 @@ def site_rows(path: Path, task: Task, config: DataConfig) -> list[dict]:
     _check_fields(rows, task.kind, path)
     if task.kind == "generation":
         return rows
-    unknown = sorted({str(r["label"]) for r in rows} - set(task.labels))
-    if unknown:
-        raise DataError(f"{path}: labels {unknown[:5]} are not among the task's {list(task.labels)}"
-                        "; a site trains on the labels the server evaluates")
+    _check_labels(rows, task.labels, path, "are not among the task's labels; a site trains on "
+                  "the labels the server evaluates")
     return [{**r, "label": str(r["label"])} for r in rows]
+
+
+def _check_labels(rows: list[dict], labels: tuple[str, ...], path: Path, why: str) -> None:
+    """Refuse rows whose label is not one of ``labels``, naming the first one's line."""
+    unknown = sorted({str(r["label"]) for r in rows} - set(labels))
+    if not unknown:
+        return
+    first = next(n for n, r in enumerate(rows, start=1) if str(r["label"]) not in labels)
+    raise DataError(f"{path}:{_line_of(path, first)}: labels {_listed(unknown, 5)} {why} "
+                    f"{_listed(labels, 10)}")
+
+
+def _listed(values: Sequence[str], most: int) -> str:
+    """Return up to ``most`` values, shortened, as a list for a message."""
+    more = ", ..." if len(values) > most else ""
+    return f"[{', '.join(_shown(v) for v in values[:most])}{more}]"
+
+
+def _check_ids(rows: list[dict], path: Path) -> None:
+    """Refuse two rows with the same ``id``: one example twice would count twice in training
+    and in what DP protects (a row's guarantee assumes it occurs once)."""
+    seen: dict[str, int] = {}
+    for number, row in enumerate(rows, start=1):
+        if "id" not in row:
+            continue
+        key = json.dumps(row["id"], sort_keys=True)
+        if key in seen:
+            raise DataError(f"{path}:{_line_of(path, number)}: id {_shown(row['id'])} repeats "
+                            f"that of line {_line_of(path, seen[key])}; each row must be a "
+                            "distinct example: remove the duplicate or give it its own id")
+        seen[key] = number
 
 
 def task_meta(task: Task) -> dict:
@@ -177,7 +245,27 @@ def _check_fields(rows: list[dict], kind: TaskKind, path: Path) -> None:
     for number, row in enumerate(rows, start=1):
         missing = [f for f in fields if f not in row or row[f] in (None, "")]
         if missing:
-            raise DataError(f"{path}: row {number} lacks {missing}; every {kind} row needs {fields}")
+            raise DataError(f"{path}:{_line_of(path, number)}: row {number} lacks {missing}; "
+                            f"every {kind} row needs {fields}")
+        for name in fields:
+            problem = _text_problem(row[name], name == "label")
+            if problem:
+                raise DataError(f"{path}:{_line_of(path, number)}: row {number} field {name!r} "
+                                f"is {problem}; fix that row")
+
+
+def _text_problem(value: object, label: bool) -> str | None:
+    """Return what keeps ``value`` from being tokenized as a row's text (a label may also be a
+    number or true/false), or None."""
+    if label and isinstance(value, int | float | bool):
+        return None
+    if not isinstance(value, str):
+        return f"{_JSON_KINDS.get(type(value), type(value).__name__)}, not a string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800": no tokenizer takes it
+        return "not valid Unicode (a lone \\u surrogate escape)"
+    return None
 
 
 def _detect_kind(row: dict, kind: str, path: Path) -> TaskKind:
@@ -188,8 +276,8 @@ def _detect_kind(row: dict, kind: str, path: Path) -> TaskKind:
     if "question" in row and "answer" in row:
         return "generation"
     raise DataError(
-        f"{path}:1 has fields {sorted(row)}; classification needs 'text' and 'label', "
-        "generation needs 'question' and 'answer'"
+        f"{path}:{_line_of(path, 1)} has fields {sorted(row)[:10]}; classification needs 'text' "
+        "and 'label', generation needs 'question' and 'answer'"
     )
 
 

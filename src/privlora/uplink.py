@@ -11,6 +11,7 @@ is below ``release_bound`` except with probability under 1e-13.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -56,6 +57,7 @@ def accept(client_id: int, sent: protocol.Payload, received: protocol.Payload, s
                             "of its downlink's tensors takes")
     update = codec.unpack_update(received, uplink_bits, sent)
     protocol.check_uplink(client_id, sent, update, plan)
+    _check_numbers(client_id, update.meta)
     wrong = [f"{k} {v.dtype} != {sent.tensors[k].dtype}" for k, v in update.tensors.items()
              if v.dtype != sent.tensors[k].dtype]
     if wrong:
@@ -71,3 +73,17 @@ def accept(client_id: int, sent: protocol.Payload, received: protocol.Payload, s
                                 f"{bound:.4g} a release clipped to privacy.clip and noised stays "
                                 "under")
     return update
+
+
+def _check_numbers(client_id: int, meta: Mapping[str, object]) -> None:
+    """Refuse counts beside an update that are not finite numbers (the server averages the
+    losses and weighs by the example counts), or an example count that is not a whole number
+    a float holds exactly (a larger one would overflow the weights' sum)."""
+    for key, value in meta.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InvalidUpdate(f"client {client_id} sent {key} = {str(value)[:40]!r} beside its "
+                                "update; it must be a finite number")
+    count = meta.get("num_examples", 1)
+    if not (float(count).is_integer() and count <= 2 ** 53):  # type: ignore[arg-type]
+        raise InvalidUpdate(f"client {client_id} reported num_examples = {count!r}; it must be a "
+                            "whole number of examples up to 2^53")

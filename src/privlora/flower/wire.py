@@ -14,8 +14,10 @@ of known numeric dtypes and non-negative shapes.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import tokenize
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from privlora.protocol import Payload
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
 BUFFER = "payload"  # the one Array of a record
+MAX_DIMS = 8  # LoRA factors and codes are 2-D, scales 1-D (numpy itself refuses over 64)
 
 
 def to_record(payload: Payload) -> tuple[ArrayRecord, str]:
@@ -49,8 +52,9 @@ def from_record(record: ArrayRecord, text: str) -> Payload:
     try:
         described = json.loads(text)
         index, meta = described["index"], described["meta"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise InvalidUpdate(f"payload index/meta is not the expected JSON ({err})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise InvalidUpdate(f"payload index/meta is not the expected JSON "
+                            f"({_short(f'{type(err).__name__}: {err}')})") from None
     if not isinstance(meta, dict) or not all(
             isinstance(v, int | float | str) and not isinstance(v, bool) for v in meta.values()):
         raise InvalidUpdate("payload meta must be a JSON object of numbers and strings")
@@ -59,11 +63,11 @@ def from_record(record: ArrayRecord, text: str) -> Payload:
     for entry in index if isinstance(index, list) else [None]:
         name, dtype, shape, at = _entry(entry)
         if name in tensors or at != offset:
-            raise InvalidUpdate(f"payload index: {name!r} repeats or is not where the previous "
-                                "tensor ends")
+            raise InvalidUpdate(f"payload index: {_short(name)} repeats or is not where the "
+                                "previous tensor ends")
         size = math.prod(shape) * np.dtype(dtype).itemsize
         if offset + size > buffer.size:
-            raise InvalidUpdate(f"payload index: {name!r} runs past the end of the buffer")
+            raise InvalidUpdate(f"payload index: {_short(name)} runs past the end of the buffer")
         raw = buffer[offset:offset + size].copy()  # its own memory: no tensor shares another's
         tensors[name] = torch.from_numpy(raw.view(dtype).reshape(shape))
         offset += size
@@ -73,26 +77,52 @@ def from_record(record: ArrayRecord, text: str) -> Payload:
 
 
 def _buffer(record: ArrayRecord) -> np.ndarray:
-    if set(record) != {BUFFER}:
-        raise InvalidUpdate(f"payload record holds {sorted(record)[:3]}, not one {BUFFER!r} array")
+    """Return the record's byte array, reading its npy header here: ``Array.numpy`` would
+    allocate whatever shape the header claims before finding the data short."""
+    if not isinstance(record, ArrayRecord) or set(record) != {BUFFER}:
+        held = sorted(record)[:3] if isinstance(record, ArrayRecord) else type(record).__name__
+        raise InvalidUpdate(f"payload record holds {_short(held)}, not one {BUFFER!r} array")
+    array = record[BUFFER]
+    if not isinstance(array, Array) or array.stype != "numpy.ndarray":
+        raise InvalidUpdate(f"payload {BUFFER!r} is not a numpy array")
+    stream = io.BytesIO(array.data)
     try:
-        buffer = record[BUFFER].numpy()
-    except (ValueError, TypeError, OSError) as err:
-        raise InvalidUpdate(f"payload array does not decode as npy bytes ({err})") from None
-    if buffer.dtype != np.uint8 or buffer.ndim != 1:
-        raise InvalidUpdate(f"payload array is {buffer.dtype} {buffer.shape}, not flat uint8")
-    return buffer
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, _, dtype = read_header(stream)
+    except (ValueError, TypeError, KeyError, EOFError, SyntaxError, tokenize.TokenError) as err:
+        raise InvalidUpdate(f"payload array does not decode as npy bytes "
+                            f"({_short(f'{type(err).__name__}: {err}')})") from None
+    body = array.data[stream.tell():]
+    if dtype != np.uint8 or len(shape) != 1 or shape[0] != len(body):
+        raise InvalidUpdate(f"payload array's npy header says {dtype} {shape} and {len(body)} "
+                            "bytes follow; a payload is one flat uint8 array of its bytes")
+    return np.frombuffer(body, dtype=np.uint8)
 
 
 def _entry(entry: object) -> tuple[str, str, tuple[int, ...], int]:
     try:
-        name, dtype = str(entry["name"]), str(entry["dtype"])  # type: ignore[index]
-        shape = tuple(int(n) for n in entry["shape"])  # type: ignore[index]
-        offset = int(entry["offset"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        raise InvalidUpdate(f"payload index entry {entry!r} lacks name, dtype, shape or "
+        name, dtype = entry["name"], entry["dtype"]  # type: ignore[index]
+        shape, offset = entry["shape"], entry["offset"]  # type: ignore[index]
+    except (KeyError, TypeError, IndexError):
+        raise InvalidUpdate(f"payload index entry {_short(entry)} lacks name, dtype, shape or "
                             "offset") from None
-    if dtype not in DTYPES or any(n < 0 for n in shape):
-        raise InvalidUpdate(f"payload index: {name!r} has dtype {dtype} (not one of "
-                            f"{sorted(DTYPES)}) or a negative dimension {shape}")
-    return name, dtype, shape, offset
+    if not (isinstance(name, str) and isinstance(shape, list) and _count(offset)
+            and all(_count(n) for n in shape) and len(shape) <= MAX_DIMS):
+        raise InvalidUpdate(f"payload index entry {_short(entry)}: name must be a string, shape "
+                            f"a list of at most {MAX_DIMS} counts and offset a count")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise InvalidUpdate(f"payload index: {_short(name)} has dtype {_short(dtype)}, not one of "
+                            f"{sorted(DTYPES)}")
+    return name, dtype, tuple(shape), offset
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: object) -> str:
+    """Return ``repr(value)`` cut to 120 characters: a message quotes a sender's text briefly."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
