@@ -301,6 +301,33 @@ def privacy_plan(
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else report["text"])
 
 
+@app.command()
+def audit(
+    config: ConfigOption = None,
+    set_: SetOption = [],  # noqa: B006
+    out: Annotated[Path, typer.Option(help="Directory for audit.json and audit.png.")] = Path(
+        "runs/audit"),
+    canaries: Annotated[int, typer.Option(help="White-box canaries at site 0.")] = 1000,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train once with canaries; print the empirical epsilon lower bound beside the
+    accountant's (one-run audit, Steinke, Nasr & Jagielski 2023)."""
+    try:
+        cfg = _run_config(config, set_, None, None, False)
+        from privlora.audit import run_audit
+        from privlora.progress import RichProgress
+
+        with RichProgress(cfg) as progress:
+            result = run_audit(cfg, out, canaries, progress, overwrite)
+    except _USER_ERRORS as err:
+        _fail(err)
+    typer.echo(f"epsilon lower bound {result['epsilon_lower_bound']:.3f} (confidence "
+               f"{result['confidence']}, {result['correct']} of {result['guesses']} guesses "
+               f"right, {result['canaries']} canaries, AUC {result['auc']:.3f}); accountant "
+               f"epsilon {result['epsilon_accountant']:.3f} at delta {result['delta']}; "
+               f"{out / 'audit.json'}")
+
+
 @site_app.command("budget")
 def site_budget(
     ledger: Annotated[Path, typer.Option(help="The site's ledger file (node-config ledger).")],

@@ -37,6 +37,7 @@ from privlora.lora import (
     write_adapter,
 )
 from privlora.models import compute_threads
+from privlora.privacy.audit import GradientCanaries
 from privlora.privacy.central import CentralDP
 from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import clip_per_example, seeded_generator, uniform
@@ -69,6 +70,7 @@ class LocalSpec:
     microbatch: int = 32  # examples per forward; a larger batch is split and summed
     uplink_bits: int = 0  # 8 or 4: stochastic rounding of the update as sent (after any noise)
     label_tokens: tuple[int, ...] = ()  # train.loss = "label": the softmax's tokens; () = answer
+    canaries: GradientCanaries | None = None  # privlora audit only: white-box canaries here
     threads: int = 1  # train.threads: CPU threads of the round (0 = torch's default)
 
 
@@ -221,15 +223,35 @@ def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec
             nonfinite += int((~torch.isfinite(norms)).sum())
         loss_sum += float(per_example.detach().sum())
     loss = loss_sum / len(chosen) if chosen else 0.0
+    canary = _canary_gradients(spec, batch_rng)
     if dp is None:  # the mean answer loss of the batch: divide the accumulated sum
-        for param in named.values():
+        for name, param in named.items():
             if param.grad is not None:
+                if canary is not None:
+                    param.grad += canary[name].to(param.grad.device, param.dtype)
                 param.grad /= len(chosen)
         return StepResult(loss, 0, tokens)
+    if canary is not None:  # already on the clip bound: they join the clipped sum
+        summed = {name: summed[name] + canary[name].to(summed[name].device) for name in summed}
     noisy = dp.noisy_gradient(summed, noise_rng)
     for name, param in named.items():
         param.grad = noisy[name].to(param.dtype)
     return StepResult(loss, nonfinite, tokens)
+
+
+def _canary_gradients(spec: LocalSpec, batch_rng: torch.Generator
+                      ) -> dict[str, torch.Tensor] | None:
+    """Return the summed gradients of the audit's canaries that join this step (None outside
+    ``privlora audit``): under DP each included canary joins with the examples' Poisson rate,
+    drawn as theirs are; without DP every included one joins every step."""
+    canaries, dp = spec.canaries, spec.sample_dp
+    if canaries is None:
+        return None
+    ids = torch.tensor([i for i, x in enumerate(canaries.included) if x], dtype=torch.long)
+    if dp is not None:
+        draws = uniform(len(ids), batch_rng, secure=dp.secure)
+        ids = ids[draws < dp.sample_rate]
+    return canaries.gradient_sum(ids)
 
 
 def _optimizer(params: list[torch.nn.Parameter], spec: LocalSpec) -> torch.optim.Optimizer:

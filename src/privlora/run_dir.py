@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from privlora.errors import ConfigError
 
 RUN_FILES = frozenset({"config.toml", "metrics.jsonl", "summary.json", "ledger.json", "adapter",
-                       "checkpoints", "report.png", "sites"})
+                       "checkpoints", "report.png", "sites", "audit.json", "audit.png"})
 _PARTIAL = ".partial"  # a checkpoint folder being written; never read, removed on resume
 
 

@@ -1,0 +1,114 @@
+"""The one-run audit (Steinke, Nasr & Jagielski 2023): its bound against the paper's formula
+computed independently here, and `privlora audit` on tiny runs: with DP the empirical lower
+bound stays below the accountant's epsilon; without DP the white-box canaries show memorisation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from privlora.audit import run_audit
+from privlora.cli import app
+from privlora.errors import ConfigError
+from privlora.privacy.audit import (
+    audit_bound,
+    epsilon_lower_bound,
+    guesses,
+    p_value,
+    roc_auc,
+)
+
+
+def _paper_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """The paper's p-value with the binomial pmf from log-gamma (independent of scipy)."""
+    log_q, log_1q = -math.log1p(math.exp(-eps)), -math.log1p(math.exp(eps))
+    pmf = [math.exp(math.lgamma(r + 1) - math.lgamma(k + 1) - math.lgamma(r - k + 1)
+                    + k * log_q + (r - k) * log_1q) for k in range(r + 1)]
+    beta = math.fsum(pmf[v:])
+    alpha, below = 0.0, 0.0
+    for i in range(1, v + 1):  # below = P[v > Binomial(r, q) >= v - i]
+        below += pmf[v - i]
+        alpha = max(alpha, below / i)
+    return min(1.0, beta + alpha * delta * 2 * m)
+
+
+def _paper_bound(m, r, v, delta, confidence=0.95):
+    lo, hi = 0.0, 30.0
+    if _paper_p_value(m, r, v, 0.0, delta) > 1 - confidence:
+        return 0.0
+    for _ in range(60):  # bisection on the monotone p-value
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _paper_p_value(m, r, v, mid, delta) <= 1 - confidence else (lo, mid)
+    return lo
+
+
+def test_every_guess_right_matches_the_closed_form():
+    # delta = 0, r = v = 100: q^100 = 0.05, so eps = log(q / (1 - q)) with q = 0.05^(1/100)
+    q = 0.05 ** (1 / 100)
+    assert epsilon_lower_bound(100, 100, 100, 0.0) == pytest.approx(math.log(q / (1 - q)),
+                                                                    abs=1e-5)
+    assert math.log(q / (1 - q)) == pytest.approx(3.4930, abs=1e-4)
+
+
+@pytest.mark.parametrize(("m", "r", "v", "delta"), [
+    (100, 100, 100, 1e-5), (1000, 200, 170, 1e-5), (1000, 100, 70, 1e-3), (500, 50, 30, 0.0),
+    (1000, 1000, 600, 1e-5)])
+def test_the_bound_matches_the_papers_formula_computed_independently(m, r, v, delta):
+    for eps in (0.0, 0.5, 2.0):
+        assert p_value(m, r, v, eps, delta) == pytest.approx(
+            _paper_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12)
+    assert epsilon_lower_bound(m, r, v, delta) == pytest.approx(_paper_bound(m, r, v, delta),
+                                                                abs=1e-5)
+
+
+def test_chance_guessing_bounds_nothing_and_delta_only_lowers_the_bound():
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0
+    assert epsilon_lower_bound(1000, 200, 170, 1e-3) < epsilon_lower_bound(1000, 200, 170, 0.0)
+
+
+def test_guesses_take_the_top_and_bottom_scores():
+    scores = [0.1, 0.9, 0.5, 0.2, 0.8, 0.3]
+    included = [False, True, False, True, True, False]
+    assert guesses(scores, included, 2, 2) == (4, 3)  # in: 0.9, 0.8 right; out: 0.1 right, 0.2 wrong
+    assert roc_auc(scores, included) == pytest.approx(7 / 9)  # pairs in > out: 3 + 1 + 3
+    bound = audit_bound(list(range(200)), [k >= 100 for k in range(200)], 1e-5)
+    assert bound.correct == bound.guesses and bound.epsilon > 2  # perfect separation
+
+
+TINY_AUDIT = ("federation.num_clients=2", "train.local_steps=4", "train.batch_size=4")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_with_dp_the_lower_bound_stays_below_the_accountant(tiny_config, tmp_path, seed):
+    config = tiny_config(*TINY_AUDIT, f"seed={seed}", "privacy.mode=sample",
+                         "privacy.noise_multiplier=0.5", "privacy.sample_rate=0.1")
+    result = run_audit(config, tmp_path / "audit", canaries=1000)
+    assert 0.0 <= result["epsilon_lower_bound"] <= result["epsilon_accountant"]
+    assert math.isfinite(result["epsilon_accountant"]) and result["mode"] == "sample"
+    saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    for key in ("epsilon_lower_bound", "epsilon_accountant", "delta", "confidence", "canaries",
+                "guesses", "correct", "mode", "canary_kind", "auc"):
+        assert key in saved, key
+    # nothing of the canaries' run is kept: only the audit's own two files
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["audit.json", "audit.png"]
+
+
+def test_without_dp_the_white_box_canaries_are_found(tiny_config, tmp_path):
+    result = run_audit(tiny_config(*TINY_AUDIT), tmp_path / "audit", canaries=1000)
+    assert result["epsilon_accountant"] == math.inf
+    assert result["epsilon_lower_bound"] > 1.0 and result["auc"] > 0.7
+
+
+def test_the_audit_refuses_what_it_cannot_audit(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="has no canaries yet"):
+        run_audit(tiny_config("privacy.mode=local", "privacy.noise_multiplier=1"), tmp_path)
+    with pytest.raises(ConfigError, match="at least 10"):
+        run_audit(tiny_config(), tmp_path, canaries=3)
+    result = CliRunner().invoke(app, ["audit", "--set", "privacy.mode=local", "--set",
+                                      "privacy.noise_multiplier=1", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "has no canaries yet" in result.output
+    assert not Path(tmp_path / "a").exists()
