@@ -23,7 +23,8 @@ from privlora.config import RunConfig, config_from_toml, load_config, to_toml
 from privlora.errors import ConfigError
 
 PROPERTY = settings(max_examples=150, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 
 
 def _fields() -> dict[str, tuple[Any, Any]]:
@@ -284,7 +285,8 @@ def well_typed_configs(draw) -> dict[str, Any]:
 
 
 @settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 @given(flat=well_typed_configs())
 def test_a_well_typed_config_loads_or_is_refused_in_one_line(tmp_path, flat):
     text = toml_text(nested(flat))
@@ -333,7 +335,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @settings(max_examples=6, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 @given(data=st.data(), overwrite=st.booleans())
 def test_run_with_a_bad_config_exits_2_in_one_line_and_overwrites_nothing(tmp_path, data,
                                                                          overwrite):

@@ -19,7 +19,8 @@ from privlora.data import Task, load_task, site_rows
 from privlora.errors import DataError
 
 PROPERTY = settings(max_examples=100, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 SECRET = "SECRET"  # in every row's text: no message may show it
 LABELS = ("neg", "pos")
 TASK = Task("t", "classification", "Classify.", LABELS, ())
@@ -244,7 +245,8 @@ any_row = st.dictionaries(field_names, json_values, max_size=5)
 
 
 @settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 @given(lines=st.lists(any_row.map(lambda r: json.dumps(r).encode()) | blank, max_size=6),
        config=st.sampled_from([{}, {"kind": "generation"},
                                {"text_fields": ("question", "context"), "label_field": "answer"}]))

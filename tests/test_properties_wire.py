@@ -31,7 +31,8 @@ from privlora.quantization import codec
 from privlora.rules import FedAvg
 
 PROPERTY = settings(max_examples=100, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 SHAPES = {"q": (16, 8), "v": (12, 8)}
 COUNTS = {"num_examples": 24.0, "train_loss": 0.5}
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
