@@ -24,6 +24,7 @@ from privlora.privacy.site import (
     SiteRefused,
     fingerprint,
     release_of,
+    site_epsilon,
     spend_by_run,
 )
 
@@ -63,7 +64,7 @@ def test_a_release_past_the_cap_is_refused_and_not_recorded(tmp_path):
         for r in range(2, 20):
             budget.spend(big, "run", r, f"d{r}")
     book = json.loads((tmp_path / "ledger.json").read_text())
-    total = budget._epsilon([dp_accounting.GaussianDpEvent(2.0)] * len(book["datasets"]["data"]))
+    total = site_epsilon([dp_accounting.GaussianDpEvent(2.0)] * len(book["datasets"]["data"]), 1e-5)
     assert total <= 3.0
     assert len(book["datasets"]["data"]) == 2 and (tmp_path / "ledger.json").read_bytes() != before
     # another data file at the same site has its own budget

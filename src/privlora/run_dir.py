@@ -44,14 +44,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it before returning."""
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``path`` so a crash leaves either the old file or the new one, never a mix: write a
     temporary file beside it, fsync, rename over ``path``, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    _write_synced(tmp, data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -165,10 +170,7 @@ class RunDir:
         if state is not None:
             files["state.json"] = _json(state, indent=1).encode()
         for name, data in files.items():
-            with (partial / name).open("wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_synced(partial / name, data)
         _fsync_dir(partial)
         if folder.exists():  # a round repeated after a resume replaces its old checkpoint
             shutil.rmtree(folder)

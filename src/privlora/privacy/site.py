@@ -180,7 +180,7 @@ class SiteBudget:
             events = [event_from_dict(e["event"]) for e in entries]
             if not repeat:
                 events.append(release.event)
-            total = self._epsilon(events)
+            total = site_epsilon(events, self.policy.delta)
             cap = self.policy.max_epsilon
             if release.mode != "none" and cap is not None and total > cap * (1 + 1e-9):
                 raise SiteRefused(
@@ -209,14 +209,18 @@ class SiteBudget:
             raise SiteRefused("this site has no max-epsilon and delta in its node-config; its "
                               "owner must set them before any private run is accepted")
 
-    def _epsilon(self, events: Sequence[dp_accounting.DpEvent]) -> float:
-        if any(isinstance(e, dp_accounting.NonPrivateDpEvent) for e in events):
-            return math.inf
-        if not events:
-            return 0.0
-        if self.policy.delta is None:  # no cap, so no delta to state an epsilon at
-            return math.nan
-        return accounting.epsilon(accounting.compose(events), self.policy.delta, "pld")
+
+
+def site_epsilon(events: Sequence[dp_accounting.DpEvent], delta: float | None) -> float:
+    """Return the PLD epsilon of ``events`` at ``delta``: inf once anything left un-noised, nan
+    without a delta to state it at (a site with no cap)."""
+    if any(isinstance(e, dp_accounting.NonPrivateDpEvent) for e in events):
+        return math.inf
+    if not events:
+        return 0.0
+    if delta is None:
+        return math.nan
+    return accounting.epsilon(accounting.compose(events), delta, "pld")
 
 
 def read_ledger(path: Path) -> dict[str, Any]:
@@ -240,7 +244,6 @@ def spend_by_run(path: Path, delta: float | None = None) -> list[dict[str, Any]]
     delta = delta if delta is not None else book.get("delta")
     if delta is None:
         raise ConfigError(f"site ledger {path} records no delta; pass --delta")
-    budget = SiteBudget(SitePolicy(delta=delta), path, "")
     rows = []
     for dataset, entries in book["datasets"].items():
         runs: dict[str, list[dict]] = {}
@@ -249,15 +252,15 @@ def spend_by_run(path: Path, delta: float | None = None) -> list[dict[str, Any]]
         for run, mine in runs.items():
             rows.append({"dataset": dataset, "run": run, "rounds": len(mine),
                          "modes": sorted({e["mode"] for e in mine}),
-                         "epsilon": budget._epsilon([event_from_dict(e["event"]) for e in mine])})
+                         "epsilon": site_epsilon([event_from_dict(e["event"]) for e in mine], delta)})
         rows.append({"dataset": dataset, "run": "total", "rounds": len(entries),
                      "modes": sorted({e["mode"] for e in entries}),
-                     "epsilon": budget._epsilon([event_from_dict(e["event"]) for e in entries])})
+                     "epsilon": site_epsilon([event_from_dict(e["event"]) for e in entries],
+                                            delta)})
     return rows
 
 
 def _write(path: Path, book: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(book, indent=1))
 
 
