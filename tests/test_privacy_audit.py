@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from privlora.audit import run_audit
+from privlora import client
+from privlora.audit import InputCanaries, run_audit
 from privlora.cli import app
 from privlora.errors import ConfigError
 from privlora.privacy.audit import (
     audit_bound,
     epsilon_lower_bound,
+    gaussian_mu,
     guesses,
+    ideal_gaussian_bound,
     p_value,
     roc_auc,
 )
@@ -79,6 +82,19 @@ def test_guesses_take_the_top_and_bottom_scores():
     assert bound.correct == bound.guesses and bound.epsilon > 2  # perfect separation
 
 
+def test_the_gaussian_reference_matches_its_definitions():
+    # mu-GDP at mu = 1 is (eps, delta) with delta = Phi(-eps + 1/2) - e^eps Phi(-eps - 1/2)
+    eps = 1.0
+    delta = 0.5 * math.erfc((eps - 0.5) / math.sqrt(2)) - math.exp(eps) * 0.5 * math.erfc(
+        (eps + 0.5) / math.sqrt(2))
+    assert gaussian_mu(eps, delta) == pytest.approx(1.0, rel=1e-6)
+    # the one-run method's ceiling grows with epsilon and with the canaries, and stays below eps
+    ceilings = [ideal_gaussian_bound(e, 1e-5, 1000) for e in (2.0, 4.0, 8.0)]
+    assert ceilings == sorted(ceilings) and all(c < e for c, e in zip(ceilings, (2, 4, 8)))
+    assert ideal_gaussian_bound(8.0, 1e-5, 10_000) > ceilings[-1]
+    assert ideal_gaussian_bound(math.inf, 1e-5, 1000) == math.inf
+
+
 TINY_AUDIT = ("federation.num_clients=2", "train.local_steps=4", "train.batch_size=4")
 
 
@@ -86,8 +102,10 @@ TINY_AUDIT = ("federation.num_clients=2", "train.local_steps=4", "train.batch_si
 def test_with_dp_the_lower_bound_stays_below_the_accountant(tiny_config, tmp_path, seed):
     config = tiny_config(*TINY_AUDIT, f"seed={seed}", "privacy.mode=sample",
                          "privacy.noise_multiplier=0.5", "privacy.sample_rate=0.1")
-    result = run_audit(config, tmp_path / "audit", canaries=1000)
-    assert 0.0 <= result["epsilon_lower_bound"] <= result["epsilon_accountant"]
+    result = run_audit(config, tmp_path / "audit", canaries=1000,
+                       kinds=("gradient", "input") if seed == 0 else ("gradient",))
+    for found in result["kinds"]:
+        assert 0.0 <= found["epsilon_lower_bound"] <= result["epsilon_accountant"], found["kind"]
     assert math.isfinite(result["epsilon_accountant"]) and result["mode"] == "sample"
     saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
     for key in ("epsilon_lower_bound", "epsilon_accountant", "delta", "confidence", "canaries",
@@ -100,15 +118,85 @@ def test_with_dp_the_lower_bound_stays_below_the_accountant(tiny_config, tmp_pat
 def test_without_dp_the_white_box_canaries_are_found(tiny_config, tmp_path):
     result = run_audit(tiny_config(*TINY_AUDIT), tmp_path / "audit", canaries=1000)
     assert result["epsilon_accountant"] == math.inf
+    assert [k["kind"] for k in result["kinds"]] == ["gradient", "input"]  # the defaults
+    assert result["kind"] == "gradient"  # the headline at the top level
     assert result["epsilon_lower_bound"] > 1.0 and result["auc"] > 0.7
 
 
+PRIVATE = ("privacy.noise_multiplier=0.7", "privacy.reproducible_noise=false")
+
+
+@pytest.mark.parametrize(("mode", "seed"), [("client", 0), ("client", 1), ("local", 0),
+                                            ("local", 1)])
+def test_canary_clients_and_releases_stay_below_the_accountant(tiny_config, tmp_path, mode,
+                                                               seed):
+    config = tiny_config(*TINY_AUDIT, f"seed={seed}", f"privacy.mode={mode}", *PRIVATE)
+    result = run_audit(config, tmp_path / "audit", canaries=1000)
+    assert result["kind"] == {"client": "client", "local": "release"}[mode]
+    assert 0.0 < result["epsilon_lower_bound"] <= result["epsilon_accountant"] < math.inf
+    # what the mechanism lets through is found: far from chance
+    assert result["auc"] > 0.8
+
+
+def test_without_dp_the_canary_clients_are_found(tiny_config, tmp_path):
+    result = run_audit(tiny_config(*TINY_AUDIT), tmp_path / "audit", canaries=1000,
+                       kinds=["client"])
+    assert result["epsilon_lower_bound"] > 2.0 and result["auc"] > 0.9
+
+
+@pytest.mark.parametrize("bug", ["local mode without its noise", "client mode without its clip"])
+def test_the_audit_catches_a_broken_mechanism(tiny_config, tmp_path, monkeypatch, bug):
+    """What the audit is for: a mechanism that releases more than the accountant charges for
+    gives a lower bound above the accountant's epsilon."""
+    if bug == "local mode without its noise":
+        monkeypatch.setattr("privlora.privacy.local.add_noise",
+                            lambda tensors, *args, **kwargs: dict(tensors))
+        config = tiny_config(*TINY_AUDIT, "privacy.mode=local", "privacy.noise_multiplier=3")
+    else:
+        monkeypatch.setattr("privlora.privacy.central.clip",
+                            lambda tensors, norm: (dict(tensors), 1.0))
+        config = tiny_config(*TINY_AUDIT, "privacy.mode=client", "privacy.noise_multiplier=3")
+    result = run_audit(config, tmp_path / "audit", canaries=1000)
+    assert result["epsilon_lower_bound"] > result["epsilon_accountant"]
+
+
+def test_input_canaries_join_only_site_0_and_only_when_included(tiny_config, tmp_path,
+                                                                monkeypatch):
+    seen: dict[int, set] = {}
+    real = client.local_update
+
+    def spy(handles, start, examples, spec, *args, **kwargs):
+        seen.setdefault(len(seen), set()).update(e.prompt for e in examples)
+        return real(handles, start, examples, spec, *args, **kwargs)
+
+    monkeypatch.setattr(client, "local_update", spy)
+    config = tiny_config(*TINY_AUDIT, "federation.rounds=1")
+    made = {}
+    real_canaries = InputCanaries.__init__
+
+    def keep(self, *args, **kwargs):
+        real_canaries(self, *args, **kwargs)
+        made["input"] = self
+
+    monkeypatch.setattr(InputCanaries, "__init__", keep)
+    result = run_audit(config, tmp_path / "audit", canaries=40, kinds=["input"])
+    canaries = made["input"]
+    inside = {e.prompt for e, x in zip(canaries.examples, canaries.included) if x}
+    outside = {e.prompt for e, x in zip(canaries.examples, canaries.included) if not x}
+    assert inside and outside and inside <= seen[0] and not outside & seen[0]
+    assert not (inside | outside) & seen[1]  # the other site never holds one
+    assert len(canaries.base) == 40 and result["kind"] == "input"
+    assert InputCanaries([], (), [3.0, 1.0]).scores([1.0, 2.0]) == [2.0, -1.0]  # the loss drop
+
+
 def test_the_audit_refuses_what_it_cannot_audit(tiny_config, tmp_path):
-    with pytest.raises(ConfigError, match="has no canaries yet"):
-        run_audit(tiny_config("privacy.mode=local", "privacy.noise_multiplier=1"), tmp_path)
+    with pytest.raises(ConfigError, match="do not apply to privacy.mode = 'local'"):
+        run_audit(tiny_config("privacy.mode=local", "privacy.noise_multiplier=1"), tmp_path,
+                  kinds=["gradient"])
     with pytest.raises(ConfigError, match="at least 10"):
         run_audit(tiny_config(), tmp_path, canaries=3)
-    result = CliRunner().invoke(app, ["audit", "--set", "privacy.mode=local", "--set",
-                                      "privacy.noise_multiplier=1", "--out", str(tmp_path / "a")])
-    assert result.exit_code == 2 and "has no canaries yet" in result.output
+    result = CliRunner().invoke(app, ["audit", "--set", "privacy.mode=client", "--set",
+                                      "privacy.noise_multiplier=1", "--kinds", "input",
+                                      "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "do not apply" in result.output
     assert not Path(tmp_path / "a").exists()

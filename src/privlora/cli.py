@@ -307,7 +307,10 @@ def audit(
     set_: SetOption = [],  # noqa: B006
     out: Annotated[Path, typer.Option(help="Directory for audit.json and audit.png.")] = Path(
         "runs/audit"),
-    canaries: Annotated[int, typer.Option(help="White-box canaries at site 0.")] = 1000,
+    canaries: Annotated[int, typer.Option(help="Canaries of each kind.")] = 1000,
+    kinds: Annotated[str | None, typer.Option(
+        help="Comma-separated canary kinds (gradient, input, client, release); default: every "
+             "kind the privacy mode takes.")] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Train once with canaries; print the empirical epsilon lower bound beside the
@@ -318,14 +321,17 @@ def audit(
         from privlora.progress import RichProgress
 
         with RichProgress(cfg) as progress:
-            result = run_audit(cfg, out, canaries, progress, overwrite)
+            result = run_audit(cfg, out, canaries, progress, overwrite,
+                               kinds.split(",") if kinds else None)
     except _USER_ERRORS as err:
         _fail(err)
-    typer.echo(f"epsilon lower bound {result['epsilon_lower_bound']:.3f} (confidence "
-               f"{result['confidence']}, {result['correct']} of {result['guesses']} guesses "
-               f"right, {result['canaries']} canaries, AUC {result['auc']:.3f}); accountant "
-               f"epsilon {result['epsilon_accountant']:.3f} at delta {result['delta']}; "
-               f"{out / 'audit.json'}")
+    for found in result["kinds"]:
+        typer.echo(f"{found['canary_kind']}: epsilon lower bound "
+                   f"{found['epsilon_lower_bound']:.3f} (confidence {result['confidence']}, "
+                   f"{found['correct']} of {found['guesses']} guesses right, "
+                   f"{found['canaries']} canaries, AUC {found['auc']:.3f})")
+    typer.echo(f"accountant epsilon {result['epsilon_accountant']:.3f} at delta "
+               f"{result['delta']}; {out / 'audit.json'}")
 
 
 @site_app.command("budget")

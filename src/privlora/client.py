@@ -37,7 +37,7 @@ from privlora.lora import (
     write_adapter,
 )
 from privlora.models import compute_threads
-from privlora.privacy.audit import GradientCanaries
+from privlora.privacy.audit import GradientCanaries, ReleaseCanaries
 from privlora.privacy.central import CentralDP
 from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import clip_per_example, seeded_generator, uniform
@@ -71,6 +71,7 @@ class LocalSpec:
     uplink_bits: int = 0  # 8 or 4: stochastic rounding of the update as sent (after any noise)
     label_tokens: tuple[int, ...] = ()  # train.loss = "label": the softmax's tokens; () = answer
     canaries: GradientCanaries | None = None  # privlora audit only: white-box canaries here
+    release_canaries: ReleaseCanaries | None = None  # privlora audit only (local mode)
     threads: int = 1  # train.threads: CPU threads of the round (0 = torch's default)
 
 
@@ -181,6 +182,9 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
     if spec.local_dp is not None:
         delta, finite = spec.local_dp.release(delta, noise_rng)
         log["nonfinite_updates"] = int(not finite)
+        if spec.release_canaries is not None:  # privlora audit: the same mechanism, on canaries
+            local_dp = spec.local_dp
+            spec.release_canaries.observe(lambda update: local_dp.release(update, noise_rng)[0])
     if not spec.send_counts:
         return LocalResult(delta, {}, log)  # under DP only the (noised or clipped) update leaves
     meta = {"num_examples": float(len(examples)), "train_loss": sum(losses) / len(losses)}

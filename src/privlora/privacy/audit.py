@@ -14,9 +14,10 @@ Pure functions over numbers; the canaries and the training run live in ``privlor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from scipy import optimize, special, stats
 
@@ -33,9 +34,11 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
         raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
     q = special.expit(epsilon)
     beta = stats.binom.sf(v - 1, r, q)
-    alpha = 0.0
-    for i in range(1, v + 1):
-        alpha = max(alpha, (stats.binom.sf(v - i - 1, r, q) - beta) / i)
+    if v == 0:
+        return float(min(1.0, beta))
+    # P[v > Binomial(r, q) >= v - i] for i = 1..v: running sums of the pmf below v
+    below = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    alpha = float(np.max(below / np.arange(1, v + 1)))
     return float(min(1.0, beta + alpha * delta * 2 * m))
 
 
@@ -104,6 +107,40 @@ def audit_bound(scores: Sequence[float], included: Sequence[bool], delta: float,
     return best
 
 
+def gaussian_mu(epsilon: float, delta: float) -> float:
+    """Return the mu of the Gaussian mechanism (mu-GDP: shift / noise std) whose privacy curve
+    passes through (epsilon, delta) (Balle & Wang 2018, Thm. 8:
+    delta = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2))."""
+    def gap(mu: float) -> float:
+        return (stats.norm.cdf(-epsilon / mu + mu / 2)
+                - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2) - delta)
+    return float(optimize.brentq(gap, 1e-6, 100.0))
+
+
+def ideal_gaussian_bound(epsilon: float, delta: float, m: int, confidence: float = 0.95,
+                     shares: Sequence[float] = GUESS_SHARES) -> float:
+    """Return the bound ``audit_bound`` would give, in expectation, for a perfect attack on an
+    exact Gaussian mechanism of privacy (epsilon, delta) with ``m`` canaries: included scores
+    N(mu, 1), excluded N(0, 1), the expected share right among the top and bottom guesses.
+
+    A reference, not a measurement: with m canaries the one-run method certifies about this much
+    of an exact Gaussian mechanism at that epsilon (a lucky draw more), far below the epsilon.
+    """
+    if not math.isfinite(epsilon):
+        return math.inf
+    mu = gaussian_mu(epsilon, delta)
+    level = 1.0 - (1.0 - confidence) / len(shares)
+    best = 0.0
+    for share in shares:
+        k = max(1, int(share * m) // 2)  # guesses on each side, as audit_bound makes them
+        # the threshold t above which k of the m / 2 + m / 2 canaries score
+        t = optimize.brentq(lambda x, k=k: m / 2 * (stats.norm.sf(x - mu) + stats.norm.sf(x))
+                            - k, -50.0, 50.0)
+        right = stats.norm.sf(t - mu) / (stats.norm.sf(t - mu) + stats.norm.sf(t))
+        best = max(best, epsilon_lower_bound(m, 2 * k, round(2 * k * right), delta, level))
+    return best
+
+
 def roc_auc(scores: Sequence[float], included: Sequence[bool]) -> float:
     """Return P[score of an included canary > score of an excluded one] (ties count 1/2)."""
     ranks = stats.rankdata(scores)
@@ -113,6 +150,16 @@ def roc_auc(scores: Sequence[float], included: Sequence[bool]) -> float:
         return math.nan
     in_rank_sum = sum(rank for rank, x in zip(ranks, included) if x)
     return float((in_rank_sum - n_in * (n_in + 1) / 2) / (n_in * n_out))
+
+
+def direction_scores(directions: dict[str, torch.Tensor], change: dict[str, torch.Tensor]
+                     ) -> torch.Tensor:
+    """Return each canary's inner product <change, direction_i>: (m,) in float64."""
+    total = torch.zeros(next(iter(directions.values())).shape[0], dtype=torch.float64)
+    for name, d in directions.items():
+        # (m, n) @ (n,) -> (m,)
+        total += d.flatten(1).double() @ change[name].flatten().double()
+    return total
 
 
 @dataclass(frozen=True)
@@ -134,11 +181,56 @@ class GradientCanaries:
         """Return each canary's score: minus the inner product of ``change`` (the final adapter
         minus the initial one, in the trained tensors) with its direction. Minus, because
         training steps against the gradient: an included canary pulls the adapter along -u."""
-        total = torch.zeros(len(self.included), dtype=torch.float64)
-        for name, d in self.directions.items():
-            # (m, n) @ (n,) -> (m,)
-            total -= d.flatten(1).double() @ change[name].flatten().double()
-        return total.tolist()
+        return (-direction_scores(self.directions, change)).tolist()
+
+
+@dataclass(frozen=True)
+class ClientCanaries:
+    """Canary clients (client mode): canary i is a client whose update is always the fixed
+    direction ``directions[name][i]``, of joint norm above the clip, so that the server's clip is
+    on the path (a working clip cuts it to the sensitivity; a missing one would show as a bound
+    above the accountant's). The included ones are sampled like the real clients each round."""
+
+    directions: dict[str, torch.Tensor]  # wire name -> (m, *shape)
+    included: tuple[bool, ...]
+
+    def updates(self, chosen: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Return the updates of the canary clients ``chosen``."""
+        return [{name: d[i] for name, d in self.directions.items()} for i in chosen]
+
+    def scores(self, change: dict[str, torch.Tensor]) -> list[float]:
+        """Return <change, direction_i>: an included canary client pushes the adapter along it."""
+        return direction_scores(self.directions, change).tolist()
+
+
+@dataclass
+class ReleaseCanaries:
+    """Canary releases at one site (local mode, where the server sees each release): each round
+    the site's own release mechanism (its joint clip and its noise) is also applied to every
+    canary's update, +u_i if canary i is included and -u_i if not (``directions`` of joint norm
+    above the clip, so that the clipped pair is the sensitivity's worst case, 2 x clip apart),
+    and the auditor adds up <release, u_i> over the rounds, as an untrusted server could."""
+
+    directions: dict[str, torch.Tensor]  # wire name -> (m, *shape)
+    included: tuple[bool, ...]
+    totals: torch.Tensor = None  # type: ignore[assignment]  # (m,) float64, filled by observe
+
+    def __post_init__(self) -> None:
+        if self.totals is None:
+            self.totals = torch.zeros(len(self.included), dtype=torch.float64)
+
+    def observe(self, release: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+                ) -> None:
+        """Release every canary's update once through ``release`` and score what came out."""
+        for i, inside in enumerate(self.included):
+            sign = 1.0 if inside else -1.0
+            out = release({name: sign * d[i] for name, d in self.directions.items()})
+            self.totals[i] += sum(float(torch.dot(out[name].flatten().double(),
+                                                  d[i].flatten().double()))
+                                  for name, d in self.directions.items())
+
+    def scores(self) -> list[float]:
+        return self.totals.tolist()
 
 
 def random_directions(shapes: dict[str, torch.Size], m: int, norm: float,
