@@ -305,6 +305,8 @@ def run_local(config: RunConfig, out: Path, overwrite: bool = False, secure: boo
     ``config``: the sites' data is split from it).
     """
     out = out.resolve()
+    # an overwritten run's files stay until the ServerApp clears them: not this run's rows
+    since = None if resume else time.time()
     if not resume:
         check_target(out, overwrite)
     work = Path(tempfile.mkdtemp(prefix="privlora-flower-"))
@@ -323,7 +325,7 @@ def run_local(config: RunConfig, out: Path, overwrite: bool = False, secure: boo
         if on_start:
             on_start(federation)
         run_id = federation.submit(app or app_dir(), work / "run.toml", out, overwrite, resume)
-        status = _follow(federation, run_id, out, on_round, poll)
+        status = _follow(federation, run_id, out, on_round, poll, since)
         log = federation.server_log(run_id)
         if status != "finished:completed":
             raise DeploymentFailed(_failure(log, status))
@@ -350,8 +352,10 @@ def _write_bundle(config: RunConfig, folder: Path, sites: list[dict]) -> None:
 
 
 def _follow(federation: LocalFederation, run_id: int, out: Path,
-            on_round: Callable[[dict], None] | None, poll: float) -> str:
-    """Wait for the run to finish, passing each new metrics line to ``on_round``.
+            on_round: Callable[[dict], None] | None, poll: float,
+            since: float | None = None) -> str:
+    """Wait for the run to finish, passing each new metrics line to ``on_round`` (files last
+    written before ``since`` are an overwritten run's, not yet cleared: skipped).
 
     The run directory is read every ``poll`` seconds (cheap); the run's status is asked of the
     SuperLink every STATUS_EVERY seconds and once summary.json appears. Why not every poll: each
@@ -359,15 +363,19 @@ def _follow(federation: LocalFederation, run_id: int, out: Path,
     sites' training on a 2-core machine.
     """
     seen, asked = 0, 0.0
+
+    def ours(path: Path) -> bool:
+        return path.exists() and (since is None or path.stat().st_mtime >= since)
+
     while True:
         metrics = out / "metrics.jsonl"
         # complete lines only: the server may be writing the last one
-        lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+        lines = metrics.read_text().split("\n")[:-1] if ours(metrics) else []
         for line in lines[seen:]:
             if on_round:
                 on_round(json.loads(line))
         seen = len(lines)
-        if (out / "summary.json").exists() or time.time() - asked > STATUS_EVERY:
+        if ours(out / "summary.json") or time.time() - asked > STATUS_EVERY:
             asked = time.time()
             status = federation.status(run_id)
             if status.startswith("finished"):
