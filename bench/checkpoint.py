@@ -31,7 +31,7 @@ def adapters() -> dict[str, dict]:
     found = {}
     for name, config in {"demo (v_proj, r=2)": load_config(ROOT / "configs" / "demo.toml"),
                          "default (q_proj+v_proj, r=8)": load_config(None)}.items():
-        handles = attach(model, lora_spec_of(config.lora), seed=0)
+        handles = attach(model, lora_spec_of(config.lora, model), seed=0)
         found[name] = flatten(read_adapter(handles))
         handles.model.unload()  # the next spec wraps the bare model again
     return found

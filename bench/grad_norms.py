@@ -32,8 +32,8 @@ def main() -> None:
     train, _ = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
     tokenizer = models.load_tokenizer(config.model.name)
     examples = data.tokenize(train[: args.batch], task, tokenizer, config.data.max_length)
-    handles = attach(models.load_model(config.model.name, config.model.dtype),
-                     spec_of(config.lora), seed=config.seed)
+    model = models.load_model(config.model.name, config.model.dtype)
+    handles = attach(model, spec_of(config.lora, model), seed=config.seed)
     train_a = build_rule(config).trains_a
     set_trainable(handles, train_a=train_a)
     handles.model.train()

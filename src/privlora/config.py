@@ -38,7 +38,9 @@ class LoraSection:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # () = the model family's default (privlora.architectures): query + value projections, or
+    # the fused query-key-value one (Phi-3 qkv_proj, GPT-2 c_attn, GPT-NeoX query_key_value)
+    target_modules: tuple[str, ...] = ()
     client_ranks: tuple[int, ...] = ()  # heterogeneous ranks, cycled over client ids; () = all `rank`
     # adapt only the last k decoder layers (0 = every layer): backward stops below the lowest
     # adapted layer, so a step costs less, and fewer coordinates are released under DP
@@ -303,7 +305,6 @@ def validate(c: RunConfig) -> None:
     _require(c.lora.rank >= 1, f"lora.rank = {c.lora.rank} must be >= 1")
     _require(c.lora.alpha > 0, f"lora.alpha = {c.lora.alpha} must be > 0")
     _require(0 <= c.lora.dropout < 1, f"lora.dropout = {c.lora.dropout} must be in [0, 1)")
-    _require(bool(c.lora.target_modules), "lora.target_modules is empty; name at least one module")
     _require(all(c.lora.target_modules),
              f"lora.target_modules = {list(c.lora.target_modules)} names an empty module; "
              "remove the empty string")

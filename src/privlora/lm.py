@@ -18,8 +18,9 @@ import_peft_without_bitsandbytes()  # whichever module imports PEFT first
 from peft import PeftModel
 from transformers import PreTrainedModel
 
+from privlora.architectures import finish_logits
 from privlora.data import Batch
-from privlora.errors import DataError
+from privlora.errors import ConfigError, DataError
 
 
 def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
@@ -48,13 +49,46 @@ def hidden_states(model: PreTrainedModel | PeftModel, input_ids: torch.Tensor,
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
 
 
+def head_logits(model: PreTrainedModel | PeftModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head, and what the family does after it, to hidden states: (N, H) -> (N, V)."""
+    causal = causal_lm(model)
+    return finish_logits(causal.config, causal.get_output_embeddings()(hidden))  # (N,H)@(H,V)
+
+
 def answer_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
     """Return float32 logits at the positions marked by ``batch.target_mask``: (N, V)."""
     with autocast_for(model):
         hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
-        head = causal_lm(model).get_output_embeddings()
-        logits = head(hidden[batch.target_mask])  # (N, H) @ (H, V) -> (N, V)
+        logits = head_logits(model, hidden[batch.target_mask])
     return logits.float()
+
+
+@torch.no_grad()
+def check_answer_path(model: PreTrainedModel, name: str) -> None:
+    """Refuse a model whose own logits this module's decoder-then-head path does not reproduce
+    (a family with an unknown step after its head), naming its model_type.
+
+    Why: training and evaluation use that path; a mismatch would train one function and
+    release an adapter for another. One forward of 8 tokens.
+    """
+    weight = model.get_input_embeddings().weight
+    ids = torch.arange(1, 9, device=weight.device)[None, :] % weight.shape[0]  # (1, 8)
+    mask = torch.ones_like(ids)
+    kind = model.config.model_type
+    try:
+        with autocast_for(model):
+            theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            ours = head_logits(model, hidden_states(model, ids, mask)).float()
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ConfigError(f"model.name = {name!r} ({kind!r}): privlora cannot run its decoder "
+                          f"and head apart ({type(err).__name__}: {str(err)[:120]})") from None
+    # float32 agrees to rounding; bf16 and fp16 to about a step of the largest logit
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    gap = float((ours - theirs).abs().max())
+    if not gap <= tolerance * max(1.0, float(theirs.abs().max())):
+        raise ConfigError(f"model.name = {name!r} ({kind!r}): its logits differ from its decoder "
+                          f"and LM head's by {gap:.3g}, a step after the head privlora does not "
+                          "know (architectures.finish_logits); this family is not supported yet")
 
 
 def per_example_loss(model: PreTrainedModel | PeftModel, batch: Batch,
@@ -91,6 +125,7 @@ def label_loss(model: PreTrainedModel | PeftModel, batch: Batch,
         rows = hidden[batch.target_mask][first]  # (B, H) at each first answer position
         logits = F.linear(rows, head.weight[columns],
                           None if head.bias is None else head.bias[columns])
+        logits = finish_logits(causal_lm(model).config, logits)  # elementwise: any columns
     return F.cross_entropy(logits.float(), hit.float().argmax(dim=1), reduction="none")
 
 

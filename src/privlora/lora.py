@@ -6,6 +6,7 @@ A (r, in) and B (out, r) so that the weight update is ``scale * B @ A`` with sca
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from privlora.architectures import default_targets
 from privlora.config import LoraSection
 from privlora.errors import ConfigError
 
 ADAPTER_NAME = "default"
+log = logging.getLogger(__name__)
 _SUFFIX = {"A": ".lora_A", "B": ".lora_B"}
 
 
@@ -42,10 +45,24 @@ class LoraSpec:
         return self.alpha / self.rank
 
 
-def spec_of(section: LoraSection) -> LoraSpec:
-    """Return the LoRA hyper-parameters of a validated ``[lora]`` config section."""
-    return LoraSpec(section.rank, section.alpha, section.dropout, tuple(section.target_modules),
-                    section.last_layers)
+def spec_of(section: LoraSection, model: PreTrainedModel) -> LoraSpec:
+    """Return the LoRA hyper-parameters of a validated ``[lora]`` section for ``model``.
+
+    An empty ``target_modules`` means the model family's default
+    (``architectures.default_targets`` of its ``model_type``): a pure function of the config
+    and the model, so the server and every site derive the same modules.
+    """
+    targets = tuple(section.target_modules)
+    if not targets:
+        kind = model.config.model_type
+        targets = default_targets(kind)
+        if not targets:
+            raise ConfigError(
+                f"lora.target_modules is empty and privlora knows no default for model_type "
+                f"{kind!r}; name them, e.g. lora.target_modules = ['q_proj', 'v_proj'] (its "
+                f"Linear modules are {_linear_leaves(model)})")
+        log.info("lora.target_modules: %s's default %s", kind, list(targets))
+    return LoraSpec(section.rank, section.alpha, section.dropout, targets, section.last_layers)
 
 
 @dataclass(frozen=True)
@@ -69,13 +86,16 @@ class LoraHandles:
 
 def attach(model: PreTrainedModel, spec: LoraSpec, seed: int) -> LoraHandles:
     """Wrap ``model`` with fresh LoRA factors (A seeded, B zero); only LoRA tensors train."""
-    _check_targets(model, spec.target_modules)
+    adapted = _adapted_modules(model, spec.target_modules)
     config = LoraConfig(
         layers_to_transform=_last_layers(model, spec.last_layers),
         r=spec.rank,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=list(spec.target_modules),
+        # Why: a Conv1D (GPT-2's c_attn) stores its weight as (in, out); told so, PEFT saves it
+        # in the adapter config instead of changing the setting itself with a warning
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in adapted),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -109,20 +129,32 @@ def _last_layers(model: PreTrainedModel, k: int) -> list[int] | None:
     return list(range(total - k, total))
 
 
-def _check_targets(model: PreTrainedModel, targets: tuple[str, ...]) -> None:
-    """Refuse target names that match no Linear (or GPT-2 Conv1D) layer, naming those it has.
+def _adapted_modules(model: PreTrainedModel, targets: tuple[str, ...]) -> list[torch.nn.Module]:
+    """Return the Linear (or GPT-2 Conv1D) layers that ``targets`` name; refuse a name that
+    matches none, naming those the model has.
 
     A name matches as PEFT matches list entries: the module's full path, or its end after a dot.
     """
-    paths = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear | Conv1D)]
-    unknown = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
+    linears = _linears(model)
+    unknown = [t for t in targets if not any(p == t or p.endswith("." + t) for p in linears)]
     if unknown:
-        leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
         raise ConfigError(
             f"lora.target_modules has {unknown}, which this model does not have; its Linear "
-            f"modules are {leaves}; e.g. lora.target_modules = ['q_proj', 'v_proj']"
+            f"modules are {_linear_leaves(model)}; e.g. lora.target_modules = ['q_proj', "
+            "'v_proj'], or [] for the model family's default"
         )
+    return [m for p, m in linears.items() if any(p == t or p.endswith("." + t) for t in targets)]
+
+
+def _linears(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """Return the Linear (and GPT-2 Conv1D) modules LoRA can adapt, by path."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear | Conv1D)}
+
+
+def _linear_leaves(model: PreTrainedModel) -> list[str]:
+    """Return the distinct last names of those modules, sorted."""
+    return sorted({p.rsplit(".", 1)[-1] for p in _linears(model)})
 
 
 def lora_linears(handles: LoraHandles) -> dict[str, tuple[torch.nn.Linear, torch.nn.Linear]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -25,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from privlora.architectures import check_causal_lm
 from privlora.errors import ConfigError
 
 BUILTIN = "builtin"
@@ -103,18 +105,24 @@ def resolve_device(name: str) -> torch.device:
 def load_model(name: str = BUILTIN, dtype: str = "auto", device: str = "cpu") -> PreTrainedModel:
     """Load a causal LM by name: 'builtin', 'tiny-random', a .gguf path, an HF dir or a hub id.
 
-    ``dtype`` "auto" is bfloat16 on a GPU or a CPU with native bf16, else float32.
+    ``dtype`` "auto" is bfloat16 on a GPU or a CPU with native bf16, else float32. A model that
+    is not a decoder-only causal LM (BERT, T5, ...) is a ConfigError naming its model_type.
     """
     where = resolve_device(device)
     attention = attention_for(where)
     if name == TINY_RANDOM:
         model = tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN)), attention=attention)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, local_source(name), name,
+        source = local_source(name)
+        check_causal_lm(_from_pretrained(AutoConfig, source, name), name)
+        model = _from_pretrained(AutoModelForCausalLM, source, name,
                                  dtype=torch.float32, attn_implementation=attention)
     model = model.to(device=where, dtype=torch_dtype(train_dtype(dtype, where)))
     model.requires_grad_(False)
     model.eval()
+    from privlora.lm import check_answer_path  # imports PEFT: only once a model is loaded
+
+    check_answer_path(model, name)
     return model
 
 

@@ -119,9 +119,9 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     if q.base != "none":
         client_model, bundle = distribute(model, tokenizer, q.base, config.model.name,
                                           config.model.dtype, config.model.device)
-    central = attach(model, lora_spec_of(config.lora), seed=config.seed)
-    handles = central if bundle is None else attach(client_model, lora_spec_of(config.lora),
-                                                    seed=config.seed)
+    spec = lora_spec_of(config.lora, model)  # resolved once: the central and clients' models
+    central = attach(model, spec, seed=config.seed)
+    handles = central if bundle is None else attach(client_model, spec, seed=config.seed)
     ranks = tuple(client.rank_of(config, cid) for cid in range(config.federation.num_clients))
     eval_examples = data.tokenize(eval_rows, task, tokenizer, config.data.max_length)
     signal = predicted_signal(plan, released_coordinates(read_adapter(handles), rule.trains_a),

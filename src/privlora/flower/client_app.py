@@ -123,7 +123,7 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     check_site(config, len(rows))
     tokenizer = load_tokenizer(config.model.name)
     model = _base_model(config, node.get("bundle", ""), bundle_digest)
-    handles = attach(model, lora_spec_of(config.lora), seed=config.seed)
+    handles = attach(model, lora_spec_of(config.lora, model), seed=config.seed)
     rank = int(node.get("rank", 0)) or client.rank_of(config, cid)
     spec = client.spec_for(config, build_rule(config), plan, rank,
                            training_label_tokens(task, tokenizer, config.train.loss))

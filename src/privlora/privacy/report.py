@@ -10,8 +10,9 @@ import dataclasses
 from pathlib import Path
 
 from privlora import data
+from privlora.architectures import check_causal_lm
 from privlora.config import load_config
-from privlora.lora import Adapter, attach, read_adapter, released_coordinates, spec_of
+from privlora.lora import Adapter, LoraSpec, attach, read_adapter, released_coordinates, spec_of
 from privlora.privacy import accounting
 from privlora.privacy.plan import (
     lacks_sample_rate,
@@ -42,7 +43,8 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
     plan = make_plan(config, sizes)
     model = _skeleton(config)
     shapes = {name: tuple(w.shape) for name, w in model_weights(model).items()}  # before LoRA
-    adapter = read_adapter(attach(model, spec_of(config.lora), config.seed))
+    spec = spec_of(config.lora, model)
+    adapter = read_adapter(attach(model, spec, config.seed))
     wire = wire_costs(config, shapes, adapter)
     report = plan.to_dict()
     if report is None:
@@ -65,7 +67,7 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
     report["noise_to_signal"] = signal_dict(signal)
     lines += _signal_lines(plan, signal)
     if plan.release_mechanism() is not None:  # DP-FedLoRA: clients noise their own factors
-        report["variance"] = v = _local_variance(config, adapter, plan.noise_std)
+        report["variance"] = v = _local_variance(config, spec, adapter, plan.noise_std)
         lines.append(
             "local-DP noise in the aggregated update (per round, at initialisation): "
             f"E||noise||_F^2 = {v['expected_sq_frobenius']:.4g} (cross term beta*alpha "
@@ -152,6 +154,7 @@ def _skeleton(config):
         model = models.tiny_random_llama(len(models.load_tokenizer(name)))
     else:
         hf_config = AutoConfig.from_pretrained(models.local_source(name))
+        check_causal_lm(hf_config, name)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
         model = model.to_empty(device="cpu")
@@ -159,11 +162,11 @@ def _skeleton(config):
     return model
 
 
-def _local_variance(config, adapter: Adapter, noise_std: float) -> dict:
+def _local_variance(config, spec: LoraSpec, adapter: Adapter, noise_std: float) -> dict:
     """Variance report from the real layer shapes."""
     from dataclasses import asdict
 
-    spec, rule = spec_of(config.lora), build_rule(config)
+    rule = build_rule(config)
     # At initialisation B = 0, so the B-alpha term is 0; later rounds use the trained factors.
     rows = local_noise_variance(adapter, noise_std, config.federation.per_round, spec.scale,
                                 noise_a=rule.trains_a,

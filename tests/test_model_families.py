@@ -1,0 +1,251 @@
+"""Bring your own model: tiny random decoders of each common family, saved as HF directories.
+
+For every family: the default LoRA targets exist, one private round (sample mode) runs and
+saves a finite adapter that stock ``PeftModel.from_pretrained`` reloads to the same logits,
+and the per-example gradients equal a brute-force loop of one backward per example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BertConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    T5Config,
+)
+
+from privlora import lm
+from privlora.architectures import DEFAULT_TARGETS, default_targets
+from privlora.config import LoraSection, load_config
+from privlora.data import Example, collate
+from privlora.errors import ConfigError
+from privlora.lora import attach, lora_linears, set_trainable, spec_of, unflatten, write_adapter
+from privlora.models import load_model
+from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
+from privlora.privacy.per_example import PerExampleGrads
+from privlora.run_dir import last_checkpoint
+from privlora.server import run
+
+# Shared by every family: 2 layers, 4 heads (2 key-value heads where the family has them),
+# the built-in tokenizer's vocabulary and token ids
+LAYERS, HEADS, HIDDEN, FFN = 2, 4, 32, 64
+IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+GQA = {"hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+       "num_attention_heads": HEADS, "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+FAMILIES: dict[str, Callable[[int], PretrainedConfig]] = {
+    "llama": lambda vocab: LlamaConfig(vocab_size=vocab, **GQA, **IDS),
+    "qwen2": lambda vocab: Qwen2Config(vocab_size=vocab, **GQA, **IDS),
+    "mistral": lambda vocab: MistralConfig(vocab_size=vocab, **GQA, **IDS),
+    "gemma": lambda vocab: GemmaConfig(vocab_size=vocab, head_dim=HIDDEN // HEADS, **GQA, **IDS),
+    "phi3": lambda vocab: Phi3Config(vocab_size=vocab, **GQA, **IDS),
+    "gpt2": lambda vocab: GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=LAYERS,
+                                     n_head=HEADS, n_positions=512, **IDS),
+    "gpt_neox": lambda vocab: GPTNeoXConfig(vocab_size=vocab, hidden_size=HIDDEN,
+                                            intermediate_size=FFN, num_hidden_layers=LAYERS,
+                                            num_attention_heads=HEADS,
+                                            max_position_embeddings=512, **IDS),
+}
+
+# Families checked in memory only (targets, and the answer-only forward against their own):
+# each with a step after its LM head, or a module layout of its own
+SIDE = {**IDS, "vocab_size": 256}
+MORE_FAMILIES: dict[str, PretrainedConfig] = {
+    "gemma2": AutoConfig.for_model("gemma2", head_dim=8, final_logit_softcapping=0.5, **GQA,
+                                   **SIDE),
+    "cohere": AutoConfig.for_model("cohere", logit_scale=0.0625, **GQA, **SIDE),
+    "granite": AutoConfig.for_model("granite", logits_scaling=4.0, **GQA, **SIDE),
+    "qwen3": AutoConfig.for_model("qwen3", head_dim=8, **GQA, **SIDE),
+    "phi": AutoConfig.for_model("phi", **GQA, **SIDE),
+    "mixtral": AutoConfig.for_model("mixtral", num_local_experts=2, num_experts_per_tok=1,
+                                    **GQA, **SIDE),
+    "opt": AutoConfig.for_model("opt", hidden_size=HIDDEN, ffn_dim=FFN, word_embed_proj_dim=HIDDEN,
+                                num_hidden_layers=LAYERS, num_attention_heads=HEADS, **SIDE),
+    "falcon": AutoConfig.for_model("falcon", hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                   num_attention_heads=HEADS, **SIDE),
+    "bloom": AutoConfig.for_model("bloom", hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                  **SIDE),
+    "gptj": AutoConfig.for_model("gptj", n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                 rotary_dim=4, **SIDE),
+    "gpt_bigcode": AutoConfig.for_model("gpt_bigcode", n_embd=HIDDEN, n_layer=LAYERS,
+                                        n_head=HEADS, **SIDE),
+}
+
+# A private run small enough for seconds: 2 clients, 1 round of 2 DP-SGD steps
+PRIVATE_ROUND = ("model.dtype=float32", "model.device=cpu", "data.builtin_examples=40",
+                 "data.max_eval=4", "data.max_length=48", "federation.num_clients=2",
+                 "federation.rounds=1", "train.local_steps=2", "train.threads=1",
+                 "lora.rank=2", "privacy.mode=sample", "privacy.noise_multiplier=1.0",
+                 "privacy.sample_rate=0.2")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
+    """Return a builder: family -> an HF directory of a tiny random model and the built-in
+    tokenizer (saved once per family)."""
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(FAMILIES[family](len(tokenizer)))
+            path = tmp_path_factory.mktemp(family)
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            built[family] = path
+        return built[family]
+
+    return build
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_targets_resolve_to_the_familys_attention(family, model_dir):
+    model = load_model(str(model_dir(family)), "float32", "cpu")
+    assert model.config.model_type == family
+    spec = spec_of(LoraSection(), model)
+    assert spec.target_modules == DEFAULT_TARGETS[family]
+    handles = attach(model, spec, seed=0)
+    assert len(handles.layers) == LAYERS * len(spec.target_modules)
+    # an explicit choice always wins over the family's default
+    assert spec_of(LoraSection(target_modules=("custom",)), model).target_modules == ("custom",)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_private_round_saves_an_adapter_stock_peft_reloads(family, model_dir, tmp_path):
+    name = str(model_dir(family))
+    config = load_config(None, [f"model.name={name}", *PRIVATE_ROUND])
+    summary = run(config, tmp_path / "run")
+    assert 0 < summary["privacy"]["epsilon_spent_pld"] < math.inf
+    adapter = unflatten(last_checkpoint(tmp_path / "run").tensors)
+    assert all(torch.isfinite(f.A).all() and torch.isfinite(f.B).all() for f in adapter.values())
+    assert any(f.B.abs().sum() > 0 for f in adapter.values())  # it trained (noise included)
+
+    model = load_model(name, "float32", "cpu")
+    ours = attach(model, spec_of(config.lora, model), seed=0)
+    write_adapter(ours, adapter)
+    stock = PeftModel.from_pretrained(load_model(name, "float32", "cpu"),
+                                      str(tmp_path / "run" / "adapter"))
+    examples = [Example(tuple(range(5, 5 + n)), (7, 8, 2), None) for n in (9, 4)]
+    batch = collate(examples, pad_id=2)
+    with torch.no_grad():
+        full = stock(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        mine = ours.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        answer = lm.answer_logits(ours.model, batch)  # the training path: decoder, then head
+    torch.testing.assert_close(mine, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(answer, full[batch.target_mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_example_grads_match_a_loop_over_examples(family, model_dir):
+    model = load_model(str(model_dir(family)), "float32", "cpu")
+    handles = attach(model, spec_of(LoraSection(rank=4, alpha=8.0), model), seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # with B = 0 (PEFT's init) the gradient of A would be zero
+        for _, lora_b in lora_linears(handles).values():
+            lora_b.weight.copy_(torch.randn(lora_b.weight.shape, generator=g) * 0.5)
+    named = {f"{layer}.{suffix}": linear.weight
+             for layer, pair in lora_linears(handles).items()
+             for suffix, linear in zip(("lora_A", "lora_B"), pair)}
+    set_trainable(handles, train_a=True)
+    vocab = model.config.vocab_size
+    examples = [Example(tuple(torch.randint(3, vocab, (n,), generator=g).tolist()),
+                        tuple(torch.randint(3, vocab, (a,), generator=g).tolist()), None)
+                for n, a in ((9, 2), (4, 3), (13, 1), (6, 2))]  # lengths differ: padding
+
+    expected = {name: [] for name in named}
+    for example in examples:  # brute force: one backward per example, unbatched
+        for p in named.values():
+            p.grad = None
+        lm.per_example_loss(handles.model, collate([example], pad_id=2)).sum().backward()
+        for name, p in named.items():
+            expected[name].append(p.grad.detach().clone())
+    expected = {name: torch.stack(grads) for name, grads in sorted(expected.items())}
+    for p in named.values():
+        p.grad = None
+
+    with PerExampleGrads(handles, train_a=True) as tracker:
+        lm.per_example_loss(handles.model, collate(examples, pad_id=2)).sum().backward()
+        grads = tracker.collect()
+    assert list(grads) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6)
+    assert all(torch.count_nonzero(grad) > 0 for grad in grads.values())
+
+    clip = 0.5 * min(joint_l2_norm({k: v[b] for k, v in expected.items()})
+                     for b in range(len(examples)))
+    summed, _ = clip_per_example(grads, clip)
+    for name, value in expected.items():
+        norms = [joint_l2_norm({k: v[b] for k, v in expected.items()})
+                 for b in range(len(examples))]
+        reference = sum(value[b] * min(1.0, clip / norms[b]) for b in range(len(examples)))
+        torch.testing.assert_close(summed[name], reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_get_their_targets_and_our_forward_equals_theirs(family):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MORE_FAMILIES[family]).eval()
+    assert model.config.model_type == family
+    handles = attach(model, spec_of(LoraSection(), model), seed=0)
+    assert {name.rsplit(".", 1)[-1] for name in handles.layers} == set(DEFAULT_TARGETS[family])
+    with torch.no_grad():  # B != 0, so the LoRA path counts in the comparison
+        for _, lora_b in lora_linears(handles).values():
+            lora_b.weight.normal_()
+    lm.check_answer_path(handles.model, family)  # raises where the two differ
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_a_family_with_an_unknown_step_after_its_head_is_refused(family, monkeypatch):
+    model = AutoModelForCausalLM.from_config(MORE_FAMILIES[family]).eval()
+    monkeypatch.setattr(lm, "finish_logits", lambda config, logits: logits)  # as if unknown
+    with pytest.raises(ConfigError, match=f"'{family}'.*not supported"):
+        lm.check_answer_path(model, f"some/{family}")
+
+
+def test_every_listed_default_names_modules_its_family_has():
+    """Each entry of the table, on its family's default architecture (1 layer, no weights)."""
+    for family, targets in DEFAULT_TARGETS.items():
+        config = AutoConfig.for_model(family)
+        config.num_hidden_layers = 1  # after validation: GPT-Neo checks its per-layer list
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        assert set(targets) <= leaves, f"{family}: {targets} not in {sorted(leaves)}"
+    assert default_targets("mpt") == ("Wqkv",)
+    assert default_targets("no-such-family") == ()
+
+
+@pytest.mark.parametrize("config, words", [
+    (BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32), ["'bert'", "encoder (masked LM)"]),
+    (T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2),
+     ["'t5'", "encoder-decoder"]),
+])
+def test_a_model_that_is_not_a_decoder_only_causal_lm_is_refused(config, words, tmp_path):
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_model(str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_a_family_with_no_known_default_must_name_its_targets(tiny_model, monkeypatch):
+    monkeypatch.setattr(tiny_model.config, "model_type", "no-such-family")
+    with pytest.raises(ConfigError, match="no default for model_type 'no-such-family'.*q_proj"):
+        spec_of(LoraSection(), tiny_model)
+    assert spec_of(LoraSection(target_modules=("v_proj",)), tiny_model).target_modules == ("v_proj",)
