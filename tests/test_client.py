@@ -205,3 +205,29 @@ def test_sgd_momentum_is_heavy_ball_from_the_config(tiny_config):
         w.grad = g.clone()
         optimizer.step()
     torch.testing.assert_close(w.detach(), -0.5 * (g + 1.9 * g))
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_gradient_checkpointing_gives_the_same_round(tiny_config, private):
+    extra = (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.sample_rate=0.5",
+              "privacy.reproducible_noise=true"] if private else [])
+    sim = prepare(tiny_config("train.local_steps=3", *extra))
+    site = sim.sites[0]
+    deltas = []
+    for setting in ("off", "on"):
+        spec = dataclasses.replace(site.spec, gradient_checkpointing=setting)
+        deltas.append(client.local_update(
+            sim.handles, sim.init, site.examples, spec, seeded_generator(0, "b"),
+            seeded_generator(0, "n"), sim.tokenizer.pad_token_id).delta)
+    assert not sim.handles.model.get_base_model().is_gradient_checkpointing  # off again
+    for name in deltas[0]:
+        torch.testing.assert_close(deltas[1][name], deltas[0][name], rtol=1e-4, atol=1e-6)
+    assert any(bool(t.abs().sum() > 0) for t in deltas[0].values())
+
+
+def test_auto_checkpoints_big_models_only(tiny_model):
+    from privlora.models import CHECKPOINT_ABOVE, wants_checkpointing
+
+    assert sum(p.numel() for p in tiny_model.parameters()) < CHECKPOINT_ABOVE
+    assert not wants_checkpointing("auto", tiny_model)
+    assert wants_checkpointing("on", tiny_model) and not wants_checkpointing("off", tiny_model)

@@ -34,8 +34,9 @@ from privlora.architectures import DEFAULT_TARGETS, default_targets
 from privlora.config import LoraSection, load_config
 from privlora.data import Example, collate
 from privlora.errors import ConfigError
+from privlora.lm import causal_lm
 from privlora.lora import attach, lora_linears, set_trainable, spec_of, unflatten, write_adapter
-from privlora.models import load_model
+from privlora.models import gradient_checkpointing, load_model
 from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.run_dir import last_checkpoint
@@ -150,8 +151,11 @@ def test_private_round_saves_an_adapter_stock_peft_reloads(family, model_dir, tm
     torch.testing.assert_close(answer, full[batch.target_mask], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_per_example_grads_match_a_loop_over_examples(family, model_dir):
+def test_per_example_grads_match_a_loop_over_examples(family, model_dir, checkpointing):
+    """And with train.gradient_checkpointing: the recomputed forward changes no gradient, and
+    the per-example hooks count each LoRA use once."""
     model = load_model(str(model_dir(family)), "float32", "cpu")
     handles = attach(model, spec_of(LoraSection(rank=4, alpha=8.0), model), seed=0)
     g = torch.Generator().manual_seed(5)
@@ -178,9 +182,15 @@ def test_per_example_grads_match_a_loop_over_examples(family, model_dir):
     for p in named.values():
         p.grad = None
 
-    with PerExampleGrads(handles, train_a=True) as tracker:
+    for module in handles.model.modules():  # GPT-2's dropouts: the loop above ran in eval mode
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    handles.model.train(checkpointing)  # transformers checkpoints in training mode only
+    with PerExampleGrads(handles, train_a=True) as tracker, \
+            gradient_checkpointing(handles.model, checkpointing):
         lm.per_example_loss(handles.model, collate(examples, pad_id=2)).sum().backward()
         grads = tracker.collect()
+    assert not causal_lm(handles.model).is_gradient_checkpointing  # switched off again
     assert list(grads) == list(expected)
     for name in expected:
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6)

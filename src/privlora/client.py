@@ -36,7 +36,7 @@ from privlora.lora import (
     trained_parameters,
     write_adapter,
 )
-from privlora.models import compute_threads
+from privlora.models import compute_threads, gradient_checkpointing, wants_checkpointing
 from privlora.privacy.audit import GradientCanaries, ReleaseCanaries
 from privlora.privacy.central import CentralDP
 from privlora.privacy.local import LocalDP, SampleDP
@@ -73,6 +73,7 @@ class LocalSpec:
     canaries: GradientCanaries | None = None  # privlora audit only: white-box canaries here
     release_canaries: ReleaseCanaries | None = None  # privlora audit only (local mode)
     threads: int = 1  # train.threads: CPU threads of the round (0 = torch's default)
+    gradient_checkpointing: str = "off"  # train.gradient_checkpointing: "auto", "on" or "off"
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None,
                      local_dp=plan.release_mechanism(), server_dp=plan.central_mechanism(),
                      send_counts=not plan.private,
                      microbatch=t.microbatch, uplink_bits=config.quantization.uplink_bits,
-                     label_tokens=label_tokens, threads=t.threads)
+                     label_tokens=label_tokens, threads=t.threads,
+                     gradient_checkpointing=t.gradient_checkpointing)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
@@ -164,7 +166,9 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
     # Why: LoRA dropout draws from the global RNG; seed it from this client's stream so that
     # runs stay bit-identical, without disturbing the caller's global RNG state.
     device = device_of(handles.model)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    checkpointing = wants_checkpointing(spec.gradient_checkpointing, handles.model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            gradient_checkpointing(handles.model, checkpointing):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=batch_rng)))
         for _ in range(spec.steps):
             step = gradient_step(handles, examples, spec, named, batch_rng, noise_rng, pad_id)

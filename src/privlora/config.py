@@ -115,6 +115,11 @@ class TrainConfig:
     # the fast default, with which the runtimes agree only to float rounding, which training
     # amplifies (0.018 on SmolLM2 in bf16 after 3 rounds, 1 thread per site against 2)
     threads: int = 0
+    # Recompute each decoder layer's activations in the backward instead of keeping them
+    # (transformers' gradient checkpointing, non-reentrant): the same gradients for about a
+    # third more compute, and activation memory of one layer instead of all. "auto" = on for
+    # models of at least models.CHECKPOINT_ABOVE parameters (bench/memory.py measures why)
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -429,7 +434,8 @@ def _validate_privacy(p: PrivacyConfig) -> None:
 # Settings a resumed run may change: none of them touches what is released or how it is
 # accounted (federation.rounds may change too: the resumed plan keeps the run's sigma, so more
 # rounds than the budget holds are refused by the plan itself).
-RESUMABLE = frozenset({"model.device", "train.microbatch", "federation.eval_every",
+RESUMABLE = frozenset({"model.device", "train.microbatch", "train.gradient_checkpointing",
+                       "federation.eval_every",
                        "federation.round_timeout", "federation.connect_timeout",
                        "federation.min_clients", "federation.rounds"})
 

@@ -136,6 +136,37 @@ def attention_for(device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
+# train.gradient_checkpointing = "auto" turns it on from this many parameters (bench/memory.py)
+CHECKPOINT_ABOVE = 1_000_000_000
+
+
+def wants_checkpointing(setting: str, model: torch.nn.Module) -> bool:
+    """Return whether ``train.gradient_checkpointing`` = ``setting`` is on for ``model``."""
+    if setting == "auto":
+        return sum(p.numel() for p in model.parameters()) >= CHECKPOINT_ABOVE
+    return setting == "on"
+
+
+@contextmanager
+def gradient_checkpointing(model, on: bool) -> Iterator[None]:
+    """Run the block with the decoder's gradient checkpointing on (non-reentrant: the frozen
+    base needs no input gradient, and hooks on the LoRA layers see the original forward), then
+    off again. A model without checkpointing support runs as it is when ``on`` is False, and is
+    refused when True."""
+    if not on:
+        yield
+        return
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(causal, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing = 'on', but {type(causal).__name__} "
+                          "does not support it in transformers; set it to 'off'")
+    causal.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        causal.gradient_checkpointing_disable()
+
+
 @contextmanager
 def compute_threads(threads: int) -> Iterator[None]:
     """Run the block with torch's CPU ops on ``threads`` threads (0: leave them as they are),
