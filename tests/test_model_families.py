@@ -151,6 +151,31 @@ def test_private_round_saves_an_adapter_stock_peft_reloads(family, model_dir, tm
     torch.testing.assert_close(answer, full[batch.target_mask], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["client", "local"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_round_in_the_other_privacy_modes(family, mode, model_dir, tmp_path):
+    overrides = [o for o in PRIVATE_ROUND if not o.startswith(("privacy.mode",
+                                                                "privacy.sample_rate"))]
+    config = load_config(None, [f"model.name={model_dir(family)}", *overrides,
+                                f"privacy.mode={mode}"])
+    summary = run(config, tmp_path / "run")
+    assert 0 < summary["privacy"]["epsilon_spent_pld"] < math.inf
+    adapter = unflatten(last_checkpoint(tmp_path / "run").tensors)
+    assert all(torch.isfinite(f.B).all() for f in adapter.values())
+    assert any(f.B.abs().sum() > 0 for f in adapter.values())  # noise and updates arrived
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+def test_fedlpp_bundle_of_another_family(family, model_dir, tmp_path):
+    config = load_config(None, [f"model.name={model_dir(family)}", *PRIVATE_ROUND,
+                                "quantization.base=q8_0"])
+    summary = run(config, tmp_path / "run")
+    report = summary["model_privacy"]  # the clients trained on the q8_0 bundle of a Qwen2
+    assert report["base_scheme"] == "q8_0" and report["client_base"] != report["server_base"]
+    adapter = unflatten(last_checkpoint(tmp_path / "run").tensors)
+    assert any(f.B.abs().sum() > 0 for f in adapter.values())
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_example_grads_match_a_loop_over_examples(family, model_dir, checkpointing):
