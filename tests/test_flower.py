@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from privlora import server
 from privlora.flower.local import DeploymentFailed, LocalFederation, descendants, run_local
 
+pytestmark = pytest.mark.integration  # deselect with -m 'not integration'
+
 FAULTY_APP = Path(__file__).parent / "flower_faulty_app"
 CLIENT_DP = ("federation.num_clients=2", "privacy.mode=client", "privacy.noise_multiplier=0.8",
              "privacy.clip=0.5", "privacy.reproducible_noise=true")

@@ -17,6 +17,8 @@ from privlora import server
 from privlora.flower.local import LocalFederation, descendants, run_local
 from privlora.run_dir import last_checkpoint
 
+pytestmark = pytest.mark.integration  # deselect with -m 'not integration'
+
 
 class Crash(Exception):
     """The machine went down: every process of the federation got SIGKILL."""
