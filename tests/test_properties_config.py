@@ -32,6 +32,8 @@ def _fields() -> dict[str, tuple[Any, Any]]:
     hints = typing.get_type_hints(RunConfig)
     found = {}
     for top in dataclasses.fields(RunConfig):
+        if top.metadata.get("internal"):  # RunConfig.explicit: not a setting
+            continue
         cls = hints[top.name]
         if not dataclasses.is_dataclass(cls):
             found[top.name] = (cls, top.default)
@@ -175,6 +177,8 @@ OUT_OF_RANGE: dict[str, tuple[st.SearchStrategy, dict[str, Any]]] = {
     "data.max_length": (st.integers(max_value=15), {}),
     "data.builtin_examples": (st.integers(max_value=19), {}),
     "data.label_field": (st.just(""), {}),
+    "data.examples_per_client": (ints_below, {}),
+    "train.max_examples_processed": (ints_below, {}),
     "federation.num_clients": (st.integers(max_value=0), {}),
     "federation.rounds": (st.integers(max_value=0), {}),
     "federation.clients_per_round": (ints_below | st.integers(min_value=5),

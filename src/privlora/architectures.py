@@ -8,6 +8,9 @@ family has no separate ones. Families not listed take PEFT's own default for the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import (
@@ -85,3 +88,69 @@ def check_causal_lm(config: PretrainedConfig, name: str) -> None:
         return
     raise ConfigError(f"model.name = {name!r} is a {kind!r} model, {what}; privlora fine-tunes "
                       "decoder-only causal LMs (e.g. llama, qwen2, mistral, gemma, phi3, gpt2)")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What ``privacy.recipe = "auto"`` knows of a model: its size and the shapes of its Linear
+    modules, read from the model's config alone (a meta-device build, no weights)."""
+
+    parameters: int
+    layers: int  # decoder layers (num_hidden_layers)
+    # leaf module name ('v_proj', 'c_attn', ...) -> (in features, out features, how many)
+    modules: dict[str, tuple[int, int, int]]
+    default_targets: tuple[str, ...]  # the family's LoRA targets (``default_targets``)
+
+    def coordinates(self, targets: Sequence[str], rank: int, last_layers: int,
+                    trains_a: bool) -> int:
+        """Return the numbers one client's update releases: rank x (out [+ in]) per adapted
+        module (B only when A is frozen, as under FFA), over the adapted layers."""
+        total = 0
+        for name in targets or self.default_targets:
+            if name not in self.modules:
+                raise ConfigError(f"lora.target_modules names {name!r}, which this model lacks; "
+                                  f"its Linear modules are {sorted(self.modules)}")
+            fan_in, fan_out, count = self.modules[name]
+            per_layer = max(1, count // self.layers)
+            adapted = count if not last_layers else per_layer * min(last_layers, self.layers)
+            total += adapted * rank * (fan_out + (fan_in if trains_a else 0))
+        return total
+
+
+def model_facts(name: str) -> ModelFacts:
+    """Return the ``ModelFacts`` of ``model.name`` from its config, without loading weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from privlora import models
+
+    if name == models.TINY_RANDOM:
+        vocab = len(models.load_tokenizer(name))
+        with torch.device("meta"):
+            model = models.tiny_random_llama(vocab)
+    else:
+        hf_config = AutoConfig.from_pretrained(models.local_source(name))
+        check_causal_lm(hf_config, name)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    return facts_of(model)
+
+
+def facts_of(model: torch.nn.Module) -> ModelFacts:
+    """Return the ``ModelFacts`` of a built model (its tensors may live on the meta device)."""
+    from transformers.pytorch_utils import Conv1D
+
+    modules: dict[str, tuple[int, int, int]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shape = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2's: weight (in, out)
+            shape = (module.weight.shape[0], module.weight.shape[1])
+        else:
+            continue
+        leaf = path.rsplit(".", 1)[-1]
+        fan_in, fan_out, count = modules.get(leaf, (*shape, 0))
+        modules[leaf] = (fan_in, fan_out, count + 1)
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    return ModelFacts(sum(p.numel() for p in model.parameters()), int(layers), modules,
+                      default_targets(config.model_type))

@@ -111,6 +111,12 @@ def _run_config(config: Path | None, set_: list[str], data: str | None, model: s
     if model:
         overrides.append(f"model.name={json.dumps(model)}")
     cfg = load_config(config, overrides)
+    if cfg.privacy.recipe == "auto":  # resolved once, here; --no-privacy keeps its values
+        from privlora.privacy.recipe import resolve
+
+        chosen = resolve(cfg)
+        cfg = chosen.config
+        typer.echo("\n".join(chosen.lines()), err=True)
     if no_privacy:
         cfg = without_privacy(cfg)
     if cfg.privacy.reproducible_noise:

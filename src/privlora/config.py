@@ -65,6 +65,11 @@ class DataConfig:
     # () reads `text` and `label` (or `question` and `answer` for generation) as they are
     text_fields: tuple[str, ...] = ()
     label_field: str = "label"
+    # training examples each client holds, as DECLARED by the user (0 = not declared): public,
+    # since it is written in the run's config.toml, so give a round figure agreed with the sites,
+    # never an exact count read from their data. privacy.recipe = "auto" sizes batches and steps
+    # from it (required in sample mode); nothing else reads it
+    examples_per_client: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,11 @@ class TrainConfig:
     # third more compute, and activation memory of one layer instead of all. "auto" = on for
     # models of at least models.CHECKPOINT_ABOVE parameters (bench/memory.py measures why)
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    # privacy.recipe = "auto": the compute budget, in examples processed over the whole run by
+    # all clients (rounds x clients per round x local steps x batch). 0 = auto's default:
+    # privacy.recipe.PRIVATE_BUDGET example-gradients under DP, two passes over the declared
+    # data (at most privacy.recipe.PUBLIC_BUDGET_CAP) without
+    max_examples_processed: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,10 @@ class PrivacyConfig:
     # seeded from the run seed, for research; every published file then says the epsilon does
     # not hold against anyone who knows or guesses the seed.
     reproducible_noise: bool = False
+    # "manual": the config as written. "auto" (privacy.recipe): before the run, choose what the
+    # user did not set (batch and sample rate, steps, rounds, LoRA rank and modules, FFA, lr,
+    # the loss) from public, declared quantities only; see privacy/recipe.py
+    recipe: Literal["manual", "auto"] = "manual"
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,12 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     site: SiteSection = field(default_factory=SiteSection)
+    # The keys whose values are fixed: those the user set (in the file or with --set), plus
+    # those privacy.recipe = "auto" has resolved. Not a setting (no TOML key, not in to_toml,
+    # not compared); None for a config built in Python: then every value that differs from its
+    # default counts as set (``fixed_keys``)
+    explicit: frozenset[str] | None = field(default=None, compare=False, repr=False,
+                                            metadata={"internal": True})
 
 
 def load_config(path: Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -212,7 +232,51 @@ def config_from_toml(text: str) -> RunConfig:
 def _validated(raw: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, raw, prefix="")
     validate(config)
-    return config
+    given = {f"{section}.{key}" for section, body in raw.items() if isinstance(body, dict)
+             for key in body}
+    return dataclasses.replace(config, explicit=frozenset(
+        given | {key for key, value in raw.items() if not isinstance(value, dict)}))
+
+
+def flat_values(config: RunConfig) -> dict[str, Any]:
+    """Return every setting of ``config`` by its key: 'seed', 'lora.rank', ..."""
+    found: dict[str, Any] = {}
+    for top in _settings(RunConfig):
+        value = getattr(config, top.name)
+        if not dataclasses.is_dataclass(value):
+            found[top.name] = value
+            continue
+        for f in dataclasses.fields(value):
+            found[f"{top.name}.{f.name}"] = getattr(value, f.name)
+    return found
+
+
+def fixed_keys(config: RunConfig) -> frozenset[str]:
+    """Return the keys of ``config`` that are fixed (``RunConfig.explicit``); for a config built
+    in Python (explicit None), those whose value differs from the default."""
+    if config.explicit is not None:
+        return config.explicit
+    default = flat_values(RunConfig())
+    return frozenset(k for k, v in flat_values(config).items() if v != default[k])
+
+
+def with_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """Return ``config`` with ``values`` ({'train.lr': 0.02, ...}) set, validated, and their keys
+    added to the fixed ones."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = value
+    changed = dataclasses.replace(config, **{
+        section: dataclasses.replace(getattr(config, section), **body)
+        for section, body in sections.items()})
+    validate(changed)
+    return dataclasses.replace(changed, explicit=fixed_keys(config) | frozenset(values))
+
+
+def _settings(cls: type) -> list[dataclasses.Field]:
+    """The fields of ``cls`` a user can set (not the internal ``explicit``)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -245,7 +309,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table (section), got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in _settings(cls)]
     for key in raw:
         if f"{prefix}{key}" in _REPLACED:
             raise ConfigError(_REPLACED[f"{prefix}{key}"])
@@ -334,6 +398,18 @@ def validate(c: RunConfig) -> None:
              "data.text_fields may not name 'text' (the field it builds); a file with 'text' and "
              "'label' needs no data.text_fields, otherwise rename that field")
     _require(bool(c.data.label_field), "data.label_field must name a field (default 'label')")
+    _require(c.data.examples_per_client >= 0,
+             f"data.examples_per_client = {c.data.examples_per_client} must be >= 0 (0 = not "
+             "declared)")
+    _require(c.train.max_examples_processed >= 0,
+             f"train.max_examples_processed = {c.train.max_examples_processed} must be >= 0 "
+             "(0 = privacy.recipe = 'auto' picks its default)")
+    _require(not (c.privacy.recipe == "auto" and c.privacy.mode == "sample"
+                  and not c.data.examples_per_client),
+             "privacy.recipe = 'auto' in sample mode needs data.examples_per_client: declare "
+             "how many training examples each client holds (a public round figure agreed with "
+             "the sites, e.g. 20000; it is published in the run's config.toml, together with "
+             "the sample rate chosen from it, so never copy an exact count from their data)")
     _require(not (c.data.label_field != "label" and not c.data.text_fields),
              f"data.label_field = {c.data.label_field!r} is only read with data.text_fields; "
              "set data.text_fields to the fields that make each row's text")
@@ -443,7 +519,7 @@ RESUMABLE = frozenset({"model.device", "train.microbatch", "train.gradient_check
 def refuse_changes(saved: RunConfig, new: RunConfig) -> None:
     """Refuse a resume whose config differs from the run's own in anything but RESUMABLE,
     naming the first such setting."""
-    for section in dataclasses.fields(RunConfig):
+    for section in _settings(RunConfig):
         old_value, new_value = getattr(saved, section.name), getattr(new, section.name)
         if not dataclasses.is_dataclass(old_value):
             keys = [(section.name, old_value, new_value)]
@@ -467,7 +543,7 @@ def without_privacy(config: RunConfig) -> RunConfig:
 def to_toml(config: RunConfig) -> str:
     """Render the resolved config as TOML (None fields are omitted)."""
     lines = [f"seed = {config.seed}"]
-    for section in dataclasses.fields(config):
+    for section in _settings(RunConfig):
         value = getattr(config, section.name)
         if not dataclasses.is_dataclass(value):
             continue

@@ -39,6 +39,7 @@ from privlora.lora import (
 )
 from privlora.lora import spec_of as lora_spec_of
 from privlora.models import load_model, load_tokenizer
+from privlora.privacy import recipe
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan, make_plan, predicted_signal
@@ -83,6 +84,7 @@ class Simulation:
 
 def prepare(config: RunConfig) -> Simulation:
     """Load data, model and LoRA; partition clients; plan privacy (refusing an overspend)."""
+    config = recipe.resolve(config).config  # privacy.recipe = "auto": once, before any data
     task, train_rows, eval_rows = load_rows(config)
     parts = data.partition(train_rows, config.data, config.federation.num_clients, config.seed)
     sim = prepare_server(config, task, eval_rows, [len(p) for p in parts])
@@ -107,6 +109,7 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     """Build what the server holds, without any site: plan (checked against ``client_sizes``
     where the server knows them; a deployed server does not, and each site checks its own),
     rule, models (the clients' base: the quantized bundle under FedLPP) and the eval set."""
+    config = recipe.resolve(config).config  # a no-op once resolved (its keys are then fixed)
     plan = make_plan(config, client_sizes)  # before loading the model: fail fast
     rule = build_rule(config)
     tokenizer = load_tokenizer(config.model.name)

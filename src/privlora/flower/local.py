@@ -26,6 +26,7 @@ from pathlib import Path
 from privlora import data, server
 from privlora.config import RunConfig, to_toml
 from privlora.flower import app_dir, certs
+from privlora.privacy import recipe
 from privlora.privacy.plan import make_plan
 from privlora.run_dir import check_target
 
@@ -305,6 +306,7 @@ def run_local(config: RunConfig, out: Path, overwrite: bool = False, secure: boo
     ``config``: the sites' data is split from it).
     """
     out = out.resolve()
+    config = recipe.resolve(config).config  # the sites' split and run.toml take its values
     # an overwritten run's files stay until the ServerApp clears them: not this run's rows
     since = None if resume else time.time()
     if not resume:

@@ -20,6 +20,7 @@ from privlora.privacy.plan import (
     predicted_signal,
     suggest_sample_rate,
 )
+from privlora.privacy.recipe import resolve
 from privlora.privacy.signal import LEARNS, NO_LEARNING, NoiseToSignal
 from privlora.privacy.variance import local_noise_variance, summarize
 from privlora.quantization.bundle import model_weights
@@ -29,12 +30,14 @@ from privlora.rules import build_rule
 
 def plan_report(config_path: Path, overrides: list[str]) -> dict:
     """Return the plan of ``config_path`` as a dict with a human-readable ``text`` field."""
-    config = load_config(config_path, overrides)
+    # privacy.recipe = "auto" chooses before any data is read, from the config alone
+    recipe = resolve(load_config(config_path, overrides))
+    config = recipe.config
     task = data.load_task(config.data, config.seed)
     train_rows, _ = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
     parts = data.partition(train_rows, config.data, config.federation.num_clients, config.seed)
     sizes = [len(p) for p in parts]
-    lines, suggested = [], None
+    lines, suggested = recipe.lines(), None
     if lacks_sample_rate(config):
         suggested = suggest_sample_rate(config.train.batch_size, sizes)
         lines.append(f"suggested privacy.sample_rate = {suggested:.4g} (train.batch_size / median "
@@ -48,8 +51,10 @@ def plan_report(config_path: Path, overrides: list[str]) -> dict:
     wire = wire_costs(config, shapes, adapter)
     report = plan.to_dict()
     if report is None:
-        return {"mode": "none", "wire": wire, "text": "\n".join(
-            ["privacy.mode = 'none': no privacy events, epsilon = inf", *_wire_lines(wire)])}
+        return {"mode": "none", "wire": wire, "recipe": recipe.to_dict(), "text": "\n".join(
+            [*lines, "privacy.mode = 'none': no privacy events, epsilon = inf",
+             *_wire_lines(wire)])}
+    report["recipe"] = recipe.to_dict()
     per_round = plan.round_events(range(config.federation.num_clients))
     parties = "global" if list(per_round) == ["global"] else "per client (worst case: every round)"
     lines += [

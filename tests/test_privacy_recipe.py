@@ -1,0 +1,224 @@
+"""privacy.recipe = "auto": chosen from public, declared quantities only; what the user set wins;
+resolved once into concrete values that survive to_toml, reload and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from privlora import data
+from privlora.architectures import ModelFacts, facts_of, model_facts
+from privlora.config import (
+    RunConfig,
+    config_from_toml,
+    fixed_keys,
+    load_config,
+    refuse_changes,
+    to_toml,
+    validate,
+)
+from privlora.errors import ConfigError
+from privlora.privacy import recipe
+from privlora.privacy.recipe import PRIVATE_BUDGET, choose, resolve, wanted
+
+# SmolLM2-135M's shapes as auto sees them (model_facts("builtin")): v_proj 576 -> 192, 30 layers
+SMOL = ModelFacts(134_515_008, 30, {"q_proj": (576, 576, 30), "k_proj": (576, 192, 30),
+                                    "v_proj": (576, 192, 30), "o_proj": (576, 576, 30)},
+                  ("q_proj", "v_proj"))
+DEMO_LIKE = ("privacy.recipe=auto", "privacy.mode=sample", "privacy.target_epsilon=8",
+             "federation.num_clients=2", "data.examples_per_client=20000")
+
+
+def auto(*overrides: str) -> RunConfig:
+    return load_config(None, [*DEMO_LIKE, *overrides])
+
+
+def fast(*overrides: str) -> RunConfig:
+    """``auto`` with sigma given instead of calibrated: the same choices, no accounting."""
+    return load_config(None, [*DEMO_LIKE[:2], *DEMO_LIKE[3:], "privacy.noise_multiplier=0.35",
+                              *overrides])
+
+
+def test_the_demo_like_declaration_gets_the_demo_recipe_and_a_forecast_that_learns():
+    chosen = choose(auto(), SMOL)
+    c = chosen.config
+    assert (c.federation.aggregation, c.lora.rank, c.lora.target_modules) == ("ffa", 2, ("v_proj",))
+    assert c.lora.last_layers == 0 and c.train.loss == "label" and c.federation.rounds == 3
+    assert c.train.local_steps == 14  # 42 steps per client: the demo's
+    # the largest batch the default budget pays for, and the rate that gives it
+    assert c.train.batch_size == PRIVATE_BUDGET // (3 * 14 * 2) == 48
+    assert c.privacy.sample_rate == pytest.approx(48 / 20_000)
+    assert c.train.lr == pytest.approx(2e-2 * (48 / 36) ** 0.5, rel=1e-3)
+    assert chosen.signal.verdict == "learns" and chosen.signal.coordinates == 11_520
+    assert 3 * 14 * 2 * 48 <= PRIVATE_BUDGET
+    text = "\n".join(chosen.lines())
+    assert "costs no privacy" in text and "never reads the data" in text
+    assert "LEARNS" in text and "(auto:" in text
+
+
+def test_settings_the_user_made_always_win(tmp_path):
+    mine = ("lora.rank=4", "train.local_steps=5", "train.batch_size=20", "train.lr=0.01",
+            "federation.aggregation=fedavg", "train.loss=answer")
+    chosen = choose(fast(*mine), SMOL)
+    c = chosen.config
+    assert (c.lora.rank, c.train.local_steps, c.train.batch_size, c.train.lr) == (4, 5, 20, 0.01)
+    assert c.federation.aggregation == "fedavg" and c.train.loss == "answer"
+    assert c.privacy.sample_rate == pytest.approx(20 / 20_000)  # follows the user's batch
+    assert {ch.key for ch in chosen.choices if not ch.auto} == {
+        "lora.rank", "train.local_steps", "train.batch_size", "train.lr",
+        "federation.aggregation", "train.loss"}
+    assert sum("(set in the config)" in line for line in chosen.lines()) == 6
+    # the same from a config file, and a sample rate the user set fixes the batch instead
+    path = tmp_path / "c.toml"
+    path.write_text('[privacy]\nrecipe = "auto"\nmode = "sample"\nnoise_multiplier = 0.35\n'
+                    'sample_rate = 0.003\n[data]\nexamples_per_client = 20000\n'
+                    '[federation]\nnum_clients = 2\n')
+    c = choose(load_config(path), SMOL).config
+    assert c.privacy.sample_rate == 0.003 and c.train.batch_size == 60
+    # a config built in Python: whatever differs from the defaults counts as set
+    built = fast()
+    built = RunConfig(privacy=built.privacy, data=built.data, federation=built.federation,
+                      lora=type(built.lora)(rank=3))
+    assert choose(built, SMOL).config.lora.rank == 3
+
+
+def test_the_loss_follows_the_task_kind_from_the_config_alone():
+    assert choose(fast(), SMOL).config.train.loss == "label"  # the built-in task classifies
+    generation = choose(fast("data.path=/no/such.jsonl", "data.kind=generation"), SMOL)
+    assert generation.config.train.loss == "answer"
+    unknown = choose(fast("data.path=/no/such.jsonl"), SMOL)  # only the data would tell
+    assert "train.loss" not in wanted(unknown.config)
+    assert any("data.kind" in reason for reason in unknown.reasons)
+
+
+def test_larger_declared_data_and_budget_get_larger_batches_within_the_budget():
+    budget = "train.max_examples_processed=100000"
+    small = choose(fast(budget, "data.examples_per_client=2000"), SMOL).config
+    large = choose(fast(budget), SMOL).config
+    assert small.train.batch_size <= 2000 // 4  # at most a quarter of the declared examples
+    assert large.train.batch_size > small.train.batch_size
+    for c in (small, large):
+        assert c.federation.rounds * c.train.local_steps * 2 * c.train.batch_size <= 100_000
+    cheap = choose(fast("train.max_examples_processed=2000"), SMOL).config
+    assert cheap.train.batch_size < choose(fast(), SMOL).config.train.batch_size
+    # without DP: local steps so that each declared example is seen about twice
+    steps = [choose(load_config(None, ["privacy.recipe=auto", f"data.examples_per_client={n}"]),
+                    None).config.train.local_steps for n in (500, 2386)]
+    # 2 passes over 4 clients' examples, 5 rounds x 4 clients x batch 8 per local step
+    assert steps == [2 * 4 * 500 // (5 * 4 * 8), 2 * 4 * 2386 // (5 * 4 * 8)] == [25, 119]
+
+
+def test_a_budget_too_small_for_any_private_recipe_is_refused_naming_it():
+    with pytest.raises(ConfigError, match="train.max_examples_processed = 500 cannot pay"):
+        choose(auto("train.max_examples_processed=500"), SMOL)
+
+
+def test_auto_in_sample_mode_needs_the_declared_examples_per_client():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["privacy.recipe=auto", "privacy.mode=sample",
+                           "privacy.target_epsilon=8"])
+    message = str(err.value)
+    assert "data.examples_per_client" in message and "published" in message
+    assert "\n" not in message
+    load_config(None, ["privacy.recipe=auto", "privacy.mode=local", "privacy.target_epsilon=8"])
+
+
+def test_the_choice_never_reads_the_data(monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("auto read the data")
+
+    monkeypatch.setattr(data, "load_task", no_data)
+    monkeypatch.setattr(data, "split", no_data)
+    monkeypatch.setattr(data, "partition", no_data)
+    config = auto("data.path=/no/such/file.jsonl", "data.kind=classification",
+                  "model.name=tiny-random")
+    chosen = resolve(config)
+    assert chosen.config.train.batch_size == 48 and chosen.config.train.loss == "label"
+
+
+def test_resolved_once_then_fixed_through_to_toml_reload_and_resume(tmp_path, monkeypatch):
+    chosen = resolve(auto("model.name=tiny-random"))
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(chosen.config))
+    reloaded = load_config(path)
+    assert reloaded == chosen.config and reloaded.privacy.recipe == "auto"
+    assert set(wanted(reloaded)) <= fixed_keys(reloaded)
+    refuse_changes(config_from_toml(path.read_text()), load_config(path, ["train.microbatch=8"]))
+    # resolving again (the server, a resumed run, a Flower site) changes nothing and looks at
+    # nothing: not even the model
+    monkeypatch.setattr("privlora.architectures.model_facts", lambda name: 1 / 0)
+    for again in (chosen.config, reloaded):
+        assert resolve(again).config == chosen.config
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        refuse_changes(reloaded, load_config(path, ["train.batch_size=7"]))
+
+
+def test_the_coordinates_auto_counts_are_the_adapter_s(tokenizer):
+    from privlora.lora import LoraSpec, attach, read_adapter, released_coordinates
+    from privlora.models import tiny_random_llama
+
+    facts = facts_of(tiny_random_llama(len(tokenizer)))
+    for targets, rank, last, trains_a in [(("v_proj",), 2, 0, False), ((), 4, 1, True),
+                                          (("q_proj", "v_proj"), 3, 0, True)]:
+        spec = LoraSpec(rank, 8, 0.0, targets or facts.default_targets, last)
+        adapter = read_adapter(attach(tiny_random_llama(len(tokenizer)), spec, seed=0))
+        assert facts.coordinates(targets, rank, last, trains_a) == released_coordinates(
+            adapter, trains_a)
+
+
+def test_too_many_coordinates_adapt_the_last_layers_only():
+    wide = ModelFacts(7_000_000_000, 32, {"v_proj": (4096, 1024, 32)}, ("q_proj", "v_proj"))
+    c = choose(fast(), wide).config
+    assert c.lora.last_layers == recipe.MAX_COORDINATES // (2 * 1024) == 8
+    assert wide.coordinates(("v_proj",), 2, c.lora.last_layers, False) <= recipe.MAX_COORDINATES
+
+
+def test_model_facts_of_the_tiny_model_from_its_config():
+    facts = model_facts("tiny-random")
+    assert facts.layers == 2 and facts.modules["v_proj"] == (32, 16, 2)
+
+
+def test_privacy_plan_prints_the_recipe_and_who_set_each_value(tmp_path):
+    from typer.testing import CliRunner
+
+    from privlora.cli import app
+
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\nname = "tiny-random"\n[data]\nbuiltin_examples = 120\n'
+                      'examples_per_client = 24\n[train]\nlr = 0.01\n'
+                      '[privacy]\nrecipe = "auto"\nmode = "sample"\ntarget_epsilon = 8.0\n'
+                      'delta = 1e-3\n')
+    result = CliRunner().invoke(app, ["privacy", "plan", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["recipe"]["set_in_config"] == {"train.lr": 0.01}
+    assert report["recipe"]["chosen"]["train.batch_size"] == 24 // 4
+    assert report["sample_rate"] == report["recipe"]["chosen"]["privacy.sample_rate"] == 0.25
+    assert report["suggested_sample_rate"] is None  # auto chose it, from the declaration
+    text = report["text"]
+    assert text.startswith("recipe: auto") and "costs no privacy" in text
+    assert "train.lr" in text and "(set in the config)" in text
+    validate(load_config(config))
+
+
+def test_a_run_resolves_auto_once_and_saves_the_concrete_values(tmp_path, read_metrics):
+    from typer.testing import CliRunner
+
+    from privlora.cli import app
+
+    tiny = ["--model", "tiny-random", "--set", "model.dtype=float32",
+            "--set", "data.builtin_examples=120", "--set", "data.max_eval=8",
+            "--set", "federation.rounds=1", "--set", "train.local_steps=2"]
+    auto_dp = ["--set", "privacy.recipe=auto", "--set", "privacy.mode=sample",
+               "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.delta=1e-3",
+               "--set", "data.examples_per_client=24"]
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["run", *tiny, *auto_dp, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "recipe: auto" in result.output and "costs no privacy" in result.output
+    saved = load_config(out / "config.toml")
+    assert saved.privacy.recipe == "auto" and saved.federation.aggregation == "ffa"
+    assert saved.train.batch_size == 24 // 4 and saved.privacy.sample_rate == 0.25
+    assert saved.train.local_steps == 2 and saved.federation.rounds == 1  # set by the user
+    assert resolve(saved).config == saved and len(read_metrics(out)) == 2
