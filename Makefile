@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # the suite on the newest versions (`make test-latest`), and where `make lock` freezes them from
 LATEST := .venv-latest
 
-.PHONY: demo test test-latest lock latest-venv lint bench clean
+.PHONY: demo test test-latest lock latest-venv lint docs bench clean
 
 # every install takes the exact versions the suite passed on (constraints.txt; `make lock`)
 $(STAMP): pyproject.toml constraints.txt
@@ -55,6 +55,11 @@ lock:
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+
+# docs/reference.md from the config dataclasses and the typer CLI (tests/test_docs_reference.py
+# fails while it is stale)
+docs: $(STAMP)
+	$(BIN)/python docs/gen_reference.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) runs

@@ -60,7 +60,7 @@ def run(
     model: ModelOption = None,
     overwrite: OverwriteOption = False,
     no_privacy: Annotated[bool, typer.Option(
-        help="Drop the config's [privacy] section: the same run without DP, to compare.")] = False,
+        help="Drop the config's privacy section: the same run without DP, to compare.")] = False,
     resume: Annotated[Path | None, typer.Option(
         help="Continue the stopped run in this directory from its last complete round, with "
              "its own config (--set may change only settings that touch no privacy).")] = None,
@@ -135,7 +135,7 @@ def flower_local(
     data: DataOption = None,
     model: ModelOption = None,
     overwrite: OverwriteOption = False,
-    no_privacy: Annotated[bool, typer.Option(help="Drop the config's [privacy] section.")] = False,
+    no_privacy: Annotated[bool, typer.Option(help="Drop the config's privacy section.")] = False,
     secure: Annotated[bool, typer.Option(
         help="TLS with a CA made for the run, and SuperNode authentication.")] = False,
 ) -> None:
