@@ -12,12 +12,41 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+PACKAGES = ("torch", "transformers", "peft", "dp-accounting", "flwr", "gguf", "privlora")
+
+
+def provenance() -> dict:
+    """What a saved result was made with: the commit (and whether the tree had changes), the
+    package versions and the machine."""
+    import subprocess
+    from importlib import metadata
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "tree_changed": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "packages": versions, "python": platform.python_version()}
+
+
 def save(name: str, payload: dict) -> Path:
-    """Write ``payload`` (plus machine info) to bench/results/<name>.json."""
+    """Write ``payload`` (plus the commit, package versions, machine and date) to
+    bench/results/<name>.json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "machine": {"platform": platform.platform(),
                                       "processor": platform.processor(),
                                       "cpus": __import__("os").cpu_count()},
+               "provenance": provenance(),
                "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
