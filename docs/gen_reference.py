@@ -23,6 +23,7 @@ import typer
 
 from privlora import config as config_module
 from privlora.cli import app
+from privlora.config import toml_value
 
 OUT = Path(__file__).resolve().parent / "reference.md"
 
@@ -88,7 +89,7 @@ def _table(cls: type, fields: list[dataclasses.Field], prefix: str,
 def _type_name(hint: Any) -> str:
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
-        return " or ".join(f"`{_toml(a)}`" for a in args)
+        return " or ".join(f"`{toml_value(a)}`" for a in args)
     if origin in (typing.Union, types.UnionType):
         named = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(named) + (" (or unset)" if type(None) in args else "")
@@ -98,17 +99,7 @@ def _type_name(hint: Any) -> str:
 
 
 def _value(v: Any) -> str:
-    return "unset" if v is None else f"`{_toml(v)}`"
-
-
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, tuple | list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return repr(v)
+    return "unset" if v is None else f"`{toml_value(v)}`"  # as config.toml writes it
 
 
 def _field_comments(path: Path) -> dict[str, dict[str, str]]:

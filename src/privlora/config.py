@@ -551,15 +551,15 @@ def to_toml(config: RunConfig) -> str:
         for f in dataclasses.fields(value):
             v = getattr(value, f.name)
             if v is not None:
-                lines.append(f"{f.name} = {_toml_value(v)}")
+                lines.append(f"{f.name} = {toml_value(v)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, tuple | list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
