@@ -556,6 +556,7 @@ def to_toml(config: RunConfig) -> str:
 
 
 def toml_value(v: Any) -> str:
+    """Render one setting's value as config.toml writes it."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
