@@ -15,6 +15,10 @@ from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import joint_l2_norm, seeded_generator
 from privlora.server import prepare
 
+# sample mode at q = 0.5 with seeded noise: two runs of one round can be compared exactly
+REPRODUCIBLE_SAMPLE_MODE = ("privacy.mode=sample", "privacy.noise_multiplier=1",
+                            "privacy.sample_rate=0.5", "privacy.reproducible_noise=true")
+
 
 def one_round(sim, site, round_=1):
     down = protocol.downlink(sim.server.rule, sim.init, sim.server.ranks[site.client_id])
@@ -118,8 +122,7 @@ def test_local_release_of_a_nonfinite_update_is_noise_around_zero():
 
 @pytest.mark.parametrize("private", [False, True])
 def test_a_batch_split_into_microbatches_gives_the_same_step(tiny_config, private):
-    extra = (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.sample_rate=0.5",
-              "privacy.reproducible_noise=true"] if private else [])
+    extra = REPRODUCIBLE_SAMPLE_MODE if private else ()
     sim = prepare(tiny_config("train.batch_size=12", *extra))
     site = sim.sites[0]
     assert len(site.examples) >= 20  # q = 0.5 or a batch of 12: several chunks of 5
@@ -209,8 +212,7 @@ def test_sgd_momentum_is_heavy_ball_from_the_config(tiny_config):
 
 @pytest.mark.parametrize("private", [False, True])
 def test_gradient_checkpointing_gives_the_same_round(tiny_config, private):
-    extra = (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.sample_rate=0.5",
-              "privacy.reproducible_noise=true"] if private else [])
+    extra = REPRODUCIBLE_SAMPLE_MODE if private else ()
     sim = prepare(tiny_config("train.local_steps=3", *extra))
     site = sim.sites[0]
     deltas = []
