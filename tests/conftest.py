@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from privlora.config import RunConfig, load_config
-from privlora.lora import LoraSpec, attach
-from privlora.models import load_tokenizer, tiny_random_llama
+from privlora.models import load_tokenizer
+from tests.builders import tiny_llama, with_lora
 
 # A federated run on the tiny random Llama: 4 clients x 24 examples, 2 rounds x 2 steps.
 TINY_RUN = ("model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=120",
@@ -45,12 +45,10 @@ def tokenizer():
 @pytest.fixture()
 def tiny_model(tokenizer):
     """A fresh 2-layer random Llama in float32 with frozen base weights."""
-    model = tiny_random_llama(vocab_size=len(tokenizer))
-    model.requires_grad_(False)
-    return model
+    return tiny_llama(tokenizer)
 
 
 @pytest.fixture()
 def tiny_lora(tiny_model):
     """The tiny Llama wrapped with LoRA r=4 on q_proj and v_proj."""
-    return attach(tiny_model, LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj")), seed=0)
+    return with_lora(tiny_model)

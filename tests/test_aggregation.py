@@ -22,15 +22,11 @@ from privlora.aggregation import (
 )
 from privlora.errors import ConfigError, InvalidUpdate
 from privlora.lora import Adapter, Factors
+from tests.builders import random_adapter
 
 OUT, IN = 6, 5
-
-
-def rand_adapter(gen: torch.Generator, rank: int, names=("q", "v")) -> Adapter:
-    return {
-        n: Factors(A=torch.randn(rank, IN, generator=gen), B=torch.randn(OUT, rank, generator=gen))
-        for n in names
-    }
+QV = {"q": (OUT, IN), "v": (OUT, IN)}  # layer: (out, in)
+ONE = {"l": (OUT, IN)}
 
 
 def product(f: Factors) -> torch.Tensor:
@@ -128,7 +124,7 @@ def test_ffa_keeps_A_and_is_exact():
 
 def test_ffa_rejects_differing_A():
     gen = torch.Generator().manual_seed(1)
-    c1, c2 = rand_adapter(gen, 2), rand_adapter(gen, 2)
+    c1, c2 = random_adapter(QV, gen, 2), random_adapter(QV, gen, 2)
     with pytest.raises(InvalidUpdate, match="same frozen A"):
         ffa([c1, c2], [1, 1])
 
@@ -156,12 +152,12 @@ def test_exact_matches_mean_products_when_low_rank():
 
 def test_exact_single_client_and_full_rank_are_exact():
     gen = torch.Generator().manual_seed(3)
-    one = rand_adapter(gen, 3)
+    one = random_adapter(QV, gen, 3)
     out, res = exact_of([one], [1.0], rank=3)
     for n in one:
         assert rel_err(product(out[n]), product(one[n])) < 1e-5
         assert res[n] < 1e-5
-    many = [rand_adapter(gen, 3) for _ in range(4)]
+    many = [random_adapter(QV, gen, 3) for _ in range(4)]
     target = mean_products(many, [1, 1, 1, 1])
     out, res = exact_of(many, [1, 1, 1, 1], rank=min(OUT, IN))
     for n in target:
@@ -171,7 +167,7 @@ def test_exact_single_client_and_full_rank_are_exact():
 
 def test_exact_residual_positive_when_rank_too_small():
     gen = torch.Generator().manual_seed(4)
-    clients = [rand_adapter(gen, 2) for _ in range(3)]  # mean product has rank 5 almost surely
+    clients = [random_adapter(QV, gen, 2) for _ in range(3)]  # mean product has rank 5 almost surely
     target = mean_products(clients, [1, 1, 1])["q"]
     out, res = exact_of(clients, [1, 1, 1], rank=2)
     S = torch.linalg.svdvals(target.double())
@@ -196,7 +192,7 @@ def test_refactorize_scale_and_padding():
 
 def test_exact_uses_the_shared_scale():
     gen = torch.Generator().manual_seed(6)
-    clients = [rand_adapter(gen, 4) for _ in range(2)]
+    clients = [random_adapter(QV, gen, 4) for _ in range(2)]
     scale = 0.5
     out, res = exact_of(clients, [1, 3], rank=min(OUT, IN), scale=scale)
     target = mean_products(clients, [1, 3], scales=[scale, scale])
@@ -210,7 +206,7 @@ def test_exact_uses_the_shared_scale():
 
 def test_heterogeneous_ranks_zero_padded_and_true_shapes():
     gen = torch.Generator().manual_seed(7)
-    small, big = rand_adapter(gen, 2), rand_adapter(gen, 4)
+    small, big = random_adapter(QV, gen, 2), random_adapter(QV, gen, 4)
     padded = truncate_rank(
         {
             n: Factors(
@@ -237,7 +233,7 @@ def test_heterogeneous_ranks_zero_padded_and_true_shapes():
 def test_exact_rejects_mismatched_update_shapes():
     bad = {"l": Factors(A=torch.randn(2, IN + 1), B=torch.randn(OUT, 2))}
     with pytest.raises(InvalidUpdate, match="differs from client 0"):
-        exact_of([rand_adapter(torch.Generator().manual_seed(8), 2, names=("l",)), bad], [1, 1], 2)
+        exact_of([random_adapter(ONE, torch.Generator().manual_seed(8), 2), bad], [1, 1], 2)
 
 
 def test_non_finite_update_rejected():
@@ -251,7 +247,7 @@ def test_non_finite_update_rejected():
 
 def test_truncate_rank_zeros_trailing_components_only():
     gen = torch.Generator().manual_seed(9)
-    ad = rand_adapter(gen, 4)
+    ad = random_adapter(QV, gen, 4)
     out = truncate_rank(ad, 2)
     for n, f in ad.items():
         assert out[n].A.shape == f.A.shape and out[n].B.shape == f.B.shape
@@ -307,7 +303,7 @@ def test_exact_refuses_a_change_for_other_layers():
 
 def test_apply_delta_adds_factors_and_keeps_what_is_not_sent():
     gen = torch.Generator().manual_seed(12)
-    start = rand_adapter(gen, 3, names=("l",))
+    start = random_adapter(ONE, gen, 3)
     dA, dB = torch.randn(3, IN, generator=gen), torch.randn(OUT, 3, generator=gen)
     both = apply_delta(start, {"l.lora_A": dA, "l.lora_B": dB})["l"]
     assert torch.equal(both.A, start["l"].A + dA) and torch.equal(both.B, start["l"].B + dB)
@@ -317,7 +313,7 @@ def test_apply_delta_adds_factors_and_keeps_what_is_not_sent():
 
 def test_apply_delta_of_a_rank_r_client_zeroes_the_components_it_never_had():
     gen = torch.Generator().manual_seed(13)
-    start = rand_adapter(gen, 4, names=("l",))
+    start = random_adapter(ONE, gen, 4)
     dA, dB = torch.randn(2, IN, generator=gen), torch.randn(OUT, 2, generator=gen)
     out = apply_delta(start, {"l.lora_A": dA, "l.lora_B": dB})["l"]
     assert torch.equal(out.A[:2], start["l"].A[:2] + dA) and torch.count_nonzero(out.A[2:]) == 0
@@ -330,7 +326,7 @@ def test_apply_delta_of_a_rank_r_client_zeroes_the_components_it_never_had():
 
 def test_product_change_is_scaled_difference_of_products():
     gen = torch.Generator().manual_seed(7)
-    start, end = rand_adapter(gen, 3), rand_adapter(gen, 3)
+    start, end = random_adapter(QV, gen, 3), random_adapter(QV, gen, 3)
     change = product_change(start, end, scale=2.0)
     for name in start:
         expected = 2.0 * (product(end[name]) - product(start[name]))

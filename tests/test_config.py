@@ -110,3 +110,8 @@ def test_momentum_is_sgds():
         load_config(None, ["train.momentum=0.9"])
     with pytest.raises(ConfigError, match=r"train.momentum = 1.0 must be in \[0, 1\)"):
         load_config(None, ["train.optimizer=sgd", "train.momentum=1.0"])
+
+
+def test_min_clients_is_checked_against_the_federation(tiny_config):
+    with pytest.raises(ConfigError, match="federation.min_clients = 5"):
+        tiny_config("federation.min_clients=5")

@@ -1,10 +1,12 @@
-"""Tasks, splits, partitions (flwr-datasets) and answer-only batches."""
+"""Tasks, splits, partitions (flwr-datasets) and answer-only batches; a site's own rows checked
+against the server's task."""
 
+import dataclasses
 import json
 
 import pytest
 
-from privlora import builtin_task
+from privlora import builtin_task, data
 from privlora.config import DataConfig
 from privlora.data import (
     PAD_MULTIPLE,
@@ -18,7 +20,8 @@ from privlora.data import (
     split,
     tokenize,
 )
-from privlora.errors import DataError
+from privlora.errors import ConfigError, DataError
+from privlora.privacy.plan import check_site
 
 
 def test_builtin_task_is_balanced_distinct_and_seeded():
@@ -156,3 +159,23 @@ def test_the_instruction_is_the_system_message_and_a_refusing_template_falls_bac
                               "{{ m['content'] }}{% endfor %}")
     fallback = refusing.decode(render_prompt(task, "My bill is wrong.", refusing))
     assert fallback.startswith(task.instruction) and fallback.endswith("My bill is wrong.")
+
+
+def test_a_site_checks_its_own_rows_against_the_servers_task(tmp_path, tiny_config):
+    task = data.Task("t", "classification", "Classify.", ("neg", "pos"), ())
+    assert data.task_from_meta(json.loads(json.dumps(data.task_meta(task)))) == task
+    path = tmp_path / "site.jsonl"
+    path.write_text('{"text": "fine", "label": "pos"}\n{"text": "odd", "label": "meh"}\n')
+    with pytest.raises(DataError, match=r"labels \['meh'\] are not among"):
+        data.site_rows(path, task, tiny_config().data)
+    path.write_text('{"text": "fine", "label": "pos"}\n{"text": "bad"}\n')
+    with pytest.raises(DataError, match="row 2 lacks"):
+        data.site_rows(path, task, tiny_config().data)
+    config = tiny_config("privacy.mode=sample", "privacy.noise_multiplier=1",
+                         "privacy.sample_rate=0.5", "train.batch_size=4")
+    check_site(config, 32)  # expected batch 16 <= 4 x 4
+    with pytest.raises(ConfigError, match="expected batch of 50"):
+        check_site(config, 100)
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        check_site(dataclasses.replace(config, privacy=dataclasses.replace(
+            config.privacy, delta=0.5)), 32)

@@ -11,14 +11,7 @@ from privlora import builtin_task, data
 from privlora.errors import DataError
 from privlora.evaluate import evaluate, macro_f1, majority_share, training_label_tokens
 from privlora.lm import per_example_loss
-from privlora.lora import lora_linears
-
-
-def _randomize_b(handles) -> None:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, lora_b in lora_linears(handles).values():
-            lora_b.weight.copy_(torch.randn(lora_b.weight.shape, generator=g))
+from tests.builders import randomize_lora_b
 
 
 def _log_probs(model, prompt, continuation) -> torch.Tensor:
@@ -67,7 +60,7 @@ def _reference(model, examples, task, tokenizer) -> tuple:
 @pytest.mark.parametrize("labels", [("red", "blue", "green", "amber"),  # one token each
                                     ("red team", "blue team", "green team", "amber team")])
 def test_evaluate_matches_a_forward_per_example_and_label(tiny_lora, tokenizer, labels):
-    _randomize_b(tiny_lora)
+    randomize_lora_b(tiny_lora, 3)
     generated = builtin_task.generate(24, seed=1)
     words = dict(zip(("red", "blue", "green", "amber"), labels, strict=True))
     rows = [{"text": r["text"], "label": words[r["label"]]} for r in generated]
@@ -114,7 +107,7 @@ def test_macro_f1_on_an_imbalanced_example_worked_by_hand():
 def test_label_loss_is_cross_entropy_over_the_label_words_only(tiny_lora, tokenizer):
     """train.loss = "label": per example, -log softmax over the 4 label tokens' full-forward
     logits at the first answer position, gold = its label (independent reference below)."""
-    _randomize_b(tiny_lora)
+    randomize_lora_b(tiny_lora, 3)
     rows = builtin_task.generate(9, seed=2)
     task = data.Task("t", "classification", builtin_task.INSTRUCTION,
                      ("amber", "blue", "green", "red"), tuple(rows))

@@ -7,7 +7,6 @@ import torch
 
 from privlora.errors import ConfigError
 from privlora.lora import (
-    Factors,
     LoraSpec,
     attach,
     first_components,
@@ -18,6 +17,7 @@ from privlora.lora import (
     wire_name,
     write_adapter,
 )
+from tests.builders import random_adapter_like
 
 
 def test_attach_adapts_the_named_modules_with_a_seeded_a_and_zero_b(tiny_model):
@@ -49,10 +49,7 @@ def test_wire_names_and_flatten_order(tiny_lora):
 
 
 def test_write_then_read_returns_the_same_factors_as_copies(tiny_lora):
-    gen = torch.Generator().manual_seed(0)
-    new = {name: Factors(A=torch.randn(f.A.shape, generator=gen),
-                         B=torch.randn(f.B.shape, generator=gen))
-           for name, f in read_adapter(tiny_lora).items()}
+    new = random_adapter_like(read_adapter(tiny_lora), 0)
     write_adapter(tiny_lora, new)
     back = read_adapter(tiny_lora)
     assert all(torch.equal(back[n].A, new[n].A) and torch.equal(back[n].B, new[n].B) for n in new)

@@ -41,6 +41,7 @@ from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.run_dir import last_checkpoint
 from privlora.server import run
+from tests.builders import randomize_lora_b
 
 # Shared by every family: 2 layers, 4 heads (2 key-value heads where the family has them),
 # the built-in tokenizer's vocabulary and token ids
@@ -184,9 +185,7 @@ def test_per_example_grads_match_a_loop_over_examples(family, model_dir, checkpo
     model = load_model(str(model_dir(family)), "float32", "cpu")
     handles = attach(model, spec_of(LoraSection(rank=4, alpha=8.0), model), seed=0)
     g = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # with B = 0 (PEFT's init) the gradient of A would be zero
-        for _, lora_b in lora_linears(handles).values():
-            lora_b.weight.copy_(torch.randn(lora_b.weight.shape, generator=g) * 0.5)
+    randomize_lora_b(handles, g, 0.5)  # with B = 0 (PEFT's init) the gradient of A would be zero
     named = {f"{layer}.{suffix}": linear.weight
              for layer, pair in lora_linears(handles).items()
              for suffix, linear in zip(("lora_A", "lora_B"), pair)}

@@ -20,15 +20,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from privlora import protocol, server, uplink
+from privlora import server, uplink
 from privlora.config import load_config
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
 from privlora.flower import client_app, server_app, wire
-from privlora.lora import Factors
 from privlora.privacy.plan import NoPrivacy
 from privlora.protocol import Payload
 from privlora.quantization import codec
-from privlora.rules import FedAvg
+from tests.builders import sent_payload
 
 PROPERTY = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -197,14 +196,7 @@ def test_safetensors_meta_that_is_not_a_number_or_string_is_refused(value):
 
 # --- the server's check of one uplink --------------------------------------------------------------
 
-def sent_payload() -> Payload:
-    gen = torch.Generator().manual_seed(0)
-    adapter = {n: Factors(A=torch.randn(4, i, generator=gen), B=torch.randn(o, 4, generator=gen))
-               for n, (o, i) in SHAPES.items()}
-    return protocol.downlink(FedAvg(), adapter, None)
-
-
-SENT = sent_payload()
+SENT = sent_payload(SHAPES)
 
 
 def accept(received: Payload, bits: int = 0, size: int | None = None) -> Payload:

@@ -14,16 +14,10 @@ from privlora.privacy.plan import NoPrivacy, make_plan
 from privlora.protocol import Payload
 from privlora.rules import FFA, Exact, FedAvg
 from privlora.server import prepare
+from tests.builders import random_adapter
 
 SHAPES = {"q": (6, 5), "v": (4, 5)}
 COUNTS = {"num_examples": 24.0, "train_loss": 0.5}
-
-
-def adapter(seed: int, rank: int = 4):
-    gen = torch.Generator().manual_seed(seed)
-    return {name: Factors(A=torch.randn(rank, d_in, generator=gen),
-                          B=torch.randn(d_out, rank, generator=gen))
-            for name, (d_out, d_in) in SHAPES.items()}
 
 
 def test_a_payload_round_trips_through_bytes_with_its_numbers():
@@ -39,7 +33,7 @@ def test_a_payload_round_trips_through_bytes_with_its_numbers():
 
 
 def test_downlink_sends_what_the_rule_trains_and_a_rank_r_share():
-    global_adapter = adapter(0)
+    global_adapter = random_adapter(SHAPES, 0)
     full = protocol.downlink(FedAvg(), global_adapter, None).tensors
     assert set(full) == set(flatten(global_adapter))
     b_only = protocol.downlink(FFA(), global_adapter, None).tensors
@@ -50,7 +44,7 @@ def test_downlink_sends_what_the_rule_trains_and_a_rank_r_share():
 
 
 def test_client_start_is_rebuilt_from_the_payload_and_the_clients_own_init():
-    global_adapter, init = adapter(0), adapter(1)
+    global_adapter, init = random_adapter(SHAPES, 0), random_adapter(SHAPES, 1)
     start = protocol.client_start(protocol.downlink(FedAvg(), global_adapter, None), init, True)
     assert all(torch.equal(start[n].A, global_adapter[n].A) and
                torch.equal(start[n].B, global_adapter[n].B) for n in SHAPES)
@@ -73,9 +67,10 @@ def test_client_start_is_rebuilt_from_the_payload_and_the_clients_own_init():
     (lambda t: {**t, "q.lora_B": torch.full((6, 4), float("nan"))}, "NaN"),
 ])
 def test_client_start_refuses_a_payload_that_is_not_an_adapter_for_its_model(damage, words):
-    payload = protocol.downlink(FedAvg(), adapter(0), None)
+    payload = protocol.downlink(FedAvg(), random_adapter(SHAPES, 0), None)
     with pytest.raises(InvalidUpdate, match=words):
-        protocol.client_start(Payload(damage(dict(payload.tensors))), adapter(1), True)
+        protocol.client_start(Payload(damage(dict(payload.tensors))), random_adapter(SHAPES, 1),
+                              True)
 
 
 def test_the_client_trains_on_what_the_payload_carries(tiny_config):
@@ -99,8 +94,8 @@ def test_the_client_trains_on_what_the_payload_carries(tiny_config):
 
 
 def test_check_uplink_refuses_other_tensors_than_were_sent():
-    sent = protocol.downlink(FFA(), adapter(0), None)
-    with_a = Payload(flatten(adapter(0)), COUNTS)  # ffa must send B only
+    sent = protocol.downlink(FFA(), random_adapter(SHAPES, 0), None)
+    with_a = Payload(flatten(random_adapter(SHAPES, 0)), COUNTS)  # ffa must send B only
     with pytest.raises(InvalidUpdate, match=r"client 3 .*unexpected \['[^']*lora_A'"):
         protocol.check_uplink(3, sent, with_a, NoPrivacy())
     zeros = {k: torch.zeros_like(v) for k, v in sent.tensors.items()}
@@ -108,7 +103,7 @@ def test_check_uplink_refuses_other_tensors_than_were_sent():
 
 
 def test_check_uplink_refuses_counts_under_dp_and_requires_them_without(tiny_config):
-    sent = protocol.downlink(FedAvg(), adapter(0), None)
+    sent = protocol.downlink(FedAvg(), random_adapter(SHAPES, 0), None)
     tensors = {k: torch.zeros_like(v) for k, v in sent.tensors.items()}
     local = make_plan(tiny_config("privacy.mode=local", "privacy.noise_multiplier=1"), [24] * 4)
     protocol.check_uplink(1, sent, Payload(tensors), local)
@@ -122,12 +117,12 @@ def test_check_uplink_refuses_counts_under_dp_and_requires_them_without(tiny_con
 
 
 def test_ffa_refuses_a_client_whose_frozen_a_is_not_the_servers():
-    global_adapter = adapter(0)
+    global_adapter = random_adapter(SHAPES, 0)
     down = protocol.downlink(FFA(), global_adapter, None)
     assert down.meta == {protocol.FROZEN_A: protocol.frozen_a_digest(global_adapter)}
     protocol.client_start(down, global_adapter, train_a=False)
     with pytest.raises(InvalidUpdate, match="frozen A .* differs from the server's"):
-        protocol.client_start(down, adapter(1), train_a=False)
+        protocol.client_start(down, random_adapter(SHAPES, 1), train_a=False)
 
 
 def test_client_selection_is_seeded_without_dp_and_secure_under_client_dp(tiny_config):
@@ -173,7 +168,7 @@ def test_check_budget_refuses_a_round_before_spending_it(tiny_config):
 
 
 def test_a_nonfinite_update_is_left_out_and_logged_locally(tiny_config, caplog):
-    global_adapter = adapter(0)
+    global_adapter = random_adapter(SHAPES, 0)
     good = Payload({k: torch.ones_like(v) for k, v in flatten(global_adapter).items()}, COUNTS)
     bad = Payload({k: torch.full_like(v, float("nan")) for k, v in good.tensors.items()}, COUNTS)
     with caplog.at_level("WARNING", logger="privlora.local"):
@@ -189,7 +184,7 @@ def test_a_nonfinite_update_is_left_out_and_logged_locally(tiny_config, caplog):
 
 
 def test_aggregate_weights_by_reported_counts_only_without_dp(tiny_config):
-    global_adapter = adapter(0)
+    global_adapter = random_adapter(SHAPES, 0)
     ups = [Payload({k: torch.full_like(v, value) for k, v in flatten(global_adapter).items()},
                    {"num_examples": count}) for value, count in ((1.0, 1.0), (5.0, 3.0))]
     plain = make_plan(tiny_config(), [24] * 4)
@@ -207,7 +202,7 @@ def test_client_mode_noises_even_a_round_nobody_joined(tiny_config):
     config = tiny_config("privacy.mode=client", "privacy.noise_multiplier=1",
                          "privacy.reproducible_noise=true")
     plan = make_plan(config, [24] * 4)
-    global_adapter = adapter(0)
+    global_adapter = random_adapter(SHAPES, 0)
     out, _ = protocol.aggregate(FedAvg(), plan, global_adapter, [], torch.Generator().manual_seed(1))
     moved = torch.cat([(flatten(out)[k] - v).flatten() for k, v in flatten(global_adapter).items()])
     # noise std on the mean: sigma * clip / (q N) = 1 * 1 / 4

@@ -6,23 +6,13 @@ import pytest
 import torch
 
 from privlora import aggregation
-from privlora.lora import Adapter, Factors, first_components, flatten, is_factor_b
+from privlora.lora import Factors, first_components, flatten, is_factor_b
 from privlora.privacy.central import CentralDP
 from privlora.rules import FFA, Exact, FedAvg, build_rule
+from tests.builders import random_adapter, random_like
 
 SHAPES = {"q": (6, 5), "v": (4, 5)}  # layer: (out, in)
 RANK = 4
-
-
-def adapter(gen: torch.Generator, rank: int = RANK) -> Adapter:
-    return {name: Factors(A=torch.randn(rank, d_in, generator=gen),
-                          B=torch.randn(d_out, rank, generator=gen))
-            for name, (d_out, d_in) in SHAPES.items()}
-
-
-def delta_like(sent: dict[str, torch.Tensor], gen: torch.Generator,
-               scale: float = 0.1) -> dict[str, torch.Tensor]:
-    return {k: scale * torch.randn(v.shape, generator=gen) for k, v in sent.items()}
 
 
 def no_noise(count: float, clip: float = 0.5) -> CentralDP:
@@ -46,8 +36,8 @@ def test_build_rule_gives_each_rule_its_behaviour(tiny_config):
 
 def test_fedavg_averages_each_clients_factors_and_logs_the_gap():
     gen = torch.Generator().manual_seed(1)
-    global_adapter = adapter(gen)
-    deltas = [delta_like(flatten(global_adapter), gen) for _ in range(3)]
+    global_adapter = random_adapter(SHAPES, gen, RANK)
+    deltas = [random_like(flatten(global_adapter), gen, 0.1) for _ in range(3)]
     weights = [1.0, 2.0, 5.0]
     out, gaps = FedAvg().aggregate(global_adapter, deltas, weights, None, rng())
     clients = [aggregation.apply_delta(global_adapter, d) for d in deltas]
@@ -61,9 +51,9 @@ def test_fedavg_averages_each_clients_factors_and_logs_the_gap():
 
 def test_ffa_averages_b_and_keeps_the_shared_a():
     gen = torch.Generator().manual_seed(2)
-    global_adapter = adapter(gen)
+    global_adapter = random_adapter(SHAPES, gen, RANK)
     sent = {k: v for k, v in flatten(global_adapter).items() if is_factor_b(k)}
-    deltas = [delta_like(sent, gen) for _ in range(2)]
+    deltas = [random_like(sent, gen, 0.1) for _ in range(2)]
     out, diagnostics = FFA().aggregate(global_adapter, deltas, [1.0, 3.0], None, rng())
     assert diagnostics == {}
     for name in SHAPES:
@@ -75,8 +65,8 @@ def test_ffa_averages_b_and_keeps_the_shared_a():
 def test_exact_with_equal_ranks_is_the_weighted_mean_of_the_clients_products():
     gen = torch.Generator().manual_seed(3)
     rule = Exact(rank=5, scale=0.5)  # rank 5 = min(out, in): nothing is truncated
-    global_adapter = adapter(gen, rank=5)
-    deltas = [delta_like(flatten(global_adapter), gen, scale=0.5) for _ in range(3)]
+    global_adapter = random_adapter(SHAPES, gen, rank=5)
+    deltas = [random_like(flatten(global_adapter), gen, 0.5) for _ in range(3)]
     weights = [1.0, 1.0, 2.0]
     out, residuals = rule.aggregate(global_adapter, deltas, weights, None, rng())
     clients = [aggregation.apply_delta(global_adapter, d) for d in deltas]
@@ -110,7 +100,8 @@ def test_client_mode_exact_moves_the_product_by_clip_over_qn_for_one_huge_update
     # moves the global product by exactly clip / (q N) in Frobenius norm over all layers.
     gen = torch.Generator().manual_seed(5)
     rule = Exact(rank=RANK, scale=2.0)
-    global_adapter = {n: Factors(A=f.A, B=torch.zeros_like(f.B)) for n, f in adapter(gen).items()}
+    global_adapter = {n: Factors(A=f.A, B=torch.zeros_like(f.B))
+                      for n, f in random_adapter(SHAPES, gen, RANK).items()}
     big = {k: torch.full_like(v, 3.0) for k, v in flatten(global_adapter).items()}
     new, _ = rule.aggregate(global_adapter, [big], [1.0], no_noise(count=4.0), rng())
     moved = aggregation.mean_products([new], [1.0], [rule.scale])
@@ -121,7 +112,7 @@ def test_client_mode_exact_moves_the_product_by_clip_over_qn_for_one_huge_update
 @pytest.mark.parametrize("rule", [FedAvg(), FFA()])
 def test_client_mode_factor_rules_move_the_factors_by_clip_over_qn(rule):
     gen = torch.Generator().manual_seed(6)
-    global_adapter = adapter(gen)
+    global_adapter = random_adapter(SHAPES, gen, RANK)
     sent = {k: v for k, v in flatten(global_adapter).items() if rule.trains_a or is_factor_b(k)}
     big = {k: torch.full_like(v, 3.0) for k, v in sent.items()}
     new, diagnostics = rule.aggregate(global_adapter, [big], [1.0], no_noise(count=2.0), rng())
@@ -134,7 +125,7 @@ def test_client_mode_factor_rules_move_the_factors_by_clip_over_qn(rule):
 
 def test_client_mode_counts_a_nonfinite_update_as_zero():
     gen = torch.Generator().manual_seed(7)
-    global_adapter = adapter(gen)
+    global_adapter = random_adapter(SHAPES, gen, RANK)
     sent = flatten(global_adapter)
     broken = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
     new, _ = FedAvg().aggregate(global_adapter, [broken], [1.0], no_noise(count=2.0), rng())

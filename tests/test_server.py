@@ -1,19 +1,24 @@
-"""End-to-end simulations on the tiny random Llama: the run directory, bytes, privacy, rules."""
+"""End-to-end simulations on the tiny random Llama: the run directory, bytes, privacy, rules,
+a round that loses clients."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from privlora import server
 from privlora.communication import payload_bytes
+from privlora.errors import RoundFailed
 from privlora.evaluate import majority_share
 from privlora.evaluate_adapter import evaluate_adapter
 from privlora.lora import flatten
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.plan import SECURE, SEEDED
+from privlora.protocol import Payload
 from privlora.server import prepare, run
 
 LOCAL = ("privacy.mode=local", "privacy.noise_multiplier=1.0")
@@ -258,3 +263,48 @@ def test_the_same_run_on_cuda_matches_the_cpu(mode, tiny_config, tmp_path):
     assert gpu["final"]["loss"] == pytest.approx(cpu["final"]["loss"], rel=1e-3)
     a, b = adapter_of(tmp_path / "cpu"), adapter_of(tmp_path / "gpu")
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+
+
+class LossyTransport:
+    """The in-process wire, except that client 1 never answers and client 2 sends NaN."""
+
+    def __init__(self, sim):
+        self.inner = server.InProcess(sim)
+
+    def reachable(self, ids):
+        return ids
+
+    def exchange(self, round_, downs, run):
+        replies = self.inner.exchange(round_, downs, run)
+        replies.pop(1, None)
+        payload, size = replies[2]
+        bad = dict(payload.tensors)
+        name = min(bad)
+        bad[name] = torch.full_like(bad[name], math.nan)
+        replies[2] = (Payload(bad, payload.meta), size)
+        return replies
+
+
+def test_a_round_goes_on_without_the_clients_it_lost(tiny_config, tmp_path, read_metrics, caplog):
+    config = tiny_config("federation.num_clients=4", "privacy.mode=local",
+                         "privacy.noise_multiplier=0.5")
+    sim = server.prepare(config)
+    with caplog.at_level("WARNING", logger="privlora.local"):
+        server.run_rounds(sim, LossyTransport(sim), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")[1:]
+    assert all(r["clients"] == [0, 1, 2, 3] and r["rejected"] == [1, 2] for r in rows)
+    assert all(r["bytes_by_client"]["1"]["up"] == 0 for r in rows)
+    assert "client 1 left out: no reply" in caplog.text
+    assert "client 2 sent NaN or inf" in caplog.text
+    # what is published says nothing of why: the reasons stay in the server's log
+    published = "".join(p.read_text() for p in (tmp_path / "run").glob("*.json*"))
+    assert "NaN" not in published and "no reply" not in published
+
+
+def test_too_few_acceptable_updates_stop_the_run_after_the_rounds_before(tiny_config, tmp_path,
+                                                                          read_metrics):
+    config = tiny_config("federation.num_clients=4", "federation.min_clients=3")
+    sim = server.prepare(config)
+    with pytest.raises(RoundFailed, match=r"round 1: 2 of 4 clients .*min_clients = 3"):
+        server.run_rounds(sim, LossyTransport(sim), tmp_path / "run")
+    assert [r["round"] for r in read_metrics(tmp_path / "run")] == [0]

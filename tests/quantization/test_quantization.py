@@ -35,6 +35,7 @@ from privlora.quantization.schemes import (
     nf4_error_bound,
     tensor_type,
 )
+from tests.builders import tiny_llama
 
 Q = gguf.GGMLQuantizationType
 
@@ -117,11 +118,9 @@ def test_nf4_bundle_holds_bitsandbytes_own_dequantization(tmp_path, tokenizer):
     dequantizes from the stored codes and absmax, and differ from the originals."""
     import bitsandbytes.functional as bnb
 
-    from privlora.models import tiny_random_llama
     from privlora.quantization.bundle import ABSMAX
 
-    model = tiny_random_llama(len(tokenizer))  # rows of 32 stay float32 under NF4
-    model.requires_grad_(False)
+    model = tiny_llama(tokenizer)  # rows of 32 stay float32 under NF4
     write_bundle(model, tokenizer, "nf4", tmp_path / "b", "tiny-random")
     loaded, manifest = load_bundle(tmp_path / "b", dtype="float32")
     nf4 = [e for e in manifest.tensors if e.type == "NF4"]

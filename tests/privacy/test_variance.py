@@ -10,6 +10,7 @@ import torch
 from privlora.errors import ConfigError
 from privlora.lora import Factors
 from privlora.privacy.variance import LayerNoiseVariance, local_noise_variance, summarize
+from tests.builders import random_adapter
 
 OUT, IN, RANK = 6, 5, 3
 N_CLIENTS, NOISE_STD, SCALE = 4, 0.3, 2.0
@@ -17,15 +18,10 @@ DRAWS = 20_000
 
 
 def _adapter() -> dict[str, Factors]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "layers.0.q_proj": Factors(
-            A=torch.randn(RANK, IN, generator=g), B=torch.randn(OUT, RANK, generator=g)
-        ),
-        "layers.0.v_proj": Factors(
-            A=torch.randn(RANK, 7, generator=g) * 0.1, B=torch.randn(2, RANK, generator=g)
-        ),
-    }
+    adapter = random_adapter({"layers.0.q_proj": (OUT, IN), "layers.0.v_proj": (2, 7)}, 0, RANK)
+    v = adapter["layers.0.v_proj"]
+    adapter["layers.0.v_proj"] = Factors(A=v.A * 0.1, B=v.B)  # a layer of smaller A
+    return adapter
 
 
 def _simulate(factors: Factors, noise_a: bool, seed: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from privlora.config import (
 from privlora.errors import ConfigError
 from privlora.privacy import recipe
 from privlora.privacy.recipe import PRIVATE_BUDGET, choose, resolve, wanted
+from tests.builders import tiny_llama
 
 # SmolLM2-135M's shapes as auto sees them (model_facts("builtin")): v_proj 576 -> 192, 30 layers
 SMOL = ModelFacts(134_515_008, 30, {"q_proj": (576, 576, 30), "k_proj": (576, 192, 30),
@@ -156,13 +157,12 @@ def test_resolved_once_then_fixed_through_to_toml_reload_and_resume(tmp_path, mo
 
 def test_the_coordinates_auto_counts_are_the_adapter_s(tokenizer):
     from privlora.lora import LoraSpec, attach, read_adapter, released_coordinates
-    from privlora.models import tiny_random_llama
 
-    facts = facts_of(tiny_random_llama(len(tokenizer)))
+    facts = facts_of(tiny_llama(tokenizer))
     for targets, rank, last, trains_a in [(("v_proj",), 2, 0, False), ((), 4, 1, True),
                                           (("q_proj", "v_proj"), 3, 0, True)]:
         spec = LoraSpec(rank, 8, 0.0, targets or facts.default_targets, last)
-        adapter = read_adapter(attach(tiny_random_llama(len(tokenizer)), spec, seed=0))
+        adapter = read_adapter(attach(tiny_llama(tokenizer), spec, seed=0))
         assert facts.coordinates(targets, rank, last, trains_a) == released_coordinates(
             adapter, trains_a)
 

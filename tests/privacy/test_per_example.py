@@ -9,17 +9,10 @@ import torch.nn.functional as F
 from privlora.lora import lora_linears, set_trainable
 from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
+from tests.builders import randomize_lora_b
 
 LENGTHS = [9, 5, 12, 7]  # different lengths, so the batch is right-padded
 N_TARGETS = 3  # the loss covers each example's last N_TARGETS tokens
-
-
-def _randomize_b(handles) -> None:
-    """Give every lora_B random values: with B = 0 (PEFT's init) the gradient of A is zero."""
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, lora_b in lora_linears(handles).values():
-            lora_b.weight.copy_(torch.randn(lora_b.weight.shape, generator=g) * 0.5)
 
 
 def _batch(vocab: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,7 +68,7 @@ def _brute_force(handles, ids, mask, labels, train_a: bool) -> dict[str, torch.T
 
 @pytest.mark.parametrize("train_a", [True, False])
 def test_per_example_grads_match_a_loop_over_examples(tiny_lora, tokenizer, train_a):
-    _randomize_b(tiny_lora)
+    randomize_lora_b(tiny_lora, 5, 0.5)
     set_trainable(tiny_lora, train_a=train_a)
     ids, mask, labels = _batch(len(tokenizer), tokenizer.pad_token_id)
     expected = _brute_force(tiny_lora, ids, mask, labels, train_a)
@@ -113,7 +106,7 @@ def test_per_example_grads_sum_to_the_batch_gradient_under_bf16_autocast(tiny_mo
     from privlora.lora import LoraSpec, attach
 
     handles = attach(tiny_model.to(torch.bfloat16), LoraSpec(rank=4, alpha=8), seed=0)
-    _randomize_b(handles)
+    randomize_lora_b(handles, 5, 0.5)
     set_trainable(handles, train_a=True)
     ids, mask, labels = _batch(len(tokenizer), tokenizer.pad_token_id)
     with PerExampleGrads(handles) as tracker:
@@ -133,7 +126,7 @@ def test_per_example_grads_sum_to_the_batch_gradient_under_bf16_autocast(tiny_mo
 
 
 def test_collect_clears_and_hooks_leave_with_the_context(tiny_lora, tokenizer):
-    _randomize_b(tiny_lora)
+    randomize_lora_b(tiny_lora, 5, 0.5)
     set_trainable(tiny_lora, train_a=True)
     ids, mask, labels = _batch(len(tokenizer), tokenizer.pad_token_id)
     tracker = PerExampleGrads(tiny_lora)
