@@ -44,28 +44,40 @@ QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples
          "federation.eval_every=1", "quantization.general_examples=4"]
 
 
-def scheme_config(task: str, scheme: str, quick: bool):
+# How clients train on their quantized base and how the server serves the result: "grid"
+# trains on the bundle's values and serves the adapter on the full-precision base; "bin" trains
+# on a fresh draw within each weight's quantization bin every step (quantization.base_noise);
+# "logits" trains as "grid" and serves the full-precision base's log-probabilities plus the
+# adapter's change on the quantized base (quantization.transfer = "logits", proxy tuning), and
+# also reports the adapter on the server's base (the "grid" number, from the same training).
+METHODS = {"grid": [], "bin": ["quantization.base_noise=bin"],
+           "logits": ["quantization.transfer=logits"]}
+
+
+def scheme_config(task: str, scheme: str, quick: bool, method: str = "grid", seed: int = 0):
     from privlora.config import load_config
 
-    overrides = [*COMMON, *TASKS[task], *(QUICK if quick else [])]
+    overrides = [*COMMON, *TASKS[task], *(QUICK if quick else []), f"seed={seed}"]
     if scheme == "none":  # general text needs a quantized base: the unquantized run skips it
         overrides = [o for o in overrides if not o.startswith("quantization.")]
     else:
-        overrides.append(f"quantization.base={scheme}")
+        overrides += [f"quantization.base={scheme}", *METHODS[method]]
     return load_config(None, overrides)
 
 
-def run_scheme(task: str, scheme: str, quick: bool, out: Path) -> dict:
+def run_scheme(task: str, scheme: str, quick: bool, out: Path, method: str = "grid",
+               seed: int = 0) -> dict:
     import time
 
     from privlora.config import to_toml
     from privlora.server import run
 
-    config = scheme_config(task, scheme, quick)
+    config = scheme_config(task, scheme, quick, method, seed)
     started = time.time()
     summary = run(config, out, overwrite=True)
     report = summary.get("model_privacy")
-    return {"task": task, "scheme": scheme, "config": to_toml(config),
+    return {"task": task, "scheme": scheme, "method": method if scheme != "none" else "grid",
+            "seed": seed, "config": to_toml(config),
             "seconds": round(time.time() - started, 1), "run_dir": str(out),
             "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
             "majority_accuracy": summary["majority_class_accuracy"],
@@ -73,36 +85,70 @@ def run_scheme(task: str, scheme: str, quick: bool, out: Path) -> dict:
 
 
 def weight_error(scheme: str, quick: bool) -> dict:
-    """How far the bundle's weights are from the server's: relative Frobenius error of the
-    decoder's linear layers and of the token embeddings (the built-in model's own GGUF already
-    stores those as Q4_1 and Q8_0, so re-quantizing to the same grid loses nothing)."""
+    """How far what clients hold is from the server's weights: the relative Frobenius error of
+    the decoder's linear layers and of the token embeddings, for the bundle's grid values and
+    for the best estimate any coalition of clients can make from them (the midpoint of each
+    weight's quantization bin, ``quantization/bins.py``: every client receives the same bundle,
+    so pooling k of them adds nothing), with that estimate's general-text perplexity beside
+    the server's base and the grid's. (The built-in model's own GGUF already stores the linear
+    layers as Q4_1 and the embeddings as Q8_0, so re-quantizing to the same grid loses nothing.)
+    """
     import tempfile
 
+    import torch
+
+    from privlora.data import GENERAL_TEXT, general_texts
+    from privlora.evaluate import evaluate
     from privlora.models import TINY_RANDOM, load_model, load_tokenizer
+    from privlora.quantization.bins import bins_of
     from privlora.quantization.bundle import load_bundle, model_weights, write_bundle
 
     name = TINY_RANDOM if quick else "builtin"
-    model = load_model(name, "float32" if quick else "auto", "cpu")
+    dtype = "float32" if quick else "auto"
+    model = load_model(name, dtype, "cpu")
+    tokenizer = load_tokenizer(name)
     with tempfile.TemporaryDirectory() as tmp:
-        write_bundle(model, load_tokenizer(name), scheme, f"{tmp}/b", name)
-        bundle, _ = load_bundle(f"{tmp}/b", "float32" if quick else "auto", "cpu")
-    full, quant = model_weights(model), model_weights(bundle)
+        write_bundle(model, tokenizer, scheme, f"{tmp}/b", name)
+        bundle, manifest = load_bundle(f"{tmp}/b", dtype, "cpu")
+    full, grid = model_weights(model), {n: w.clone() for n, w in model_weights(bundle).items()}
+    midpoint = dict(grid)
+    for entry in manifest.tensors:
+        if entry.type != "F32" and not entry.identical:
+            low, width = bins_of(grid[entry.name], entry.type)
+            rows = grid[entry.name].float().reshape(low.shape[0], -1)
+            midpoint[entry.name] = (rows + low + width / 2).reshape(entry.shape)
 
-    def relative(names: list[str]) -> float:
-        num = sum(float((quant[n].float() - full[n].float()).norm() ** 2) for n in names)
+    def relative(held: dict, names: list[str]) -> float:
+        num = sum(float((held[n].float() - full[n].float()).norm() ** 2) for n in names)
         return (num / sum(float(full[n].float().norm() ** 2) for n in names)) ** 0.5
 
+    texts = general_texts(GENERAL, 4 if quick else 64, tokenizer, 128)
+
+    def perplexity(weights: dict) -> float:
+        with torch.no_grad():
+            for n, w in model_weights(bundle).items():
+                w.copy_(weights[n])
+        return evaluate(bundle, texts, GENERAL_TEXT, tokenizer).perplexity
+
     linear = [n for n, w in full.items() if w.dim() == 2 and "embed" not in n]
-    return {"linear": relative(linear), "embeddings": relative(["model.embed_tokens.weight"])}
+    embed = ["model.embed_tokens.weight"]
+    return {"linear": relative(grid, linear), "embeddings": relative(grid, embed),
+            "midpoint_linear": relative(midpoint, linear),
+            "midpoint_embeddings": relative(midpoint, embed),
+            "general_perplexity_server": perplexity(full),
+            "general_perplexity_grid": perplexity(grid),
+            "general_perplexity_midpoint": perplexity(midpoint)}
 
 
 def render(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["scheme"] == "none"), None)
+    unquantized = {r["seed"]: r for r in rows if r["scheme"] == "none"}
     lines = []
     for r in rows:
         m = r["model_privacy"]
+        base = unquantized.get(r["seed"], unquantized.get(0))
         if m is None:
-            lines.append([r["scheme"], "-", "-", pct(r["accuracy"]), "-", "-", "-", "-", "-", "-"])
+            lines.append([r["scheme"], r["method"], r["seed"], "-", "-", pct(r["accuracy"]), "-",
+                          "-", "-", "-", "-", "-", "-"])
             continue
         error = r.get("weight_error") or {}
         # rows from before the manifest listed every file name the base and the weights' bytes
@@ -110,20 +156,46 @@ def render(rows: list[dict]) -> str:
         alone = m.get("client_base", m.get("quantized_base"))
         weights = m.get("bundle_weights_bytes", m["bundle_bytes"])
         central, visible = m["central"], m["client_visible"]
+        adapter = m.get("adapter_on_server_base")
         delta = "-" if base is None else f"{100 * (central['accuracy'] - base['accuracy']):+.1f}"
         lines.append([
-            r["scheme"], f"{weights / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
+            r["scheme"], r["method"], r["seed"], f"{weights / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
             f"{error.get('linear', float('nan')):.3f} / {error.get('embeddings', float('nan')):.3f}",
-            pct(central["accuracy"]), delta, pct(visible["accuracy"]), pct(alone["accuracy"]),
+            pct(central["accuracy"]), delta,
+            "-" if adapter is None else pct(adapter["accuracy"]),
+            pct(visible["accuracy"]), pct(alone["accuracy"]),
             f"{central['general_perplexity']:.2f}", f"{visible['general_perplexity']:.2f}",
             f"{m['general_perplexity_ratio']:.3f}"])
     zero = rows[0]["zero_shot_accuracy"] if rows else None
     return (f"zero-shot (full precision) {pct(zero)}, majority class "
             f"{pct(rows[0]['majority_accuracy']) if rows else '-'}\n\n") + table(
-        ["base scheme", "bundle weights (vs float32)", "weight error linear / embeddings",
-         "central acc", "central - unquantized (points)", "client-visible acc",
+        ["base scheme", "method", "seed", "bundle weights (vs float32)", "weight error linear / embeddings",
+         "central acc", "central - unquantized (points)", "adapter on server base",
+         "client-visible acc",
          "quantized base alone", "general ppl central", "general ppl client-visible",
-         "ppl ratio"], lines) + _before_training(rows)
+         "ppl ratio"], lines) + _before_training(rows) + _reconstruction(rows)
+
+
+def _reconstruction(rows: list[dict]) -> str:
+    """Per scheme: what any coalition of clients holds (the same bundle, whatever k), its best
+    estimate of the server's weights (the bins' midpoints) and that estimate's perplexity."""
+    seen, lines = set(), []
+    for r in rows:
+        error = r.get("weight_error") or {}
+        if r["scheme"] in seen or "midpoint_linear" not in error:
+            continue
+        seen.add(r["scheme"])
+        lines.append([r["scheme"], f"{error['linear']:.3f} / {error['embeddings']:.3f}",
+                      f"{error['midpoint_linear']:.3f} / {error['midpoint_embeddings']:.3f}",
+                      f"{error['general_perplexity_server']:.2f}",
+                      f"{error['general_perplexity_grid']:.2f}",
+                      f"{error['general_perplexity_midpoint']:.2f}"])
+    if not lines:
+        return ""
+    return "\n\nwhat k colluding clients can reconstruct (any k: every client gets the same " \
+        "bundle)\n\n" + table(
+            ["base scheme", "weight error of the grid (linear / embeddings)",
+             "of the bins' midpoints", "general ppl server", "grid", "midpoints"], lines)
 
 
 def _before_training(rows: list[dict]) -> str:
@@ -139,31 +211,52 @@ def _before_training(rows: list[dict]) -> str:
             f"{server['general_perplexity']:.2f}; quantized base alone: " + ", ".join(alone))
 
 
+def _keyed(row: dict) -> dict:
+    """A row with its method and seed (rows from before those columns: grid, seed 0)."""
+    return {"method": "grid", "seed": 0, **row}
+
+
+def _key(row: dict) -> tuple[str, str, int]:
+    return row["scheme"], row["method"], row["seed"]
+
+
+def _order(row: dict) -> tuple[int, int, int]:
+    order, methods = DEFAULT_SCHEMES.split(","), list(METHODS)
+    return (order.index(row["scheme"]) if row["scheme"] in order else 99,
+            methods.index(row["method"]) if row["method"] in methods else 99, row["seed"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="builtin", choices=sorted(TASKS))
     parser.add_argument("--schemes", default=DEFAULT_SCHEMES)
+    parser.add_argument("--methods", default="grid", help=f"of {sorted(METHODS)}")
+    parser.add_argument("--seeds", default="0")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     name = f"fedlpp_{args.task}" + ("_quick" if args.quick else "")
-    rows = saved(name, "rows", [])
-    missing = [r for r in rows if r["scheme"] != "none" and "weight_error" not in r]
+    rows = [_keyed(r) for r in saved(name, "rows", [])]
+    missing = [r for r in rows if r["scheme"] != "none"
+               and "midpoint_linear" not in r.get("weight_error", {})]
     for row in missing:  # rows measured before the column existed: the same bundle, recomputed
         row["weight_error"] = weight_error(row["scheme"], args.quick)
     if missing:
         save(name, {"task": args.task, "rows": rows})
-    if not args.report:
-        for scheme in args.schemes.split(","):
-            row = run_scheme(args.task, scheme, args.quick, RESULTS / "runs" / name / scheme)
-            rows = saved(name, "rows", [])
-            if scheme != "none":
-                row["weight_error"] = weight_error(scheme, args.quick)
-            rows = [r for r in rows if r["scheme"] != scheme] + [row]
-            order = DEFAULT_SCHEMES.split(",")
-            rows.sort(key=lambda r: order.index(r["scheme"]) if r["scheme"] in order else 99)
-            save(name, {"task": args.task, "rows": rows})
-            print(f"{scheme}: central {pct(row['accuracy'])} in {row['seconds']} s", flush=True)
+    cells = [(scheme, method, int(seed)) for seed in args.seeds.split(",")
+             for scheme in args.schemes.split(",")
+             for method in (["grid"] if scheme == "none" else args.methods.split(","))]
+    for scheme, method, seed in [] if args.report else cells:
+        out = RESULTS / "runs" / name / f"{scheme}-{method}-{seed}"
+        row = run_scheme(args.task, scheme, args.quick, out, method, seed)
+        if scheme != "none":
+            row["weight_error"] = weight_error(scheme, args.quick)
+        key = _key(row)
+        rows = [r for r in map(_keyed, saved(name, "rows", [])) if _key(r) != key] + [row]
+        rows.sort(key=_order)
+        save(name, {"task": args.task, "rows": rows})
+        print(f"{scheme} {method} seed {seed}: central {pct(row['accuracy'])} in "
+              f"{row['seconds']} s", flush=True)
     print(render(rows))
 
 

@@ -13,6 +13,7 @@ spec, its generators.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from privlora.privacy.per_example import PerExampleGrads
 from privlora.privacy.plan import PrivacyPlan
 from privlora.privacy.site import SiteBudget, release_of
 from privlora.quantization import codec
+from privlora.quantization.bins import BinNoise
 from privlora.rules import Rule
 
 # Messages that stay with the party that logs them: never written to the run directory.
@@ -74,6 +76,7 @@ class LocalSpec:
     release_canaries: ReleaseCanaries | None = None  # privlora audit only (local mode)
     threads: int = 1  # train.threads: CPU threads of the round (0 = torch's default)
     gradient_checkpointing: str = "off"  # train.gradient_checkpointing: "auto", "on" or "off"
+    base_noise: BinNoise | None = None  # quantization.base_noise = "bin": the model's bins
 
 
 @dataclass(frozen=True)
@@ -109,9 +112,11 @@ def rank_of(config: RunConfig, client_id: int) -> int | None:
 
 
 def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None,
-             label_tokens: tuple[int, ...] = ()) -> LocalSpec:
+             label_tokens: tuple[int, ...] = (), base_noise: BinNoise | None = None
+             ) -> LocalSpec:
     """Build what a client does each round from the config, the rule and the privacy plan
-    (``label_tokens`` from ``evaluate.training_label_tokens``)."""
+    (``label_tokens`` from ``evaluate.training_label_tokens``; ``base_noise`` the bins of the
+    client's quantized base under ``quantization.base_noise = "bin"``)."""
     t = config.train
     return LocalSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
                      optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -121,7 +126,8 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None,
                      send_counts=not plan.private,
                      microbatch=t.microbatch, uplink_bits=config.quantization.uplink_bits,
                      label_tokens=label_tokens, threads=t.threads,
-                     gradient_checkpointing=t.gradient_checkpointing)
+                     gradient_checkpointing=t.gradient_checkpointing,
+                     base_noise=base_noise)
 
 
 def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol.Payload,
@@ -144,7 +150,7 @@ def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol
         result = local_update(handles, start, site.examples, site.spec,
                               seeded_generator(seed, round_, site.client_id, "batches"),
                               seeded_generator(seed, round_, site.client_id, "noise"), pad_id,
-                              on_step)
+                              on_step, seeded_generator(seed, round_, site.client_id, "bins"))
     if any(result.local_log.values()):
         local_log.warning("client %d round %d: %s", site.client_id, round_, result.local_log)
     return codec.pack_update(protocol.Payload(result.delta, result.meta), site.spec.uplink_bits,
@@ -153,10 +159,13 @@ def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol
 
 def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], spec: LocalSpec,
                  batch_rng: torch.Generator, noise_rng: torch.Generator, pad_id: int,
-                 on_step: Callable[[int], None] | None = None) -> LocalResult:
+                 on_step: Callable[[int], None] | None = None,
+                 bins_rng: torch.Generator | None = None) -> LocalResult:
     """Train from ``start`` for ``spec.steps`` steps; return the update to send.
 
-    ``on_step(tokens)`` is called after each step (a progress display).
+    ``on_step(tokens)`` is called after each step (a progress display). With
+    ``spec.base_noise`` each step trains on a fresh draw of the quantized base within its bins
+    (from ``bins_rng``), and the grid values are back when this returns.
     """
     write_adapter(handles, start)
     optimizer = _optimizer(set_trainable(handles, train_a=spec.train_a), spec)
@@ -168,9 +177,13 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
     device = device_of(handles.model)
     checkpointing = wants_checkpointing(spec.gradient_checkpointing, handles.model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-            gradient_checkpointing(handles.model, checkpointing):
+            gradient_checkpointing(handles.model, checkpointing), _on_grid(spec.base_noise):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=batch_rng)))
         for _ in range(spec.steps):
+            if spec.base_noise is not None:
+                if bins_rng is None:
+                    raise ValueError("spec.base_noise needs bins_rng")
+                spec.base_noise.draw(bins_rng)
             step = gradient_step(handles, examples, spec, named, batch_rng, noise_rng, pad_id)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -193,6 +206,16 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
         return LocalResult(delta, {}, log)  # under DP only the (noised or clipped) update leaves
     meta = {"num_examples": float(len(examples)), "train_loss": sum(losses) / len(losses)}
     return LocalResult(delta, meta, log)
+
+
+@contextlib.contextmanager
+def _on_grid(base_noise: BinNoise | None):
+    """Put the quantized base's grid values back however the steps end."""
+    try:
+        yield
+    finally:
+        if base_noise is not None:
+            base_noise.restore()
 
 
 def gradient_step(handles: LoraHandles, examples: list[Example], spec: LocalSpec,

@@ -22,6 +22,8 @@ PrivacyMode = Literal["none", "sample", "client", "local"]
 Aggregation = Literal["fedavg", "ffa", "exact"]
 BaseScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "tq2_0", "nf4"]
 AdapterScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"]
+BaseNoise = Literal["none", "bin"]
+Transfer = Literal["adapter", "logits"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,15 @@ class QuantizationConfig:
     base: BaseScheme = "none"
     adapter: AdapterScheme = "none"  # the global adapter on the downlink, same block schemes
     uplink_bits: int = 0  # 8 or 4: unbiased stochastic rounding of the update (0 = float32)
+    # "bin": each local step trains on a fresh draw of every quantized base weight, uniform
+    # within its quantization bin (quantization/bins.py), so the adapter fits no one error
+    # pattern; computed by each client from its bundle alone. "none": train on the grid.
+    base_noise: BaseNoise = "none"
+    # How the server serves the clients' adapter on its full-precision base: "adapter", the
+    # base plus the LoRA adapter (a standard PEFT adapter); "logits", the base's log-probabilities
+    # plus the adapter's change on the quantized base the clients trained on,
+    # log p(quantized + adapter) - log p(quantized) (proxy tuning): three forwards per token
+    transfer: Transfer = "adapter"
     # JSONL of general text the fine-tune does not see (e.g. Dolly answers): the perplexity of
     # the central vs the client-visible model on it is the model-privacy gap; "" = not measured
     general_text: str = ""
@@ -472,6 +483,12 @@ def _validate_quantization(q: QuantizationConfig) -> None:
              f"quantization.uplink_bits = {q.uplink_bits} must be 0 (off), 8 or 4")
     _require(q.general_examples >= 1,
              f"quantization.general_examples = {q.general_examples} must be >= 1")
+    _require(not (q.base_noise != "none" and q.base == "none"),
+             f"quantization.base_noise = {q.base_noise!r} needs a quantized base: set "
+             "quantization.base (e.g. 'q4_0'), or base_noise = 'none'")
+    _require(not (q.transfer != "adapter" and q.base == "none"),
+             f"quantization.transfer = {q.transfer!r} needs a quantized base: set "
+             "quantization.base (e.g. 'q4_0'), or transfer = 'adapter'")
     _require(not (q.general_text and q.base == "none"),
              "quantization.general_text is set but quantization.base = 'none': the perplexity gap "
              "compares the central model with a client's quantized one; set quantization.base "

@@ -7,6 +7,7 @@ computing logits only at answer positions keeps the loss identical and the cost 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,36 @@ from privlora.data import Batch
 from privlora.errors import ConfigError, DataError
 
 
+@dataclass(frozen=True)
+class OffsetModel:
+    """The server's model under ``quantization.transfer = "logits"`` (proxy tuning, Liu et al.
+    2024): the full-precision base's log-probabilities plus what the adapter changes on the
+    quantized base the clients trained on,
+
+        log p_full(x) + log p_quantized+adapter(x) - log p_quantized(x)
+
+    (renormalised by whatever softmax reads them). ``full`` is scored with its LoRA layers
+    disabled, ``quantized`` with and without the global adapter: three forwards per batch.
+    """
+
+    full: PeftModel  # the server's full-precision base (its LoRA layers are switched off)
+    quantized: PeftModel  # the clients' base with the global adapter written into its LoRA
+
+    def eval(self) -> OffsetModel:
+        self.full.eval()
+        self.quantized.eval()
+        return self
+
+
 def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     """Return the underlying causal LM (with any LoRA layers injected) of a PEFT or HF model."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def device_of(model: PreTrainedModel | PeftModel) -> torch.device:
+def device_of(model: PreTrainedModel | PeftModel | OffsetModel) -> torch.device:
     """Return the device the model's weights live on (batches are moved there)."""
+    if isinstance(model, OffsetModel):
+        return device_of(model.full)
     return causal_lm(model).get_input_embeddings().weight.device
 
 
@@ -55,12 +79,25 @@ def head_logits(model: PreTrainedModel | PeftModel, hidden: torch.Tensor) -> tor
     return finish_logits(causal.config, causal.get_output_embeddings()(hidden))  # (N,H)@(H,V)
 
 
-def answer_logits(model: PreTrainedModel | PeftModel, batch: Batch) -> torch.Tensor:
+def answer_logits(model: PreTrainedModel | PeftModel | OffsetModel,
+                  batch: Batch) -> torch.Tensor:
     """Return float32 logits at the positions marked by ``batch.target_mask``: (N, V)."""
+    if isinstance(model, OffsetModel):
+        return offset_logits(model, batch)
     with autocast_for(model):
         hidden = hidden_states(model, batch.input_ids, batch.attention_mask)
         logits = head_logits(model, hidden[batch.target_mask])
     return logits.float()
+
+
+def offset_logits(model: OffsetModel, batch: Batch) -> torch.Tensor:
+    """Return the ``OffsetModel``'s log-probabilities at the answer positions: (N, V)."""
+    with model.full.disable_adapter():
+        full = answer_logits(model.full, batch).log_softmax(dim=-1)
+    tuned = answer_logits(model.quantized, batch).log_softmax(dim=-1)
+    with model.quantized.disable_adapter():
+        untuned = answer_logits(model.quantized, batch).log_softmax(dim=-1)
+    return full + tuned - untuned
 
 
 @torch.no_grad()

@@ -120,8 +120,9 @@ def model_privacy_summary(quantization: QuantizationConfig, bundle: Manifest | N
 
     ``first`` (before training, a zero adapter) gives the server's base and the base a client
     holds (the quantized base alone when there is a bundle); ``last`` the central model (the
-    server's base + adapter) against the client-visible one (the client's base + the adapter as
-    sent).
+    server's base + adapter, or with ``transfer = "logits"`` the adapter's offset, and then the
+    adapter on the server's base too) against the client-visible one (the client's base + the
+    adapter as sent).
     """
     central, visible = last["central"], last["client_visible"]
     ratio = None
@@ -131,6 +132,8 @@ def model_privacy_summary(quantization: QuantizationConfig, bundle: Manifest | N
         "base_scheme": quantization.base,
         "adapter_scheme": quantization.adapter,
         "uplink_bits": quantization.uplink_bits,
+        "base_noise": quantization.base_noise,
+        "transfer": quantization.transfer,
         "general_text": quantization.general_text or None,
         "server_base": first["central"],
         "client_base": first["client_visible"],
@@ -139,6 +142,8 @@ def model_privacy_summary(quantization: QuantizationConfig, bundle: Manifest | N
         "accuracy_gap": _gap(central["accuracy"], visible["accuracy"]),
         "general_perplexity_ratio": ratio,
     }
+    if "adapter_on_server_base" in last:  # transfer = "logits": the adapter itself, beside it
+        report["adapter_on_server_base"] = last["adapter_on_server_base"]
     if bundle is not None:
         quantized = [t for t in bundle.tensors if t.type != "F32"]
         exact = [t for t in quantized if t.identical]

@@ -26,6 +26,7 @@ from privlora.communication import full_finetune_bytes
 from privlora.config import RunConfig, config_from_toml, load_config, refuse_changes, to_toml
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
 from privlora.evaluate import EvalResult, evaluate, majority_share, training_label_tokens
+from privlora.lm import OffsetModel
 from privlora.lora import (
     Adapter,
     LoraHandles,
@@ -46,6 +47,7 @@ from privlora.privacy.plan import PrivacyPlan, make_plan, predicted_signal
 from privlora.privacy.signal import NoiseToSignal
 from privlora.privacy.site import SiteBudget, SitePolicy, SiteRefused
 from privlora.quantization import codec
+from privlora.quantization.bins import BinNoise, bin_noise_for
 from privlora.quantization.bundle import Manifest, distribute
 from privlora.rules import Rule, build_rule
 from privlora.run_dir import Checkpoint, RunDir, check_target, last_checkpoint
@@ -80,6 +82,7 @@ class Simulation:
     central: LoraHandles  # the server's full-precision model (``handles`` itself without FedLPP)
     init: Adapter  # the LoRA init every party derives from the shared seed
     tokenizer: PreTrainedTokenizerBase
+    base_noise: BinNoise | None = None  # quantization.base_noise = "bin": the bundle's bins
 
 
 def prepare(config: RunConfig) -> Simulation:
@@ -91,7 +94,7 @@ def prepare(config: RunConfig) -> Simulation:
     labels = training_label_tokens(task, sim.tokenizer, config.train.loss)
     sim.sites = [client.Site(cid, data.tokenize(part, task, sim.tokenizer, config.data.max_length),
                              client.spec_for(config, sim.server.rule, sim.server.plan,
-                                             sim.server.ranks[cid], labels))
+                                             sim.server.ranks[cid], labels, sim.base_noise))
                  for cid, part in enumerate(parts)]
     return sim
 
@@ -118,10 +121,12 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
                                  config.data.max_length) if q.general_text else []
     model = load_model(config.model.name, config.model.dtype, config.model.device)
     full_bytes = full_finetune_bytes(model)
-    client_model, bundle = model, None
+    client_model, bundle, base_noise = model, None, None
     if q.base != "none":
         client_model, bundle = distribute(model, tokenizer, q.base, config.model.name,
                                           config.model.dtype, config.model.device)
+        if q.base_noise == "bin":  # what a site computes from its bundle alone
+            base_noise = bin_noise_for(client_model, bundle)
     spec = lora_spec_of(config.lora, model)  # resolved once: the central and clients' models
     central = attach(model, spec, seed=config.seed)
     handles = central if bundle is None else attach(client_model, spec, seed=config.seed)
@@ -130,7 +135,8 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     signal = predicted_signal(plan, released_coordinates(read_adapter(handles), rule.trains_a),
                               config.federation)
     server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal, bundle, general)
-    return Simulation(config, server, [], handles, central, read_adapter(handles), tokenizer)
+    return Simulation(config, server, [], handles, central, read_adapter(handles), tokenizer,
+                      base_noise)
 
 
 class Transport(Protocol):
@@ -421,37 +427,52 @@ def _encode_down(sim: Simulation, adapter: Adapter, rank: int | None) -> protoco
 
 
 def _evaluate(sim: Simulation, adapter: Adapter) -> EvalResult:
-    """Score the central model: the server's base (full precision) with ``adapter``."""
+    """Score the central model: the server's base (full precision) with ``adapter``, or under
+    ``quantization.transfer = "logits"`` its base with the adapter's offset (``OffsetModel``)."""
+    return evaluate(_served(sim, adapter), sim.server.eval_examples, sim.server.task,
+                    sim.tokenizer)
+
+
+def _served(sim: Simulation, adapter: Adapter):
+    """Return the model the server serves with the global ``adapter`` written where it acts."""
     write_adapter(sim.central, adapter)
-    return evaluate(sim.central.model, sim.server.eval_examples, sim.server.task, sim.tokenizer)
+    if sim.config.quantization.transfer != "logits":
+        return sim.central.model
+    write_adapter(sim.handles, adapter)  # the server's own (full-precision) factors
+    return OffsetModel(sim.central.model, sim.handles.model)
 
 
 def _model_privacy(sim: Simulation, adapter: Adapter, central: EvalResult) -> dict | None:
     """Return the model-privacy scores of this global adapter (None without FedLPP).
 
-    central: the server's base + the global adapter (``central`` holds its task scores,
-    already computed); client_visible: the base a client holds (the quantized bundle) + the
-    adapter as a client rebuilds it from the downlink (as quantized on the wire). Each with the
-    task's accuracy and answer loss, and the perplexity of the general text (when configured).
-    Before any training the adapter is zero, so the round-0 client_visible scores are the
-    client's base alone.
+    central: the model the server serves (``_served``: its base + the global adapter, or the
+    adapter's offset; ``central`` holds its task scores, already computed); client_visible: the
+    base a client holds (the quantized bundle) + the adapter as a client rebuilds it from the
+    downlink (as quantized on the wire). Each with the task's accuracy and answer loss, and the
+    perplexity of the general text (when configured). Under ``transfer = "logits"`` also
+    adapter_on_server_base: the server's base + the adapter itself. Before any training the
+    adapter is zero, so the round-0 client_visible scores are the client's base alone.
     """
     config, server = sim.config, sim.server
     if server.bundle is None and config.quantization.adapter == "none":
         return None
+    scores = {"central": _scores(sim, _served(sim, adapter), central)}
+    if config.quantization.transfer == "logits":
+        write_adapter(sim.central, adapter)
+        scores["adapter_on_server_base"] = _scores(sim, sim.central.model, None)
     sent = protocol.transmit(_encode_down(sim, adapter, None))[0]
     visible = protocol.client_start(codec.unpack_adapter(sent), sim.init, server.rule.trains_a)
-    return {"central": _scores(sim, sim.central, adapter, central),
-            "client_visible": _scores(sim, sim.handles, visible, None)}
+    write_adapter(sim.handles, visible)
+    return {**scores, "client_visible": _scores(sim, sim.handles.model, None)}
 
 
-def _scores(sim: Simulation, handles: LoraHandles, adapter: Adapter,
-            task: EvalResult | None) -> dict:
+def _scores(sim: Simulation, model, task: EvalResult | None) -> dict:
+    """Task accuracy and answer loss (``task`` when already computed) and the general-text
+    perplexity of ``model``, whose adapter is already written."""
     server = sim.server
-    write_adapter(handles, adapter)
     if task is None:
-        task = evaluate(handles.model, server.eval_examples, server.task, sim.tokenizer)
-    general = evaluate(handles.model, server.general, data.GENERAL_TEXT,
+        task = evaluate(model, server.eval_examples, server.task, sim.tokenizer)
+    general = evaluate(model, server.general, data.GENERAL_TEXT,
                        sim.tokenizer) if server.general else None
     return {"accuracy": task.accuracy, "macro_f1": task.macro_f1, "loss": task.loss,
             "general_perplexity": None if general is None else general.perplexity}

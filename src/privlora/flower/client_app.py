@@ -44,6 +44,7 @@ from privlora.models import load_model, load_tokenizer
 from privlora.privacy.plan import check_site, make_plan
 from privlora.privacy.site import SiteBudget, SitePolicy, SiteRefused, fingerprint
 from privlora.quantization import codec
+from privlora.quantization.bins import bin_noise_for
 from privlora.quantization.bundle import load_bundle
 from privlora.rules import build_rule
 
@@ -122,21 +123,24 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     plan = make_plan(config, None)  # sigma comes resolved: this only rebuilds the mechanisms
     check_site(config, len(rows))
     tokenizer = load_tokenizer(config.model.name)
-    model = _base_model(config, node.get("bundle", ""), bundle_digest)
+    model, manifest = _base_model(config, node.get("bundle", ""), bundle_digest)
+    base_noise = None
+    if manifest is not None and config.quantization.base_noise == "bin":
+        base_noise = bin_noise_for(model, manifest)  # before LoRA wraps it: the bundle's names
     handles = attach(model, lora_spec_of(config.lora, model), seed=config.seed)
     rank = int(node.get("rank", 0)) or client.rank_of(config, cid)
     spec = client.spec_for(config, build_rule(config), plan, rank,
-                           training_label_tokens(task, tokenizer, config.train.loss))
+                           training_label_tokens(task, tokenizer, config.train.loss), base_noise)
     examples = data.tokenize(rows, task, tokenizer, config.data.max_length)
     return SiteState(config, handles, read_adapter(handles),
                      client.Site(cid, examples, spec, budget), tokenizer)
 
 
 def _base_model(config: RunConfig, bundle: str, digest: str):
-    """Return the model this site trains on: the run's base, or under FedLPP its bundle, which
-    must be the one the server distributed."""
+    """Return the model this site trains on and its bundle's manifest: the run's base (no
+    manifest), or under FedLPP its bundle, which must be the one the server distributed."""
     if not digest:
-        return load_model(config.model.name, config.model.dtype, config.model.device)
+        return load_model(config.model.name, config.model.dtype, config.model.device), None
     if not bundle:
         raise BundleError("the run distributes a quantized base (quantization.base = "
                           f"{config.quantization.base!r}); give this SuperNode --node-config "
@@ -145,4 +149,4 @@ def _base_model(config: RunConfig, bundle: str, digest: str):
     if manifest.digest != digest:
         raise BundleError(f"bundle {bundle} is not the one the server distributes (digest "
                           f"{manifest.digest[:12]} != {digest[:12]}); fetch it again")
-    return model
+    return model, manifest

@@ -136,9 +136,14 @@ def decode_nf4(codes: np.ndarray, absmax: np.ndarray, shape: tuple[int, ...]) ->
     return bnb.dequantize_4bit(packed, state).reshape(shape).float()
 
 
+def nf4_levels() -> torch.Tensor:
+    """Return NF4's 16 levels in [-1, 1], ascending (bitsandbytes' table)."""
+    return _bnb().get_4bit_type("nf4", device="cpu").double()
+
+
 def nf4_error_bound(block: np.ndarray) -> float:
     """Return the largest NF4 round-trip error in one block of 64: half the widest gap between
     neighbouring NF4 levels (0.723 to 1.0), times the block's absmax."""
-    levels = _bnb().get_4bit_type("nf4", device="cpu").double()
+    levels = nf4_levels()
     half_gap = float((levels[1:] - levels[:-1]).max()) / 2
     return half_gap * float(np.abs(block).max()) * (1 + 1e-6) + 1e-12
