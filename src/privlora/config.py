@@ -92,6 +92,10 @@ class FederationConfig:
     # a round goes on while at least this many of its clients' updates are accepted (fewer
     # clients selected: all of them); a site that drops out or sends a refused update is left out
     min_clients: int = 1
+    # stop after this many consecutive rounds whose global update is indistinguishable from noise
+    # (its agreement with the round before, cos x sqrt(d), under 2: privacy/signal.py); it reads
+    # only the released, already-noised updates, so stopping costs no privacy. 0 = never stop
+    stop_on_noise: int = 0
     # deployment (Flower): seconds the server waits for a round's replies, and for the sites to
     # connect at the start
     round_timeout: float = 600.0
@@ -438,6 +442,8 @@ def validate(c: RunConfig) -> None:
     _require(f.num_clients >= 1, f"federation.num_clients = {f.num_clients} must be >= 1")
     _require(f.rounds >= 1, f"federation.rounds = {f.rounds} must be >= 1")
     _require(f.eval_every >= 1, f"federation.eval_every = {f.eval_every} must be >= 1")
+    _require(f.stop_on_noise >= 0,
+             f"federation.stop_on_noise = {f.stop_on_noise} must be >= 0 (0 = never stop)")
     _require(
         0 <= f.clients_per_round <= f.num_clients,
         f"federation.clients_per_round = {f.clients_per_round} must be in [0, num_clients]",

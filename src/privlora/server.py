@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from privlora import client, data, protocol, records, uplink
@@ -44,7 +46,8 @@ from privlora.privacy import recipe
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan, make_plan, predicted_signal
-from privlora.privacy.signal import NoiseToSignal
+from privlora.privacy.signal import NOISE_AGREEMENT, NoiseToSignal
+from privlora.privacy.signal import agreement as update_agreement
 from privlora.privacy.site import SiteBudget, SitePolicy, SiteRefused
 from privlora.quantization import codec
 from privlora.quantization.bins import BinNoise, bin_noise_for
@@ -134,9 +137,23 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     eval_examples = data.tokenize(eval_rows, task, tokenizer, config.data.max_length)
     signal = predicted_signal(plan, released_coordinates(read_adapter(handles), rule.trains_a),
                               config.federation)
+    _refuse_a_run_that_cannot_learn(config, signal)
     server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal, bundle, general)
     return Simulation(config, server, [], handles, central, read_adapter(handles), tokenizer,
                       base_noise)
+
+
+def _refuse_a_run_that_cannot_learn(config: RunConfig, signal: NoiseToSignal | None) -> None:
+    """With ``federation.stop_on_noise``, refuse before anything is spent a run the plan
+    predicts too noisy to learn (the forecast reads the config alone: no privacy cost)."""
+    if not config.federation.stop_on_noise or signal is None or \
+            signal.verdict != "too noisy to learn":
+        return
+    raise ConfigError(
+        f"the privacy plan predicts this run cannot learn (whole-run noise-to-signal "
+        f"{signal.whole_run:.2f}, above 1.0), so it would spend its budget for nothing; to learn, "
+        f"change one of: {'; '.join(signal.fixes())} (privlora privacy plan shows them), or set "
+        "federation.stop_on_noise = 0 to run it anyway")
 
 
 class Transport(Protocol):
@@ -257,6 +274,8 @@ class Start:
     last: EvalResult | None = None
     noise_multiplier: float | None = None  # the run's sigma, as calibrated at its start
     seconds: float | None = None  # wall time so far (kept only without DP)
+    quiet: int = 0  # consecutive rounds whose update agreed with the one before like noise
+    before: Adapter | None = None  # the global adapter after ``round - 1`` (None: the init)
 
     @classmethod
     def read(cls, out: Path, done: Checkpoint) -> Start:
@@ -265,7 +284,8 @@ class Start:
         return cls(done.round, state["run_id"], RunDir.reopen(out, _rows_until(out, done.round)),
                    unflatten(done.tensors), ledger, _charged_after(done.ledger, ledger),
                    EvalResult(**state["zero_shot"]), EvalResult(**state["last_eval"]),
-                   state["noise_multiplier"], state["seconds"])
+                   state["noise_multiplier"], state["seconds"], state.get("quiet_rounds", 0),
+                   _adapter_after(out, done.round - 1))
 
     def pinned(self, config: RunConfig) -> RunConfig:
         """Return ``config`` with the run's own sigma, so a resumed plan never recalibrates."""
@@ -290,6 +310,14 @@ def _rows_until(out: Path, round_: int) -> list[dict]:
         raise ConfigError(f"{out}/metrics.jsonl lacks rows of rounds 0 .. {round_}; the run "
                           "directory was changed by hand and cannot be resumed")
     return rows
+
+
+def _adapter_after(out: Path, round_: int) -> Adapter | None:
+    """Return the global adapter the checkpoint of ``round_`` holds (None for round 0)."""
+    if round_ < 1:
+        return None
+    return unflatten(load_file(str(out / "checkpoints" / f"round_{round_:03d}" /
+                                   "adapter.safetensors")))
 
 
 def _charged_after(checkpointed: dict | None, current: dict | None) -> frozenset[str]:
@@ -330,7 +358,13 @@ def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=
                           config.federation.rounds)
         if progress:
             progress.resumed(start.round)
+    quiet, patience = start.quiet, config.federation.stop_on_noise
+    previous = None  # the last round's global update (a resumed run's, from its checkpoints)
+    if start.files is not None and start.adapter is not None:
+        previous = _flat_update(start.before or sim.init, start.adapter)
     for round_ in range(start.round + 1, config.federation.rounds + 1):
+        if patience and quiet >= patience:
+            break  # a resumed run that had stopped on noise before its summary was written
         t0 = time.time()
         selected = protocol.select_clients(plan, config.federation, seed, round_)
         ids = transport.reachable(selected)  # only those sent a round are charged for it
@@ -347,27 +381,47 @@ def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=
         replies = transport.exchange(round_, downs, start.run_id)
         uplinks, traffic, refused = _accept(sim, round_, ids, downs, replies)
         _check_quorum(config.federation.min_clients, round_, ids, uplinks)
+        before = global_adapter
         global_adapter, diagnostics = protocol.aggregate(
             server.rule, plan, global_adapter, list(uplinks.values()),
             seeded_generator(seed, round_, "server", "noise"))
-        due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds
+        update = _flat_update(before, global_adapter)
+        agreement = None if previous is None else update_agreement(previous, update)
+        previous = update
+        quiet = quiet + 1 if agreement is not None and agreement < NOISE_AGREEMENT else 0
+        stop = bool(patience) and quiet >= patience
+        if stop:
+            local_log.warning("server: round %d: the global update has agreed with the round "
+                              "before no more than noise for %d rounds (federation.stop_on_noise)"
+                              "; stopping here", round_, quiet)
+        due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds \
+            or stop
         if due:
             result = _evaluate(sim, global_adapter)
-        files.log_round(_row(sim, round_, result if due else None, uplinks, traffic, refused,
-                             time.time() - t0, ledger, diagnostics,
-                             _model_privacy(sim, global_adapter, result) if due else None))
+        row = _row(sim, round_, result if due else None, uplinks, traffic, refused,
+                   time.time() - t0, ledger, diagnostics,
+                   _model_privacy(sim, global_adapter, result) if due else None)
+        files.log_round({**row, "update_agreement": agreement})
         files.checkpoint(round_, flatten(global_adapter), spent, _state(
             start, round_, zero_shot, result, plan,
-            None if plan.private else (start.seconds or 0.0) + time.time() - started))
+            None if plan.private else (start.seconds or 0.0) + time.time() - started, quiet))
         if progress:
             progress.round_done(round_, result if due else None,
                                 ledger.epsilon(accountant=plan.accountant) if ledger else None)
+        if stop:
+            break
     wall = (start.seconds or 0.0) + time.time() - started
     return _finish(sim, files, global_adapter, ledger, zero_shot, result, wall)
 
 
+def _flat_update(before: Adapter, after: Adapter) -> torch.Tensor:
+    """Return the round's global update, every factor's change in one flat vector."""
+    old, new = flatten(before), flatten(after)
+    return torch.cat([(new[name].float() - old[name].float()).reshape(-1) for name in new])
+
+
 def _state(start: Start, round_: int, zero_shot: EvalResult, last: EvalResult,
-           plan: PrivacyPlan, seconds: float | None) -> dict:
+           plan: PrivacyPlan, seconds: float | None, quiet: int = 0) -> dict:
     """Return what a checkpoint keeps beside the adapter and the ledger for ``--resume``.
 
     Nothing else is needed: every other draw (client selection, batches, dropout, noise when
@@ -376,7 +430,8 @@ def _state(start: Start, round_: int, zero_shot: EvalResult, last: EvalResult,
     """
     return {"format": 1, "round": round_, "run_id": start.run_id,
             "zero_shot": dataclasses.asdict(zero_shot), "last_eval": dataclasses.asdict(last),
-            "noise_multiplier": getattr(plan, "noise_multiplier", None), "seconds": seconds}
+            "noise_multiplier": getattr(plan, "noise_multiplier", None), "seconds": seconds,
+            "quiet_rounds": quiet}
 
 
 def _accept(sim: Simulation, round_: int, ids: list[int], downs: dict[int, protocol.Payload],
@@ -506,16 +561,20 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
         server.plan, ledger.epsilon(accountant="pld"), ledger.epsilon(accountant="rdp"),
         server.signal)
     fed = config.federation
-    comm = records.communication(files.rows, server.plan, fed.rounds, fed.num_clients,
+    rounds = files.rows[-1]["round"]  # below federation.rounds when stopped on noise
+    comm = records.communication(files.rows, server.plan, rounds, fed.num_clients,
                                  fed.per_round, *_mean_transfer_bytes(sim),
                                  server.full_model_bytes,
                                  None if server.bundle is None else server.bundle.total_bytes)
     summary = records.summary(
         server.task.name, server.task.labels, config.model.name,
         majority_share([e.label for e in server.eval_examples]), zero_shot, final,
-        config.federation.rounds, server.rule.name, privacy, comm,
+        rounds, server.rule.name, privacy, comm,
         None if server.plan.private else wall,  # the duration grows with private batch sizes
         config.train.loss)
+    if fed.stop_on_noise:
+        summary["stopped_on_noise"] = rounds < fed.rounds  # federation.stop_on_noise
+        summary["rounds_planned"] = fed.rounds
     marked = [r["model_privacy"] for r in files.rows if "model_privacy" in r]
     if marked:
         summary["model_privacy"] = records.model_privacy_summary(

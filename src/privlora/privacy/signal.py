@@ -24,9 +24,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 # whole-run ratios: below LEARNS the measured runs learned; above NO_LEARNING none did
 LEARNS = 0.25
 NO_LEARNING = 1.0
+# a round's global update whose agreement with the round before is under this many standard
+# deviations of pure noise counts as noise (federation.stop_on_noise)
+NOISE_AGREEMENT = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,3 +82,20 @@ def noise_to_signal(release: str, per_release: float, releases: float, coordinat
 def noise_norm_over_clip(noise_std_over_clip: float, coordinates: int) -> float:
     """Return E||N(0, s^2 I_d)|| / C ~ s sqrt(d) / C: the noise norm of one release over the clip."""
     return noise_std_over_clip * math.sqrt(coordinates)
+
+
+def agreement(previous: torch.Tensor, current: torch.Tensor) -> float:
+    """Return cos(previous, current) x sqrt(d) over the d coordinates that moved in either.
+
+    Two independent isotropic noise vectors give about N(0, 1) (the cosine of random directions
+    in d dimensions has standard deviation 1 / sqrt(d)); a direction the rounds share makes it
+    grow with sqrt(d), and noise the training pushes back against makes it negative. Computed
+    from the released global updates alone (already noised under DP): post-processing, no
+    privacy cost.
+    """
+    moved = (previous != 0) | (current != 0)
+    a, b = previous[moved].double(), current[moved].double()
+    norms = float(a.norm() * b.norm())
+    if norms == 0.0:
+        return 0.0
+    return float(a @ b) / norms * math.sqrt(int(moved.sum()))
