@@ -76,8 +76,12 @@ def run_scheme(task: str, scheme: str, quick: bool, out: Path, method: str = "gr
     started = time.time()
     summary = run(config, out, overwrite=True)
     report = summary.get("model_privacy")
+    from _common import provenance
+
+    # rows accumulate over reruns: each keeps the commit it was measured at
+    commit = provenance().get("commit")
     return {"task": task, "scheme": scheme, "method": method if scheme != "none" else "grid",
-            "seed": seed, "config": to_toml(config),
+            "seed": seed, "commit": commit, "config": to_toml(config),
             "seconds": round(time.time() - started, 1), "run_dir": str(out),
             "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
             "majority_accuracy": summary["majority_class_accuracy"],
@@ -147,7 +151,8 @@ def render(rows: list[dict]) -> str:
         m = r["model_privacy"]
         base = unquantized.get(r["seed"], unquantized.get(0))
         if m is None:
-            lines.append([r["scheme"], r["method"], r["seed"], "-", "-", pct(r["accuracy"]), "-",
+            lines.append([r["scheme"], r["method"], r["seed"], _commit(r), "-", "-",
+                          pct(r["accuracy"]), "-",
                           "-", "-", "-", "-", "-", "-"])
             continue
         error = r.get("weight_error") or {}
@@ -159,7 +164,7 @@ def render(rows: list[dict]) -> str:
         adapter = m.get("adapter_on_server_base")
         delta = "-" if base is None else f"{100 * (central['accuracy'] - base['accuracy']):+.1f}"
         lines.append([
-            r["scheme"], r["method"], r["seed"], f"{weights / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
+            r["scheme"], r["method"], r["seed"], _commit(r), f"{weights / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
             f"{error.get('linear', float('nan')):.3f} / {error.get('embeddings', float('nan')):.3f}",
             pct(central["accuracy"]), delta,
             "-" if adapter is None else pct(adapter["accuracy"]),
@@ -169,11 +174,16 @@ def render(rows: list[dict]) -> str:
     zero = rows[0]["zero_shot_accuracy"] if rows else None
     return (f"zero-shot (full precision) {pct(zero)}, majority class "
             f"{pct(rows[0]['majority_accuracy']) if rows else '-'}\n\n") + table(
-        ["base scheme", "method", "seed", "bundle weights (vs float32)", "weight error linear / embeddings",
+        ["base scheme", "method", "seed", "commit", "bundle weights (vs float32)", "weight error linear / embeddings",
          "central acc", "central - unquantized (points)", "adapter on server base",
          "client-visible acc",
          "quantized base alone", "general ppl central", "general ppl client-visible",
          "ppl ratio"], lines) + _before_training(rows) + _reconstruction(rows)
+
+
+def _commit(row: dict) -> str:
+    """The commit a row was measured at (rows from before the column: "before 7980719")."""
+    return row["commit"][:7] if row.get("commit") else "before 7980719"
 
 
 def _reconstruction(rows: list[dict]) -> str:
@@ -237,8 +247,8 @@ def main() -> None:
     args = parser.parse_args()
     name = f"fedlpp_{args.task}" + ("_quick" if args.quick else "")
     rows = [_keyed(r) for r in saved(name, "rows", [])]
-    missing = [r for r in rows if r["scheme"] != "none"
-               and "midpoint_linear" not in r.get("weight_error", {})]
+    missing = [] if args.report else [r for r in rows if r["scheme"] != "none"
+                                      and "midpoint_linear" not in r.get("weight_error", {})]
     for row in missing:  # rows measured before the column existed: the same bundle, recomputed
         row["weight_error"] = weight_error(row["scheme"], args.quick)
     if missing:
