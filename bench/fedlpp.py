@@ -54,10 +54,18 @@ METHODS = {"grid": [], "bin": ["quantization.base_noise=bin"],
            "logits": ["quantization.transfer=logits"]}
 
 
-def scheme_config(task: str, scheme: str, quick: bool, method: str = "grid", seed: int = 0):
+def default_rounds(task: str) -> int:
+    """The task's default budget in rounds (``TASKS``)."""
+    return next(int(o.split("=")[1]) for o in TASKS[task] if o.startswith("federation.rounds="))
+
+
+def scheme_config(task: str, scheme: str, quick: bool, method: str = "grid", seed: int = 0,
+                  rounds: int | None = None):
     from privlora.config import load_config
 
-    overrides = [*COMMON, *TASKS[task], *(QUICK if quick else []), f"seed={seed}"]
+    budget = [] if rounds is None else [f"federation.rounds={rounds}",
+                                        f"federation.eval_every={rounds}"]
+    overrides = [*COMMON, *TASKS[task], *(QUICK if quick else []), f"seed={seed}", *budget]
     if scheme == "none":  # general text needs a quantized base: the unquantized run skips it
         overrides = [o for o in overrides if not o.startswith("quantization.")]
     else:
@@ -66,13 +74,13 @@ def scheme_config(task: str, scheme: str, quick: bool, method: str = "grid", see
 
 
 def run_scheme(task: str, scheme: str, quick: bool, out: Path, method: str = "grid",
-               seed: int = 0) -> dict:
+               seed: int = 0, rounds: int | None = None) -> dict:
     import time
 
     from privlora.config import to_toml
     from privlora.server import run
 
-    config = scheme_config(task, scheme, quick, method, seed)
+    config = scheme_config(task, scheme, quick, method, seed, rounds)
     started = time.time()
     summary = run(config, out, overwrite=True)
     report = summary.get("model_privacy")
@@ -81,7 +89,8 @@ def run_scheme(task: str, scheme: str, quick: bool, out: Path, method: str = "gr
     # rows accumulate over reruns: each keeps the commit it was measured at
     commit = provenance().get("commit")
     return {"task": task, "scheme": scheme, "method": method if scheme != "none" else "grid",
-            "seed": seed, "commit": commit, "config": to_toml(config),
+            "seed": seed, "rounds": config.federation.rounds, "commit": commit,
+            "config": to_toml(config),
             "seconds": round(time.time() - started, 1), "run_dir": str(out),
             "zero_shot_accuracy": summary["zero_shot"]["accuracy"],
             "majority_accuracy": summary["majority_class_accuracy"],
@@ -145,13 +154,13 @@ def weight_error(scheme: str, quick: bool) -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    unquantized = {r["seed"]: r for r in rows if r["scheme"] == "none"}
+    unquantized = {(r["seed"], r["rounds"]): r for r in rows if r["scheme"] == "none"}
     lines = []
     for r in rows:
         m = r["model_privacy"]
-        base = unquantized.get(r["seed"], unquantized.get(0))
+        base = unquantized.get((r["seed"], r["rounds"]), unquantized.get((0, r["rounds"])))
         if m is None:
-            lines.append([r["scheme"], r["method"], r["seed"], _commit(r), "-", "-",
+            lines.append([r["rounds"], r["scheme"], r["method"], r["seed"], _commit(r), "-", "-",
                           pct(r["accuracy"]), "-",
                           "-", "-", "-", "-", "-", "-"])
             continue
@@ -164,7 +173,7 @@ def render(rows: list[dict]) -> str:
         adapter = m.get("adapter_on_server_base")
         delta = "-" if base is None else f"{100 * (central['accuracy'] - base['accuracy']):+.1f}"
         lines.append([
-            r["scheme"], r["method"], r["seed"], _commit(r), f"{weights / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
+            r["rounds"], r["scheme"], r["method"], r["seed"], _commit(r), f"{weights / 1e6:.1f} MB ({m['bundle_vs_full_precision']:.3f}x)",
             f"{error.get('linear', float('nan')):.3f} / {error.get('embeddings', float('nan')):.3f}",
             pct(central["accuracy"]), delta,
             "-" if adapter is None else pct(adapter["accuracy"]),
@@ -174,7 +183,7 @@ def render(rows: list[dict]) -> str:
     zero = rows[0]["zero_shot_accuracy"] if rows else None
     return (f"zero-shot (full precision) {pct(zero)}, majority class "
             f"{pct(rows[0]['majority_accuracy']) if rows else '-'}\n\n") + table(
-        ["base scheme", "method", "seed", "commit", "bundle weights (vs float32)", "weight error linear / embeddings",
+        ["rounds", "base scheme", "method", "seed", "commit", "bundle weights (vs float32)", "weight error linear / embeddings",
          "central acc", "central - unquantized (points)", "adapter on server base",
          "client-visible acc",
          "quantized base alone", "general ppl central", "general ppl client-visible",
@@ -222,17 +231,18 @@ def _before_training(rows: list[dict]) -> str:
 
 
 def _keyed(row: dict) -> dict:
-    """A row with its method and seed (rows from before those columns: grid, seed 0)."""
-    return {"method": "grid", "seed": 0, **row}
+    """A row with its method, seed and rounds (rows from before those columns: grid, seed 0,
+    the task's default rounds)."""
+    return {"method": "grid", "seed": 0, "rounds": default_rounds(row["task"]), **row}
 
 
-def _key(row: dict) -> tuple[str, str, int]:
-    return row["scheme"], row["method"], row["seed"]
+def _key(row: dict) -> tuple[str, str, int, int]:
+    return row["scheme"], row["method"], row["seed"], row["rounds"]
 
 
-def _order(row: dict) -> tuple[int, int, int]:
+def _order(row: dict) -> tuple[int, int, int, int]:
     order, methods = DEFAULT_SCHEMES.split(","), list(METHODS)
-    return (order.index(row["scheme"]) if row["scheme"] in order else 99,
+    return (row["rounds"], order.index(row["scheme"]) if row["scheme"] in order else 99,
             methods.index(row["method"]) if row["method"] in methods else 99, row["seed"])
 
 
@@ -242,6 +252,9 @@ def main() -> None:
     parser.add_argument("--schemes", default=DEFAULT_SCHEMES)
     parser.add_argument("--methods", default="grid", help=f"of {sorted(METHODS)}")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="the budget in rounds (default: the task's, see TASKS); evaluated "
+                             "at the end")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
@@ -257,8 +270,8 @@ def main() -> None:
              for scheme in args.schemes.split(",")
              for method in (["grid"] if scheme == "none" else args.methods.split(","))]
     for scheme, method, seed in [] if args.report else cells:
-        out = RESULTS / "runs" / name / f"{scheme}-{method}-{seed}"
-        row = run_scheme(args.task, scheme, args.quick, out, method, seed)
+        out = RESULTS / "runs" / name / f"{scheme}-{method}-{seed}-{args.rounds or 'default'}"
+        row = run_scheme(args.task, scheme, args.quick, out, method, seed, args.rounds)
         if scheme != "none":
             row["weight_error"] = weight_error(scheme, args.quick)
         key = _key(row)

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
+from privlora import models
 from privlora.config import RunConfig, load_config
 from privlora.models import load_tokenizer
 from tests.builders import tiny_llama, with_lora
@@ -40,6 +42,31 @@ def read_metrics():
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer("builtin")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_tokenizer_read_once():
+    """Parse the built-in tokenizer's files once per session, not twice per tiny run.
+
+    Why: a run of the tiny model loads it twice (its vocabulary size for the model, then the
+    tokenizer itself), 0.15-0.3 s each: a third of a tiny run, a few hundred loads in the suite.
+    Every load of the built-in source in this process gets one object, shared read-only as the
+    ``tokenizer`` fixture is (a test that changes a tokenizer changes a copy); any other source
+    (a bundle, a model directory) and every subprocess still reads its files.
+    """
+    builtin = models.local_source(models.BUILTIN)
+    real, loaded = models._from_pretrained, []
+
+    def from_pretrained(loader, source, name, **kwargs):
+        if loader is not AutoTokenizer or source != builtin or kwargs:
+            return real(loader, source, name, **kwargs)
+        if not loaded:
+            loaded.append(real(loader, source, name))
+        return loaded[0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "_from_pretrained", from_pretrained)
+        yield
 
 
 @pytest.fixture()

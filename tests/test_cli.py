@@ -1,6 +1,7 @@
 """The command line: subcommands work, and bad input gives one line, exit code 2, no traceback."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,53 @@ def cli(*args):
     return done.returncode, done.stdout, done.stderr
 
 
+# `python -m privlora` once per command line, all in one interpreter: each runs the package's
+# __main__ with its own sys.argv, its stdout and stderr (file descriptors 1 and 2, so whatever
+# writes there is caught) in files of its own; an uncaught exception prints its traceback
+# there, as the interpreter would, and exits 1.
+_MANY = """
+import json, os, runpy, sys, tempfile, traceback
+results = []
+for argv in json.loads(sys.argv[1]):
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.argv = ["privlora", *argv]
+        try:
+            runpy.run_module("privlora", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        out.seek(0)
+        err.seek(0)
+        results.append([code, out.read().decode(), err.read().decode()])
+print(json.dumps(results))
+"""
+
+
+def cli_many(argvs: list[list[str]]) -> list[tuple[int, str, str]]:
+    """``cli`` for each command line, in one subprocess: (exit code, stdout, stderr) each.
+
+    Why: a `privlora` process spends about 4 s importing torch, transformers and PEFT before
+    it can refuse a run that names a missing model; this module's refusals pay it once.
+    """
+    done = subprocess.run([sys.executable, "-c", _MANY, json.dumps(argvs)], check=False,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [tuple(r) for r in json.loads(done.stdout.splitlines()[-1])]
+
+
 def assert_one_line_error(code, stderr, *words):
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -33,16 +81,46 @@ def assert_one_line_error(code, stderr, *words):
         assert word in lines[0]
 
 
-def test_run_and_eval_round_trip(tmp_path):
-    code, out, err = cli("run", *TINY, "--out", str(tmp_path / "r"))
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One `privlora run` of TINY, read by the tests below (a test that writes into a run
+    directory writes into a copy)."""
+    out = tmp_path_factory.mktemp("cli") / "r"
+    code, _, err = cli("run", *TINY, "--out", str(out))
     assert code == 0, err
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    code, out, err = cli("eval", "--adapter", str(tmp_path / "r" / "adapter"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, tiny_run) -> tuple[Path, dict]:
+    """Every command line of this module that is to be refused, run once by ``cli_many``:
+    (their folder, {command line as a tuple: (exit code, stdout, stderr)}). The second run
+    into an existing run goes into a copy of ``tiny_run``, ``existing``."""
+    where = tmp_path_factory.mktemp("refused")
+    (where / "empty.jsonl").write_text("")
+    (where / "bad.jsonl").write_text(BAD_JSONL)
+    (where / "new.jsonl").write_text(UNKNOWN_LABEL)
+    shutil.copytree(tiny_run, where / "existing")
+    argvs = [["run", *TINY, *args] for args, _ in RUN_REFUSALS]
+    argvs += [["run", *TINY, "--out", str(where / "existing")]]
+    argvs += [["run", *TINY, "--data", str(where / name)] for name in ("empty.jsonl", "bad.jsonl")]
+    argvs += [["eval", "--adapter", str(tiny_run / "adapter"), "--data", str(where / "new.jsonl")]]
+    argvs += [["privacy", *args] for args, _ in PRIVACY_REFUSALS]
+    argvs += [["quantize", *args, "--out", str(where / f"quantize{i}")]
+              for i, (args, _) in enumerate(QUANTIZE_REFUSALS)]
+    argvs += [["flower", "local", *args, *TINY, "--out", str(where / f"flower{i}")]
+              for i, (args, _) in enumerate(FLOWER_LOCAL_REFUSALS)]
+    return where, dict(zip(map(tuple, argvs), cli_many(argvs), strict=True))
+
+
+def test_run_and_eval_round_trip(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    code, out, err = cli("eval", "--adapter", str(tiny_run / "adapter"))
     assert code == 0, err
     assert json.loads(out)["accuracy"] == summary["final"]["accuracy"]
 
 
-@pytest.mark.parametrize("args, words", [
+RUN_REFUSALS = [
     (["--set", "federation.roundz=2"], ["federation.roundz", "federation.rounds"]),
     (["--set", "federation.rounds=\"two\""], ["federation.rounds", "int"]),
     (["--set", "privacy.mode=sample", "--set", "privacy.target_epsilon=-1"],
@@ -55,42 +133,44 @@ def test_run_and_eval_round_trip(tmp_path):
     (["--set", "privacy.mode=sample", "--set", "privacy.noise_multiplier=1"],
      ["privacy.sample_rate", "privacy plan"]),
     (["--set", "privacy.secure_rng=true"], ["privacy.reproducible_noise"]),
-])
-def test_run_bad_input(args, words):
-    code, _, err = cli("run", *TINY, *args)
+]
+
+
+@pytest.mark.parametrize("args, words", RUN_REFUSALS)
+def test_run_bad_input(refused, args, words):
+    code, _, err = refused[1][("run", *TINY, *args)]
     assert_one_line_error(code, err, *words)
 
 
-def test_run_into_an_existing_run_is_refused_and_the_old_run_survives(tmp_path):
-    out = tmp_path / "r"
-    code, _, err = cli("run", *TINY, "--out", str(out))
-    assert code == 0, err
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    code, _, err = cli("run", *TINY, "--out", str(out))
+def test_run_into_an_existing_run_is_refused_and_the_old_run_survives(refused, tiny_run):
+    out = refused[0] / "existing"  # a copy of tiny_run, into which `refused` ran TINY again
+    code, _, err = refused[1][("run", *TINY, "--out", str(out))]
     assert_one_line_error(code, err, str(out), "--overwrite")
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    before = {p.relative_to(tiny_run): p.read_bytes() for p in tiny_run.rglob("*") if p.is_file()}
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     code, _, err = cli("run", *TINY, "--out", str(out), "--overwrite")
     assert code == 0, err
 
 
-def test_run_bad_data_files(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    code, _, err = cli("run", *TINY, "--data", str(empty))
+BAD_JSONL = '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\nnot json\n'
+
+
+def test_run_bad_data_files(refused):
+    where, results = refused
+    code, _, err = results[("run", *TINY, "--data", str(where / "empty.jsonl"))]
     assert_one_line_error(code, err, "empty")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\nnot json\n')
-    code, _, err = cli("run", *TINY, "--data", str(bad))
+    code, _, err = results[("run", *TINY, "--data", str(where / "bad.jsonl"))]
     assert_one_line_error(code, err, "bad.jsonl:3")
 
 
-def test_eval_unknown_label(tmp_path):
-    code, _, err = cli("run", *TINY, "--out", str(tmp_path / "r"))
-    assert code == 0, err
-    data = tmp_path / "new.jsonl"
-    data.write_text('{"text": "my bill is wrong", "label": "green"}\n'
-                    '{"text": "parcel lost", "label": "purple"}\n')
-    code, _, err = cli("eval", "--adapter", str(tmp_path / "r" / "adapter"), "--data", str(data))
+UNKNOWN_LABEL = ('{"text": "my bill is wrong", "label": "green"}\n'
+                 '{"text": "parcel lost", "label": "purple"}\n')
+
+
+def test_eval_unknown_label(refused, tiny_run):
+    where, results = refused
+    code, _, err = results[("eval", "--adapter", str(tiny_run / "adapter"), "--data",
+                            str(where / "new.jsonl"))]
     assert_one_line_error(code, err, "purple", "row 2")
 
 
@@ -111,16 +191,19 @@ def test_privacy_epsilon_and_calibrate_json():
     assert 0.98 * got["epsilon"] <= calibrated["epsilon"] <= got["epsilon"]
 
 
-@pytest.mark.parametrize("args, word", [
+PRIVACY_REFUSALS = [
     (["epsilon", "--noise-multiplier", "1", "--sample-rate", "1.5", "--steps", "10",
       "--delta", "1e-5"], "--sample-rate"),
     (["epsilon", "--noise-multiplier", "1", "--sample-rate", "0.1", "--steps", "10",
       "--delta", "1e-5", "--accountant", "xyz"], "--accountant"),
     (["calibrate", "--target-epsilon", "0", "--delta", "1e-5", "--sample-rate", "0.1",
       "--steps", "10"], "--target-epsilon"),
-])
-def test_privacy_cli_bad_input(args, word):
-    code, _, err = cli("privacy", *args)
+]
+
+
+@pytest.mark.parametrize("args, word", PRIVACY_REFUSALS)
+def test_privacy_cli_bad_input(refused, args, word):
+    code, _, err = refused[1][("privacy", *args)]
     assert_one_line_error(code, err, word)
 
 
@@ -172,14 +255,18 @@ def test_quantize_writes_a_bundle_a_client_can_load(tmp_path):
     assert manifest.scheme == "q8_0" and manifest.source == "tiny-random"
 
 
-@pytest.mark.parametrize("args,words", [
+QUANTIZE_REFUSALS = [
     (["--scheme", "q3_k"], ["--scheme", "q3_k"]),
     (["--scheme", "q4_0", "--model", "/no/such/model"], ["model.name", "/no/such/model"]),
-])
-def test_quantize_bad_input(tmp_path, args, words):
-    code, _, err = cli("quantize", *args, "--out", str(tmp_path / "b"))
+]
+
+
+@pytest.mark.parametrize("args,words", QUANTIZE_REFUSALS)
+def test_quantize_bad_input(refused, args, words):
+    out = refused[0] / f"quantize{QUANTIZE_REFUSALS.index((args, words))}"
+    code, _, err = refused[1][("quantize", *args, "--out", str(out))]
     assert_one_line_error(code, err, *words)
-    assert not (tmp_path / "b").exists()
+    assert not out.exists()
 
 
 def test_run_with_a_quantized_base_prints_what_clients_hold(tmp_path):
@@ -189,17 +276,21 @@ def test_run_with_a_quantized_base_prints_what_clients_hold(tmp_path):
     assert "base model sent to clients (q8_0)" in out and "client-visible accuracy" in out
 
 
-@pytest.mark.parametrize(("args", "words"), [
+FLOWER_LOCAL_REFUSALS = [
     (["--clients", "0"], ["federation.num_clients = 0"]),
     (["--clients", "2", "--config", "missing.toml"], ["missing.toml"]),
     (["--clients", "2", "--set", "privacy.mode=client", "--set", "privacy.target_epsilon=0.01",
       "--set", "privacy.noise_multiplier=0.5"], ["target_epsilon"]),
-])
-def test_flower_local_bad_input_starts_nothing(tmp_path, args, words):
-    code, _, err = cli("flower", "local", *args, *TINY, "--out", str(tmp_path / "r"))
+]
+
+
+@pytest.mark.parametrize(("args", "words"), FLOWER_LOCAL_REFUSALS)
+def test_flower_local_bad_input_starts_nothing(refused, args, words):
+    out = refused[0] / f"flower{FLOWER_LOCAL_REFUSALS.index((args, words))}"
+    code, _, err = refused[1][("flower", "local", *args, *TINY, "--out", str(out))]
     assert_one_line_error(code, err, *words)
     assert "logs are kept" not in err  # refused before any daemon started
-    assert not (tmp_path / "r").exists()
+    assert not out.exists()
 
 
 def test_flower_app_and_certs(tmp_path):
