@@ -50,19 +50,19 @@ def builtin_tokenizer_read_once():
 
     Why: a run of the tiny model loads it twice (its vocabulary size for the model, then the
     tokenizer itself), 0.15-0.3 s each: a third of a tiny run, a few hundred loads in the suite.
-    Every load of the built-in source in this process gets one object, shared read-only as the
-    ``tokenizer`` fixture is (a test that changes a tokenizer changes a copy); any other source
-    (a bundle, a model directory) and every subprocess still reads its files.
+    Every load of it by name ('builtin', 'tiny-random') in this process gets one object, shared
+    read-only as the ``tokenizer`` fixture is (a test that changes a tokenizer changes a copy);
+    any other source (a bundle, a model directory) and every subprocess still reads its files.
     """
-    builtin = models.local_source(models.BUILTIN)
-    real, loaded = models._from_pretrained, []
+    real, loaded = models._from_pretrained, {}
 
     def from_pretrained(loader, source, name, **kwargs):
-        if loader is not AutoTokenizer or source != builtin or kwargs:
+        if loader is not AutoTokenizer or name not in (models.BUILTIN, models.TINY_RANDOM) \
+                or kwargs:
             return real(loader, source, name, **kwargs)
-        if not loaded:
-            loaded.append(real(loader, source, name))
-        return loaded[0]
+        if source not in loaded:
+            loaded[source] = real(loader, source, name)
+        return loaded[source]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "_from_pretrained", from_pretrained)

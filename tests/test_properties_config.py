@@ -186,6 +186,7 @@ OUT_OF_RANGE: dict[str, tuple[st.SearchStrategy, dict[str, Any]]] = {
     "federation.client_fraction": (st.floats(max_value=0, exclude_max=True)
                                    | st.floats(min_value=1, exclude_min=True), {}),
     "federation.eval_every": (st.integers(max_value=0), {}),
+    "federation.stop_on_noise": (ints_below, {}),
     "federation.min_clients": (st.integers(max_value=0) | st.integers(min_value=5),
                                {"federation.num_clients": 4}),
     "federation.round_timeout": (st.floats(max_value=0), {}),
