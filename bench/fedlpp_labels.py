@@ -26,22 +26,17 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=None,
                         help="the checkpoint of this round (default: the last)")
     args = parser.parse_args()
-    from safetensors.torch import load_file
-
     from privlora.config import config_from_toml
     from privlora.data import collate
     from privlora.evaluate import first_answer_rows, label_token_ids
     from privlora.lm import answer_logits
     from privlora.lora import unflatten, write_adapter
-    from privlora.run_dir import last_checkpoint
+    from privlora.run_dir import checkpoint_tensors, last_checkpoint
     from privlora.server import prepare
 
     sim = prepare(config_from_toml((args.run / "config.toml").read_text()))
-    if args.round is None:
-        adapter = unflatten(last_checkpoint(args.run).tensors)
-    else:
-        folder = args.run / "checkpoints" / f"round_{args.round:03d}"
-        adapter = unflatten(load_file(str(folder / "adapter.safetensors")))
+    adapter = unflatten(last_checkpoint(args.run).tensors if args.round is None
+                        else checkpoint_tensors(args.run, args.round))
     examples, task, tokenizer = sim.server.eval_examples, sim.server.task, sim.tokenizer
     columns = [ids[0] for ids in label_token_ids(task.labels, tokenizer)]
     gold = torch.tensor([task.labels.index(e.label) for e in examples])

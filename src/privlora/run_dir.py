@@ -80,9 +80,14 @@ def last_checkpoint(path: Path) -> Checkpoint | None:
         return None
     done = folder / f"round_{rounds[-1]:03d}"
     ledger = done / "ledger.json"
-    return Checkpoint(rounds[-1], load_file(str(done / "adapter.safetensors")),
+    return Checkpoint(rounds[-1], checkpoint_tensors(path, rounds[-1]),
                       json.loads(ledger.read_text()) if ledger.is_file() else None,
                       json.loads((done / "state.json").read_text()))
+
+
+def checkpoint_tensors(path: Path, round_: int) -> dict[str, torch.Tensor]:
+    """Return the flat global adapter the checkpoint of ``round_`` under ``path`` holds."""
+    return load_file(str(path / "checkpoints" / f"round_{round_:03d}" / "adapter.safetensors"))
 
 
 def check_target(path: Path, overwrite: bool) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from privlora import client, data, protocol, records, uplink
@@ -53,7 +52,13 @@ from privlora.quantization import codec
 from privlora.quantization.bins import BinNoise, bin_noise_for
 from privlora.quantization.bundle import Manifest, distribute
 from privlora.rules import Rule, build_rule
-from privlora.run_dir import Checkpoint, RunDir, check_target, last_checkpoint
+from privlora.run_dir import (
+    Checkpoint,
+    RunDir,
+    check_target,
+    checkpoint_tensors,
+    last_checkpoint,
+)
 
 # Messages that stay with the party that logs them: never written to the run directory.
 local_log = logging.getLogger("privlora.local")
@@ -316,8 +321,7 @@ def _adapter_after(out: Path, round_: int) -> Adapter | None:
     """Return the global adapter the checkpoint of ``round_`` holds (None for round 0)."""
     if round_ < 1:
         return None
-    return unflatten(load_file(str(out / "checkpoints" / f"round_{round_:03d}" /
-                                   "adapter.safetensors")))
+    return unflatten(checkpoint_tensors(out, round_))
 
 
 def _charged_after(checkpointed: dict | None, current: dict | None) -> frozenset[str]:
@@ -512,8 +516,7 @@ def _model_privacy(sim: Simulation, adapter: Adapter, central: EvalResult) -> di
     if server.bundle is None and config.quantization.adapter == "none":
         return None
     scores = {"central": _scores(sim, _served(sim, adapter), central)}
-    if config.quantization.transfer == "logits":
-        write_adapter(sim.central, adapter)
+    if config.quantization.transfer == "logits":  # _served wrote the adapter into central
         scores["adapter_on_server_base"] = _scores(sim, sim.central.model, None)
     sent = protocol.transmit(_encode_down(sim, adapter, None))[0]
     visible = protocol.client_start(codec.unpack_adapter(sent), sim.init, server.rule.trains_a)
