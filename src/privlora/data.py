@@ -8,6 +8,7 @@ Loss and scoring use only the answer tokens.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -21,7 +22,7 @@ import torch
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from privlora import builtin_task
+from privlora import bounded_json, builtin_task
 from privlora.config import DataConfig
 from privlora.errors import DataError
 
@@ -79,7 +80,8 @@ def read_jsonl(path: Path) -> list[dict]:
     """
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; give a JSONL path or 'builtin'")
-    rows = [_parse_line(line, number, path) for number, line in _lines(path)]
+    with contextlib.closing(_lines(path)) as lines:  # the file closes now, even on a refusal
+        rows = [_parse_line(line, number, path) for number, line in lines]
     if not rows:
         raise DataError(f"data file {path} is empty; it needs one JSON object per line")
     return rows
@@ -105,13 +107,15 @@ _JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a num
 
 def _parse_line(line: str, number: int, path: Path) -> dict:
     try:
-        row = json.loads(line)
+        row = bounded_json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}); "
                         "fix that line") from None
-    except (ValueError, RecursionError):  # a number of thousands of digits; deep nesting
-        raise DataError(f"{path}:{number}: JSON nested too deeply or with a number too long to "
-                        "read; fix that line") from None
+    except bounded_json.TooDeep as err:
+        raise DataError(f"{path}:{number}: {err}; fix that line (a row is one flat {{...}} "
+                        "object)") from None
+    except ValueError:  # a number of thousands of digits
+        raise DataError(f"{path}:{number}: a number too long to read; fix that line") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{number}: {_JSON_KINDS[type(row)]}, not a JSON object; each "
                         "line must be one {...} row")

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from privlora import bounded_json
 from privlora.config import FederationConfig
 from privlora.errors import InvalidUpdate, PrivacyBudgetExceeded
 from privlora.lora import Adapter, Factors, first_components, flatten, is_factor_b, wire_name
@@ -69,9 +70,9 @@ class Payload:
         try:
             tensors = safetensors_load(data)
             size = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-            meta = {k: json.loads(v) for k, v in header.items()}
-        except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError) as err:
+            header = bounded_json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+            meta = {k: bounded_json.loads(v) for k, v in header.items()}
+        except (SafetensorError, ValueError, UnicodeDecodeError) as err:
             raise InvalidUpdate(
                 f"payload of {len(data)} bytes is not a valid safetensors buffer ({err}); "
                 "the transfer was damaged: send it again"

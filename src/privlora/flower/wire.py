@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from privlora import bounded_json
 from privlora.errors import InvalidUpdate
 from privlora.protocol import Payload
 
@@ -50,9 +51,9 @@ def from_record(record: ArrayRecord, text: str) -> Payload:
     """Rebuild a payload; a buffer or index that does not describe numeric tensors exactly
     raises InvalidUpdate."""
     try:
-        described = json.loads(text)
+        described = bounded_json.loads(text)
         index, meta = described["index"], described["meta"]
-    except (ValueError, KeyError, TypeError, RecursionError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise InvalidUpdate(f"payload index/meta is not the expected JSON "
                             f"({_short(f'{type(err).__name__}: {err}')})") from None
     if not isinstance(meta, dict) or not all(
