@@ -112,7 +112,7 @@ def test_label_loss_is_cross_entropy_over_the_label_words_only(tiny_lora, tokeni
     task = data.Task("t", "classification", builtin_task.INSTRUCTION,
                      ("amber", "blue", "green", "red"), tuple(rows))
     examples = data.tokenize(rows, task, tokenizer, max_length=96)
-    columns = training_label_tokens(task, tokenizer, "label")
+    columns = training_label_tokens(task, tokenizer, label_only=True)
     got = per_example_loss(tiny_lora.model, data.collate(examples, tokenizer.pad_token_id), columns)
     for e, loss in zip(examples, got, strict=True):
         logits = tiny_lora.model(input_ids=torch.tensor([list(e.prompt)])).logits[0, -1].float()
@@ -124,11 +124,11 @@ def test_label_loss_is_cross_entropy_over_the_label_words_only(tiny_lora, tokeni
 
 def test_label_loss_needs_one_distinct_token_per_label(tokenizer):
     one = data.Task("t", "classification", "", ("red", "blue"), ())
-    assert training_label_tokens(one, tokenizer, "answer") == ()
-    assert len(training_label_tokens(one, tokenizer, "label")) == 2
+    assert training_label_tokens(one, tokenizer, label_only=False) == ()
+    assert len(training_label_tokens(one, tokenizer, label_only=True)) == 2
     long = data.Task("t", "classification", "", ("red team", "blue team"), ())
     with pytest.raises(DataError, match="one distinct token.*'red team': 2.*train.loss = 'answer'"):
-        training_label_tokens(long, tokenizer, "label")
+        training_label_tokens(long, tokenizer, label_only=True)
     generation = data.Task("g", "generation", "", (), ())
     with pytest.raises(DataError, match="needs a classification task"):
-        training_label_tokens(generation, tokenizer, "label")
+        training_label_tokens(generation, tokenizer, label_only=True)

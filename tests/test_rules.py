@@ -132,3 +132,25 @@ def test_client_mode_counts_a_nonfinite_update_as_zero():
     for name in SHAPES:
         assert torch.equal(new[name].A, global_adapter[name].A)
         assert torch.equal(new[name].B, global_adapter[name].B)
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "ffa", "exact"])
+def test_only_a_rule_that_mixes_ranks_takes_lower_ranked_clients_in_both_runtimes(tiny_config,
+                                                                                   rule):
+    """The simulation (lora.client_ranks, checked when the config loads) and a deployment (a
+    SuperNode's node-config rank) refuse heterogeneous ranks under the same rules."""
+    from privlora.errors import ConfigError
+    from privlora.flower.server_app import _checked_rank
+
+    config = tiny_config(f"federation.aggregation={rule}", "lora.rank=4")
+    mixes = build_rule(config).mixes_ranks
+    assert mixes == (rule == "exact")
+    assert _checked_rank(config, 1, 4) == 4  # the full rank is every rule's
+    if mixes:
+        assert _checked_rank(config, 1, 2) == 2
+        tiny_config(f"federation.aggregation={rule}", "lora.rank=4", "lora.client_ranks=[4,2]")
+        return
+    with pytest.raises(ConfigError, match="exact"):
+        _checked_rank(config, 1, 2)
+    with pytest.raises(ConfigError, match="exact"):
+        tiny_config(f"federation.aggregation={rule}", "lora.rank=4", "lora.client_ranks=[4,2]")

@@ -191,7 +191,7 @@ def secret_examples(sim: server.Simulation, m: int) -> list[Example]:
         letters = torch.randint(26, (words, 5), generator=generator).tolist()
         return " ".join("".join(string.ascii_lowercase[c] for c in word) for word in letters)
 
-    if task.kind == "classification":
+    if task.classifies:
         labels = torch.randint(len(task.labels), (m,), generator=generator).tolist()
         rows = [{"text": secret(8), "label": task.labels[k]} for k in labels]
     else:

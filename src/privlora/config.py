@@ -137,6 +137,11 @@ class TrainConfig:
     # data (at most privacy.recipe.PUBLIC_BUDGET_CAP) without
     max_examples_processed: int = 0
 
+    @property
+    def label_only(self) -> bool:
+        """Whether the loss is over the label words alone (``loss = "label"``)."""
+        return self.loss == "label"
+
 
 @dataclass(frozen=True)
 class PrivacyConfig:
@@ -177,6 +182,21 @@ class QuantizationConfig:
     # the central vs the client-visible model on it is the model-privacy gap; "" = not measured
     general_text: str = ""
     general_examples: int = 64  # texts read from general_text (its first rows)
+
+    @property
+    def quantized_base(self) -> bool:
+        """Whether clients hold a quantized copy of the base (FedLPP), not the server's."""
+        return self.base != "none"
+
+    @property
+    def serves_logits(self) -> bool:
+        """Whether the server serves the adapter's offset of log-probabilities (proxy tuning)."""
+        return self.transfer == "logits"
+
+    @property
+    def draws_bins(self) -> bool:
+        """Whether each local step trains on a fresh draw within the quantization bins."""
+        return self.base_noise == "bin"
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,16 @@ class Task:
     rows: tuple[dict, ...]
     eval_rows: tuple[dict, ...] = ()  # a fixed eval set (data.eval_path); () = hold out from rows
 
+    @property
+    def classifies(self) -> bool:
+        """Whether answers are label words (classification), not free text (generation)."""
+        return self.kind == "classification"
+
+    @property
+    def fields(self) -> tuple[str, str]:
+        """The two fields each row of this task holds."""
+        return fields_of(self.kind)
+
 
 # The general-text perplexity set is scored as a generation task with no instruction.
 GENERAL_TEXT = Task("general text", "generation", "", (), ())
@@ -191,7 +201,7 @@ def site_rows(path: Path, task: Task, config: DataConfig) -> list[dict]:
     be one of the task's labels."""
     rows = read_rows(path, config)
     _check_fields(rows, task.kind, path)
-    if task.kind == "generation":
+    if not task.classifies:
         return rows
     _check_labels(rows, task.labels, path, "are not among the task's labels; a site trains on "
                   "the labels the server evaluates")
@@ -244,8 +254,13 @@ def task_from_meta(meta: dict) -> Task:
                 tuple(str(x) for x in meta["labels"]), ())
 
 
+def fields_of(kind: TaskKind) -> tuple[str, str]:
+    """The two fields each row of a ``kind`` task holds."""
+    return ("text", "label") if kind == "classification" else ("question", "answer")
+
+
 def _check_fields(rows: list[dict], kind: TaskKind, path: Path) -> None:
-    fields = ("text", "label") if kind == "classification" else ("question", "answer")
+    fields = fields_of(kind)
     for number, row in enumerate(rows, start=1):
         missing = [f for f in fields if f not in row or row[f] in (None, "")]
         if missing:
@@ -337,7 +352,7 @@ def tokenize(rows: list[dict], task: Task, tokenizer: PreTrainedTokenizerBase,
     end = tokenizer.eos_token_id
     examples = []
     for row in rows:
-        if task.kind == "classification":
+        if task.classifies:
             text, answer, label = row["text"], row["label"], row["label"]
         else:
             text, answer, label = row["question"], row["answer"], None

@@ -62,14 +62,15 @@ def label_token_ids(labels: tuple[str, ...], tokenizer: PreTrainedTokenizerBase)
 
 
 def training_label_tokens(task: Task, tokenizer: PreTrainedTokenizerBase,
-                          loss: str) -> tuple[int, ...]:
-    """Return the label tokens a ``train.loss = "label"`` run trains over (() for "answer").
+                          label_only: bool) -> tuple[int, ...]:
+    """Return the label tokens a ``train.loss = "label"`` run trains over (``label_only``;
+    () for "answer").
 
     Each label must be one token, distinct from the others: the loss is a softmax over them.
     """
-    if loss == "answer":
+    if not label_only:
         return ()
-    if task.kind != "classification":
+    if not task.classifies:
         raise DataError("train.loss = 'label' needs a classification task; this one is "
                         f"{task.kind!r}: set train.loss = 'answer'")
     ids = label_token_ids(task.labels, tokenizer)
@@ -91,7 +92,7 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
     so little is spent on padding. Multi-token labels take one more forward per label.
     """
     model.eval()
-    label_ids = label_token_ids(task.labels, tokenizer) if task.kind == "classification" else []
+    label_ids = label_token_ids(task.labels, tokenizer) if task.classifies else []
     gold = _gold(examples, task) if label_ids else torch.empty(0)
     single = all(len(ids) == 1 for ids in label_ids)
     columns = [ids[0] for ids in label_ids]

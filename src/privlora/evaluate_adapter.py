@@ -50,16 +50,17 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
 
 def _checked_rows(path: Path, meta: dict, config: DataConfig) -> list[dict]:
     rows = data.read_rows(path, config)
-    fields = ("text", "label") if meta["kind"] == "classification" else ("question", "answer")
+    task = data.task_from_meta(meta)
+    fields = task.fields
     for number, row in enumerate(rows, start=1):
         missing = [f for f in fields if f not in row]
         if missing:
             raise DataError(f"{path}: row {number} lacks {missing}; this adapter needs {fields}")
-        if meta["kind"] == "classification" and str(row["label"]) not in meta["labels"]:
+        if task.classifies and str(row["label"]) not in task.labels:
             raise DataError(
                 f"{path}: row {number} has label {row['label']!r}, unknown to this adapter "
-                f"(trained on {meta['labels']}); remove it or map it to a known label"
+                f"(trained on {list(task.labels)}); remove it or map it to a known label"
             )
-    if meta["kind"] == "classification":
+    if task.classifies:
         rows = [{**r, "label": str(r["label"])} for r in rows]
     return rows

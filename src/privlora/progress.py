@@ -75,7 +75,7 @@ class RichProgress:
             console.log(f"round {round_}: trained [{self.config.federation.aggregation}]{eps}")
             return
         acc = f"acc {100 * result.accuracy:5.1f}%  " if result.accuracy is not None else ""
-        loss = (f"label loss {result.label_loss:.4f}" if self.config.train.loss == "label"
+        loss = (f"label loss {result.label_loss:.4f}" if self.config.train.label_only
                 else f"loss {result.loss:.4f}")
         console.log(f"round {round_}: {acc}{loss}  "
                     f"[{self.config.federation.aggregation}]{eps}")

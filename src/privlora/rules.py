@@ -29,6 +29,7 @@ class Rule(Protocol):
     trains_a: bool  # False: A stays at its seeded init and never crosses the wire (FFA-LoRA)
     diagnostic: str | None  # the per-layer quantity logged each round (``<name>_max/_mean``)
     averages_products: bool  # True: the server averages products B A, not the factors
+    mixes_ranks: bool  # True: clients may train lower ranks than lora.rank (heterogeneous ranks)
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
                   weights: Sequence[float], central: CentralDP | None,
@@ -50,6 +51,7 @@ class FedAvg:
     trains_a: ClassVar[bool] = True
     diagnostic: ClassVar[str | None] = "factor_gap"
     averages_products: ClassVar[bool] = False
+    mixes_ranks: ClassVar[bool] = False  # factors of different ranks have no mean
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
                   weights: Sequence[float], central: CentralDP | None,
@@ -70,6 +72,7 @@ class FFA:
     trains_a: ClassVar[bool] = False
     diagnostic: ClassVar[str | None] = None
     averages_products: ClassVar[bool] = False
+    mixes_ranks: ClassVar[bool] = False  # B of different ranks against one frozen A: no mean
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
                   weights: Sequence[float], central: CentralDP | None,
@@ -98,6 +101,7 @@ class Exact:
     trains_a: ClassVar[bool] = True
     diagnostic: ClassVar[str | None] = "svd_residual"
     averages_products: ClassVar[bool] = True
+    mixes_ranks: ClassVar[bool] = True
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
                   weights: Sequence[float], central: CentralDP | None,

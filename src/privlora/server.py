@@ -99,7 +99,7 @@ def prepare(config: RunConfig) -> Simulation:
     task, train_rows, eval_rows = load_rows(config)
     parts = data.partition(train_rows, config.data, config.federation.num_clients, config.seed)
     sim = prepare_server(config, task, eval_rows, [len(p) for p in parts])
-    labels = training_label_tokens(task, sim.tokenizer, config.train.loss)
+    labels = training_label_tokens(task, sim.tokenizer, config.train.label_only)
     sim.sites = [client.Site(cid, data.tokenize(part, task, sim.tokenizer, config.data.max_length),
                              client.spec_for(config, sim.server.rule, sim.server.plan,
                                              sim.server.ranks[cid], labels, sim.base_noise))
@@ -130,10 +130,10 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     model = load_model(config.model.name, config.model.dtype, config.model.device)
     full_bytes = full_finetune_bytes(model)
     client_model, bundle, base_noise = model, None, None
-    if q.base != "none":
+    if q.quantized_base:
         client_model, bundle = distribute(model, tokenizer, q.base, config.model.name,
                                           config.model.dtype, config.model.device)
-        if q.base_noise == "bin":  # what a site computes from its bundle alone
+        if q.draws_bins:  # what a site computes from its bundle alone
             base_noise = bin_noise_for(client_model, bundle)
     spec = lora_spec_of(config.lora, model)  # resolved once: the central and clients' models
     central = attach(model, spec, seed=config.seed)
@@ -495,7 +495,7 @@ def _evaluate(sim: Simulation, adapter: Adapter) -> EvalResult:
 def _served(sim: Simulation, adapter: Adapter):
     """Return the model the server serves with the global ``adapter`` written where it acts."""
     write_adapter(sim.central, adapter)
-    if sim.config.quantization.transfer != "logits":
+    if not sim.config.quantization.serves_logits:
         return sim.central.model
     write_adapter(sim.handles, adapter)  # the server's own (full-precision) factors
     return OffsetModel(sim.central.model, sim.handles.model)
@@ -516,7 +516,7 @@ def _model_privacy(sim: Simulation, adapter: Adapter, central: EvalResult) -> di
     if server.bundle is None and config.quantization.adapter == "none":
         return None
     scores = {"central": _scores(sim, _served(sim, adapter), central)}
-    if config.quantization.transfer == "logits":  # _served wrote the adapter into central
+    if config.quantization.serves_logits:  # _served wrote the adapter into central
         scores["adapter_on_server_base"] = _scores(sim, sim.central.model, None)
     sent = protocol.transmit(_encode_down(sim, adapter, None))[0]
     visible = protocol.client_start(codec.unpack_adapter(sent), sim.init, server.rule.trains_a)

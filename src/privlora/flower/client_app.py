@@ -125,12 +125,12 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     tokenizer = load_tokenizer(config.model.name)
     model, manifest = _base_model(config, node.get("bundle", ""), bundle_digest)
     base_noise = None
-    if manifest is not None and config.quantization.base_noise == "bin":
+    if manifest is not None and config.quantization.draws_bins:
         base_noise = bin_noise_for(model, manifest)  # before LoRA wraps it: the bundle's names
     handles = attach(model, lora_spec_of(config.lora, model), seed=config.seed)
     rank = int(node.get("rank", 0)) or client.rank_of(config, cid)
     spec = client.spec_for(config, build_rule(config), plan, rank,
-                           training_label_tokens(task, tokenizer, config.train.loss), base_noise)
+                           training_label_tokens(task, tokenizer, config.train.label_only), base_noise)
     examples = data.tokenize(rows, task, tokenizer, config.data.max_length)
     return SiteState(config, handles, read_adapter(handles),
                      client.Site(cid, examples, spec, budget), tokenizer)

@@ -316,7 +316,7 @@ def run_local(config: RunConfig, out: Path, overwrite: bool = False, secure: boo
     failed = True
     try:
         sites = write_sites(config, work / "sites")
-        if config.quantization.base != "none":
+        if config.quantization.quantized_base:
             _write_bundle(config, work / "bundle", sites)
         if on_site:
             on_site(sites)

@@ -27,6 +27,7 @@ from privlora.config import RunConfig, load_config, to_toml
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
 from privlora.flower import wire
 from privlora.quantization import codec
+from privlora.rules import build_rule
 from privlora.run_dir import check_target
 
 log = logging.getLogger("privlora.flower")
@@ -205,9 +206,10 @@ def _checked_rank(config: RunConfig, cid: int, rank: int | None) -> int | None:
     if not 1 <= rank <= config.lora.rank:
         raise ConfigError(f"site {cid}: node-config rank = {rank} must be in [1, lora.rank = "
                           f"{config.lora.rank}]")
-    if config.federation.aggregation == "fedavg":
+    if not build_rule(config).mixes_ranks:
         raise ConfigError(f"site {cid} asks for rank {rank} < lora.rank; heterogeneous ranks "
-                          "need federation.aggregation = 'exact' or 'ffa'")
+                          "need federation.aggregation = 'exact' (the rule that averages "
+                          f"products), not {config.federation.aggregation!r}")
     return rank
 
 

@@ -98,7 +98,7 @@ def wire_costs(config, shapes: dict[str, tuple[int, ...]], adapter: Adapter) -> 
     up_f32, down_f32 = codec.encoded_sizes(down, "none", 0)
     return {
         "base_scheme": q.base,
-        "bundle_weights_bytes": None if q.base == "none" else predicted_bytes(shapes, q.base),
+        "bundle_weights_bytes": predicted_bytes(shapes, q.base) if q.quantized_base else None,
         "full_precision_bytes": predicted_bytes(shapes, "none"),
         "adapter_scheme": q.adapter,
         "downlink_bytes": down_bytes,
