@@ -13,8 +13,10 @@ TRAFFIC = {0: records.Traffic(up=110, down=100), 2: records.Traffic(up=130, down
 
 
 def row(plan, diagnostics=None):
-    return records.round_row(1, RESULT, TRAFFIC, [], [0.5, 1.5], 2.0, None, "fedavg",
-                             "factor_gap", diagnostics or {}, 1000, plan)
+    return records.RoundRecord(
+        round=1, result=RESULT, traffic=TRAFFIC, rejected=[], train_losses=[0.5, 1.5],
+        seconds=2.0, epsilon=None, rule="fedavg", diagnostic="factor_gap",
+        diagnostics=diagnostics or {}, full_model_bytes=1000).published(plan)
 
 
 def test_a_round_row_totals_bytes_and_names_the_rules_diagnostic():
@@ -38,3 +40,32 @@ def test_communication_totals_are_measured_or_expected_by_the_plan(tiny_config):
     assert comm["client_participations"] == 0.5 * 4 * 3  # q * N * rounds
     assert (comm["bytes_up_total"], comm["bytes_down_total"]) == (40.0 * 6, 100.0 * 6)
     assert (comm["bundle_bytes_per_client"], comm["bundle_bytes_down_total"]) == (7, 7 * 4)
+
+
+def test_a_summary_says_it_stopped_on_noise_only_when_it_could_have():
+    common = dict(task="t", labels=("a", "b"), model="m", majority=0.5, zero_shot=RESULT,
+                  final=RESULT, rule="fedavg", privacy=None, communication={},
+                  wall_seconds=12.34)
+    plain = records.Summary(rounds=5, **common).published()
+    assert "stopped_on_noise" not in plain and "model_privacy" not in plain
+    assert (plain["rounds"], plain["wall_seconds"], plain["labels"]) == (5, 12.3, ["a", "b"])
+    assert plain["final"]["accuracy"] == 0.5 and plain["versions"]["torch"] != "not installed"
+    stopped = records.Summary(rounds=3, rounds_planned=5, model_privacy={"x": 1},
+                              **common).published()
+    assert (stopped["stopped_on_noise"], stopped["rounds_planned"]) == (True, 5)
+    assert stopped["model_privacy"] == {"x": 1}
+    ran_out = records.Summary(rounds=5, rounds_planned=5, **common).published()
+    assert ran_out["stopped_on_noise"] is False
+
+
+def test_model_privacy_and_the_update_agreement_are_published_beside_the_redacted_fields(
+        tiny_config):
+    client = make_plan(tiny_config("privacy.mode=client", "privacy.noise_multiplier=1",
+                                   "federation.clients_per_round=2"), [24] * 4)
+    shown = records.RoundRecord(
+        round=1, result=RESULT, traffic=TRAFFIC, rejected=[2], train_losses=[0.5], seconds=2.0,
+        epsilon=0.7, rule="fedavg", diagnostic=None, diagnostics={}, full_model_bytes=1000,
+        model_privacy={"central": {"accuracy": 0.5}}, update_agreement=3.0).published(client)
+    assert shown["clients"] is None and shown["seconds"] is None  # who took part, and for how long
+    assert shown["model_privacy"] == {"central": {"accuracy": 0.5}}
+    assert (shown["update_agreement"], shown["epsilon"]) == (3.0, 0.7)

@@ -38,44 +38,65 @@ def finite_or_text(x: float | None) -> float | str | None:
     return x if x is None or math.isfinite(x) else str(x)
 
 
-def round_row(round_: int, result: EvalResult | None, traffic: Mapping[int, Traffic],
-              rejected: Sequence[int], train_losses: Sequence[float], seconds: float,
-              epsilon: float | None, rule: str, diagnostic: str | None,
-              diagnostics: Mapping[str, float], full_model_bytes: int,
-              plan: PrivacyPlan) -> dict[str, Any]:
-    """Return one metrics.jsonl line, with the fields the plan hides set to None.
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round as the server saw it; ``published`` is its metrics.jsonl line, with the fields
+    the privacy plan hides set to None.
 
     ``result`` is None in a round that was not evaluated (``federation.eval_every``).
     """
-    up = sum(t.up for t in traffic.values())
-    down = sum(t.down for t in traffic.values())
-    per_up = up / len(traffic) if traffic else None
-    row: dict[str, Any] = {
-        "round": round_,
-        "accuracy": None if result is None else result.accuracy,
-        "macro_f1": None if result is None else result.macro_f1,
-        "loss": None if result is None else result.loss,
-        "perplexity": None if result is None else result.perplexity,
-        "label_loss": None if result is None else result.label_loss,
-        "clients": sorted(traffic),
-        "rejected": list(rejected),
-        "bytes_up": up,
-        "bytes_down": down,
-        "bytes_up_per_client": per_up,
-        "bytes_down_per_client": down / len(traffic) if traffic else None,
-        "bytes_by_client": {str(c): asdict(t) for c, t in traffic.items()},
-        "full_finetune_bytes_per_client": full_model_bytes,
-        "ratio_up_vs_full": None if per_up is None else per_up / full_model_bytes,
-        "seconds": round(seconds, 3),
-        "epsilon": finite_or_text(epsilon),
-        "noise_source": plan.noise_source,
-        "aggregation": rule,
-        "train_loss": sum(train_losses) / len(train_losses) if train_losses else None,
-    }
-    if diagnostics and diagnostic is not None:
-        row[f"{diagnostic}_max"] = max(diagnostics.values())
-        row[f"{diagnostic}_mean"] = sum(diagnostics.values()) / len(diagnostics)
-    return plan.redact(row)
+
+    round: int
+    result: EvalResult | None
+    traffic: Mapping[int, Traffic]  # by client id: who was sent the round, and the bytes moved
+    rejected: Sequence[int]  # ids that sent nothing or a refused update
+    train_losses: Sequence[float]  # the accepted clients' mean local losses
+    seconds: float
+    epsilon: float | None  # the run's spend so far, by the plan's accountant
+    rule: str  # federation.aggregation
+    diagnostic: str | None  # the rule's per-layer quantity: ``<diagnostic>_max/_mean``
+    diagnostics: Mapping[str, float]
+    full_model_bytes: int  # what one full fine-tuning transfer would move
+    model_privacy: Mapping[str, Any] | None = None  # FedLPP scores (public and held-out text)
+    update_agreement: float | None = None  # the global update's agreement with the last one
+
+    def published(self, plan: PrivacyPlan) -> dict[str, Any]:
+        """Return the metrics.jsonl line."""
+        result, traffic = self.result, self.traffic
+        up = sum(t.up for t in traffic.values())
+        down = sum(t.down for t in traffic.values())
+        per_up = up / len(traffic) if traffic else None
+        row: dict[str, Any] = {
+            "round": self.round,
+            "accuracy": None if result is None else result.accuracy,
+            "macro_f1": None if result is None else result.macro_f1,
+            "loss": None if result is None else result.loss,
+            "perplexity": None if result is None else result.perplexity,
+            "label_loss": None if result is None else result.label_loss,
+            "clients": sorted(traffic),
+            "rejected": list(self.rejected),
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_up_per_client": per_up,
+            "bytes_down_per_client": down / len(traffic) if traffic else None,
+            "bytes_by_client": {str(c): asdict(t) for c, t in traffic.items()},
+            "full_finetune_bytes_per_client": self.full_model_bytes,
+            "ratio_up_vs_full": None if per_up is None else per_up / self.full_model_bytes,
+            "seconds": round(self.seconds, 3),
+            "epsilon": finite_or_text(self.epsilon),
+            "noise_source": plan.noise_source,
+            "aggregation": self.rule,
+            "train_loss": (sum(self.train_losses) / len(self.train_losses)
+                           if self.train_losses else None),
+        }
+        if self.diagnostics and self.diagnostic is not None:
+            row[f"{self.diagnostic}_max"] = max(self.diagnostics.values())
+            row[f"{self.diagnostic}_mean"] = sum(self.diagnostics.values()) / len(self.diagnostics)
+        row = plan.redact(row)
+        if self.model_privacy is not None:  # scores of public and held-out text: nothing per client
+            row["model_privacy"] = dict(self.model_privacy)
+        row["update_agreement"] = self.update_agreement
+        return row
 
 
 def communication(rows: Sequence[Mapping[str, Any]], plan: PrivacyPlan, rounds: int,
@@ -183,26 +204,49 @@ def signal_dict(signal: NoiseToSignal) -> dict[str, Any]:
     return {**asdict(signal), "verdict": signal.verdict, "fixes": signal.fixes()}
 
 
-def summary(task: str, labels: Sequence[str], model: str, majority: float | None,
-            zero_shot: EvalResult, final: EvalResult, rounds: int, rule: str,
-            privacy: dict | None, comm: dict, wall_seconds: float | None,
-            trained_loss: str = "answer") -> dict[str, Any]:
-    """Return summary.json: task, metrics before and after, privacy, communication, versions."""
-    return {
-        "task": task,
-        "labels": list(labels),
-        "model": model,
-        "majority_class_accuracy": majority,
-        "zero_shot": asdict(zero_shot),
-        "final": asdict(final),
-        "trained_loss": trained_loss,  # train.loss: "answer" or "label" (which eval loss fell)
-        "rounds": rounds,
-        "aggregation": rule,
-        "privacy": privacy,
-        "communication": comm,
-        "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
-        "versions": {p: _version(p) for p in _PACKAGES},
-    }
+@dataclass(frozen=True)
+class Summary:
+    """What a run reports at its end; ``published`` is summary.json."""
+
+    task: str
+    labels: Sequence[str]
+    model: str
+    majority: float | None  # the share of the eval set's most common label (classification)
+    zero_shot: EvalResult
+    final: EvalResult
+    rounds: int  # rounds run: below federation.rounds when stopped on noise
+    rule: str
+    privacy: Mapping[str, Any] | None  # ``privacy_summary`` (None without DP)
+    communication: Mapping[str, Any]  # ``communication``
+    wall_seconds: float | None  # None when the duration would depend on private batch sizes
+    trained_loss: str = "answer"  # train.loss: "answer" or "label" (which eval loss fell)
+    rounds_planned: int | None = None  # federation.rounds, when federation.stop_on_noise is on
+    model_privacy: Mapping[str, Any] | None = None  # ``model_privacy_summary`` (FedLPP)
+
+    def published(self) -> dict[str, Any]:
+        """Return summary.json: task, metrics before and after, privacy, communication,
+        versions."""
+        out = {
+            "task": self.task,
+            "labels": list(self.labels),
+            "model": self.model,
+            "majority_class_accuracy": self.majority,
+            "zero_shot": asdict(self.zero_shot),
+            "final": asdict(self.final),
+            "trained_loss": self.trained_loss,
+            "rounds": self.rounds,
+            "aggregation": self.rule,
+            "privacy": None if self.privacy is None else dict(self.privacy),
+            "communication": dict(self.communication),
+            "wall_seconds": None if self.wall_seconds is None else round(self.wall_seconds, 1),
+            "versions": {p: _version(p) for p in _PACKAGES},
+        }
+        if self.rounds_planned is not None:  # federation.stop_on_noise
+            out["stopped_on_noise"] = self.rounds < self.rounds_planned
+            out["rounds_planned"] = self.rounds_planned
+        if self.model_privacy is not None:
+            out["model_privacy"] = dict(self.model_privacy)
+        return out
 
 
 def _version(package: str) -> str:

@@ -350,8 +350,8 @@ def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=
         files, ledger, global_adapter = RunDir.create(out, to_toml(config), overwrite), \
             plan.new_ledger(), sim.init
         zero_shot = result = _evaluate(sim, global_adapter)
-        files.log_round(_row(sim, 0, result, {}, {}, [], 0.0, ledger, {},
-                             _model_privacy(sim, global_adapter, result)))
+        files.log_round(_record(sim, 0, result, ledger,
+                                model_privacy=_model_privacy(sim, global_adapter, result)))
     else:
         files, global_adapter = start.files, start.adapter
         ledger = None if start.ledger is None else PrivacyLedger.from_dict(start.ledger)
@@ -402,10 +402,11 @@ def run_rounds(sim: Simulation, transport: Transport, out: Path | str, progress=
             or stop
         if due:
             result = _evaluate(sim, global_adapter)
-        row = _row(sim, round_, result if due else None, uplinks, traffic, refused,
-                   time.time() - t0, ledger, diagnostics,
-                   _model_privacy(sim, global_adapter, result) if due else None)
-        files.log_round({**row, "update_agreement": agreement})
+        files.log_round(_record(
+            sim, round_, result if due else None, ledger, uplinks=uplinks, traffic=traffic,
+            rejected=refused, seconds=time.time() - t0, diagnostics=diagnostics,
+            model_privacy=_model_privacy(sim, global_adapter, result) if due else None,
+            update_agreement=agreement))
         files.checkpoint(round_, flatten(global_adapter), spent, _state(
             start, round_, zero_shot, result, plan,
             None if plan.private else (start.seconds or 0.0) + time.time() - started, quiet))
@@ -540,19 +541,23 @@ def _ledger_dict(ledger: PrivacyLedger | None) -> dict | None:
     return None if ledger is None else ledger.to_dict()
 
 
-def _row(sim: Simulation, round_: int, result: EvalResult | None,
-         uplinks: dict[int, protocol.Payload], traffic: dict[int, records.Traffic],
-         rejected: list[int], seconds: float, ledger: PrivacyLedger | None,
-         diagnostics: dict[str, float], model_privacy: dict | None) -> dict:
+def _record(sim: Simulation, round_: int, result: EvalResult | None,
+            ledger: PrivacyLedger | None, *, uplinks: dict[int, protocol.Payload] | None = None,
+            traffic: dict[int, records.Traffic] | None = None, rejected: list[int] | None = None,
+            seconds: float = 0.0, diagnostics: dict[str, float] | None = None,
+            model_privacy: dict | None = None, update_agreement: float | None = None) -> dict:
+    """Return the round's metrics.jsonl line (round 0: the zero-shot evaluation alone)."""
     server = sim.server
-    losses = [u.meta["train_loss"] for u in uplinks.values() if "train_loss" in u.meta]
-    epsilon = ledger.epsilon(accountant=server.plan.accountant) if ledger else None
-    row = records.round_row(round_, result, traffic, rejected, losses, seconds, epsilon,
-                            server.rule.name, server.rule.diagnostic, diagnostics,
-                            server.full_model_bytes, server.plan)
-    if model_privacy is not None:  # scores of public and held-out text only: nothing per client
-        row["model_privacy"] = model_privacy
-    return row
+    return records.RoundRecord(
+        round=round_, result=result, traffic=traffic or {}, rejected=rejected or [],
+        train_losses=[u.meta["train_loss"] for u in (uplinks or {}).values()
+                      if "train_loss" in u.meta],
+        seconds=seconds,
+        epsilon=ledger.epsilon(accountant=server.plan.accountant) if ledger else None,
+        rule=server.rule.name, diagnostic=server.rule.diagnostic, diagnostics=diagnostics or {},
+        full_model_bytes=server.full_model_bytes, model_privacy=model_privacy,
+        update_agreement=update_agreement,
+    ).published(server.plan)
 
 
 def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLedger | None,
@@ -569,19 +574,18 @@ def _finish(sim: Simulation, files: RunDir, adapter: Adapter, ledger: PrivacyLed
                                  fed.per_round, *_mean_transfer_bytes(sim),
                                  server.full_model_bytes,
                                  None if server.bundle is None else server.bundle.total_bytes)
-    summary = records.summary(
-        server.task.name, server.task.labels, config.model.name,
-        majority_share([e.label for e in server.eval_examples]), zero_shot, final,
-        rounds, server.rule.name, privacy, comm,
-        None if server.plan.private else wall,  # the duration grows with private batch sizes
-        config.train.loss)
-    if fed.stop_on_noise:
-        summary["stopped_on_noise"] = rounds < fed.rounds  # federation.stop_on_noise
-        summary["rounds_planned"] = fed.rounds
     marked = [r["model_privacy"] for r in files.rows if "model_privacy" in r]
-    if marked:
-        summary["model_privacy"] = records.model_privacy_summary(
-            config.quantization, server.bundle, marked[0], marked[-1])
+    summary = records.Summary(
+        task=server.task.name, labels=server.task.labels, model=config.model.name,
+        majority=majority_share([e.label for e in server.eval_examples]),
+        zero_shot=zero_shot, final=final, rounds=rounds, rule=server.rule.name,
+        privacy=privacy, communication=comm,
+        wall_seconds=None if server.plan.private else wall,  # grows with private batch sizes
+        trained_loss=config.train.loss,
+        rounds_planned=fed.rounds if fed.stop_on_noise else None,
+        model_privacy=records.model_privacy_summary(
+            config.quantization, server.bundle, marked[0], marked[-1]) if marked else None,
+    ).published()
     task_meta = {"task": server.task.name, "kind": server.task.kind,
                  "labels": list(server.task.labels), "instruction": server.task.instruction,
                  "model": config.model.name, "max_length": config.data.max_length}
