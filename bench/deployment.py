@@ -1,13 +1,15 @@
 """Seconds per round on Flower's deployment engine against the in-process simulation, side by
 side in one run: the built-in model, 2 clients, the same config and seeds (no DP, so each
-round's duration is in metrics.jsonl). Target: deployment <= 1.5x the simulation per round.
+round's duration is in metrics.jsonl). Target: deployment <= 1.2x the simulation per round.
 
 The deployment is a real SuperLink and 2 SuperNodes on 127.0.0.1 (``privlora flower local``):
-gRPC, a fresh ClientApp process per message (imports, model load), the sites training in
+gRPC, each node's ClientApps forked from one warm worker (``privlora flower worker``: the
+imports are paid once; the model is loaded per message), the sites training in
 parallel with the machine's cores split between them, where the simulation trains them one
 after the other on all cores. The runtimes alternate over ``--repeats`` so drift on a shared
 machine hits both; medians are reported. Also measured: what one fresh ClientApp process costs
-(importing the app, loading the model), and how far the two final adapters are apart.
+(importing the app, loading the model: what the warm worker saves, and what it still pays), and
+how far the two final adapters are apart.
 
     .venv/bin/python bench/deployment.py                 # 3 repeats x 3 rounds
     .venv/bin/python bench/deployment.py --quick         # tiny model, 1 repeat (smoke run)

@@ -110,6 +110,7 @@ def refused(tmp_path_factory, tiny_run) -> tuple[Path, dict]:
               for i, (args, _) in enumerate(QUANTIZE_REFUSALS)]
     argvs += [["flower", "local", *args, *TINY, "--out", str(where / f"flower{i}")]
               for i, (args, _) in enumerate(FLOWER_LOCAL_REFUSALS)]
+    argvs += [["flower", "worker", "--runtime-api-address", "127.0.0.1:1"]]
     return where, dict(zip(map(tuple, argvs), cli_many(argvs), strict=True))
 
 
@@ -291,6 +292,11 @@ def test_flower_local_bad_input_starts_nothing(refused, args, words):
     assert_one_line_error(code, err, *words)
     assert "logs are kept" not in err  # refused before any daemon started
     assert not out.exists()
+
+
+def test_a_flower_worker_needs_to_be_told_how_to_reach_its_supernode(refused):
+    code, _, err = refused[1][("flower", "worker", "--runtime-api-address", "127.0.0.1:1")]
+    assert_one_line_error(code, err, "--insecure", "--root-certificates")
 
 
 def test_flower_app_and_certs(tmp_path):

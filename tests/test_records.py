@@ -43,9 +43,9 @@ def test_communication_totals_are_measured_or_expected_by_the_plan(tiny_config):
 
 
 def test_a_summary_says_it_stopped_on_noise_only_when_it_could_have():
-    common = dict(task="t", labels=("a", "b"), model="m", majority=0.5, zero_shot=RESULT,
-                  final=RESULT, rule="fedavg", privacy=None, communication={},
-                  wall_seconds=12.34)
+    common = {"task": "t", "labels": ("a", "b"), "model": "m", "majority": 0.5,
+              "zero_shot": RESULT, "final": RESULT, "rule": "fedavg", "privacy": None,
+              "communication": {}, "wall_seconds": 12.34}
     plain = records.Summary(rounds=5, **common).published()
     assert "stopped_on_noise" not in plain and "model_privacy" not in plain
     assert (plain["rounds"], plain["wall_seconds"], plain["labels"]) == (5, 12.3, ["a", "b"])

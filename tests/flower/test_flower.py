@@ -55,9 +55,11 @@ def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, 
     deployed = run_local(config, tmp_path / "flower", secure=secure, on_start=held.append)
     simulated = server.run(config, tmp_path / "simulation")
 
-    started = held[0].processes.started  # a SuperLink and 2 SuperNodes, each its own group
-    assert len(started) == 3 and all(p.returncode is not None for p in started)
-    for proc in started:  # nothing of theirs (SuperExecs, ServerApp, ClientApps) survives
+    # a SuperLink, 2 SuperNodes and each node's ClientApp worker, each its own process group
+    started = held[0].processes.started
+    assert len(started) == 5 and all(p.returncode is not None for p in started)
+    assert sum("worker" in p.args for p in started) == 2
+    for proc in started:  # nothing of theirs (SuperExec, ServerApp, ClientApps) survives
         assert _alive_in_group(proc.pid) == []
 
     flower, local = _checkpoints(tmp_path / "flower"), _checkpoints(tmp_path / "simulation")
@@ -134,8 +136,8 @@ def test_a_site_killed_mid_run_is_left_out_and_the_ledger_says_what_happened(
 
     def kill_site_1(row):
         if row["round"] == 0:
-            node = holder["federation"].processes.started[2]  # superlink, node 0, node 1
-            os.killpg(node.pid, signal.SIGKILL)
+            for proc in holder["federation"].sites[1]:  # its SuperNode and ClientApp worker
+                os.killpg(proc.pid, signal.SIGKILL)
 
     config = tiny_config("federation.num_clients=2", "federation.round_timeout=40",
                          "privacy.mode=sample", "privacy.noise_multiplier=1.0",

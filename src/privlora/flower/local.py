@@ -146,6 +146,7 @@ class LocalFederation:
     secure: bool = False
     processes: Processes = field(default_factory=Processes)
     link_port: int = 0
+    sites: list[list[subprocess.Popen]] = field(default_factory=list)  # [SuperNode, worker]
 
     @property
     def logs(self) -> Path:
@@ -173,7 +174,7 @@ class LocalFederation:
         threads = max(1, (os.cpu_count() or 1) // len(sites))
         for k, (site, port) in enumerate(zip(sites, ports[1:])):
             node = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{ports[0]}",
-                    "--host", "127.0.0.1", "--port", str(port),
+                    "--host", "127.0.0.1", "--port", str(port), "--isolation", "process",
                     "--node-config", node_config(site)]
             if tls is None:
                 node.append("--insecure")
@@ -182,8 +183,16 @@ class LocalFederation:
                 self.flwr("supernode", "register", str(public), CONNECTION)
                 node += ["--root-certificates", str(tls.ca), "--auth-supernode-private-key",
                          str(key)]
-            self.processes.start(node, self.logs / f"supernode-{k}.log",
-                                 flower_env(self.work / f"home-node{k}", threads))
+            env = flower_env(self.work / f"home-node{k}", threads)
+            supernode = self.processes.start(node, self.logs / f"supernode-{k}.log", env)
+            # its ClientApps, from one warm process (flower/worker.py) instead of Flower's
+            # SuperExec starting a fresh interpreter per message; the Runtime API is local
+            self._wait_for_port(port)
+            worker = self.processes.start(
+                [sys.executable, "-m", "privlora", "flower", "worker",
+                 "--runtime-api-address", f"127.0.0.1:{port}", "--insecure"],
+                self.logs / f"worker-{k}.log", env)
+            self.sites.append([supernode, worker])
 
     def _write_cli_config(self, tls: certs.ServerCerts | None) -> None:
         home = self.work / "home-cli"
@@ -197,12 +206,12 @@ class LocalFederation:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if any(p.poll() is not None for p in self.processes.started):
-                raise DeploymentFailed(f"the SuperLink exited at start; see {self.logs}")
+                raise DeploymentFailed(f"a Flower daemon exited at start; see {self.logs}")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     return
             time.sleep(0.2)
-        raise DeploymentFailed(f"the SuperLink did not listen on 127.0.0.1:{port} within "
+        raise DeploymentFailed(f"nothing listened on 127.0.0.1:{port} within "
                                f"{timeout:.0f} s; see {self.logs}")
 
     def flwr(self, *args: str, timeout: float = 120.0) -> str:
