@@ -52,7 +52,7 @@ def one_cell(size: str, private: bool, checkpointing: bool, batch: int, tokens: 
     from privlora.config import LoraSection
     from privlora.data import Example
     from privlora.lora import attach, read_adapter, spec_of
-    from privlora.privacy.local import SampleDP
+    from privlora.privacy.client_dp import SampleDP
     from privlora.privacy.mechanisms import seeded_generator
 
     torch.manual_seed(0)

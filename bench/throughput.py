@@ -64,7 +64,7 @@ def privlora_step(handles, examples, pad_id, dp: bool):
     """One local step exactly as the product runs it."""
     from privlora.client import LocalSpec, gradient_step
     from privlora.lora import set_trainable, trained_parameters
-    from privlora.privacy.local import SampleDP
+    from privlora.privacy.client_dp import SampleDP
 
     sample_dp = SampleDP(clip=1.0, noise_multiplier=1.0, sample_rate=1.0,
                          divisor=float(len(examples)), secure=True) if dp else None

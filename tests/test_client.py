@@ -11,7 +11,7 @@ import torch
 from privlora import client, protocol
 from privlora.client import Site
 from privlora.lora import set_trainable, trained_parameters, write_adapter
-from privlora.privacy.local import LocalDP, SampleDP
+from privlora.privacy.client_dp import LocalDP, SampleDP
 from privlora.privacy.mechanisms import joint_l2_norm, seeded_generator
 from privlora.server import prepare
 

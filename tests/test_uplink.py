@@ -10,7 +10,7 @@ import torch
 
 from privlora import uplink
 from privlora.errors import InvalidUpdate
-from privlora.privacy.local import LocalDP
+from privlora.privacy.client_dp import LocalDP
 from privlora.privacy.plan import NoPrivacy, make_plan
 from privlora.protocol import Payload
 from privlora.quantization import codec

@@ -40,7 +40,7 @@ from privlora.lora import (
 from privlora.models import compute_threads, gradient_checkpointing, wants_checkpointing
 from privlora.privacy.audit import GradientCanaries, ReleaseCanaries
 from privlora.privacy.central import CentralDP
-from privlora.privacy.local import LocalDP, SampleDP
+from privlora.privacy.client_dp import LocalDP, SampleDP
 from privlora.privacy.mechanisms import clip_per_example, seeded_generator, uniform
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.privacy.plan import PrivacyPlan

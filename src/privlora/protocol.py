@@ -9,7 +9,9 @@ Pure functions over named tensors: no model, no dataset. The in-process simulati
     down = downlink(rule, global_adapter, rank)                      server -> client (Payload)
     start = client_start(down, init, train_a)                        client: it trains on THIS
     up = Payload(delta, meta)  (client.run_round)                    client -> server (Payload)
-    check_uplink(client_id, down, up, plan)                          server: names, shapes, meta
+    uplink.accept(client_id, down, up, ...)                          server: decode, size, and
+                                                                     check_uplink: names,
+                                                                     shapes, meta, norm
     global_adapter, diag = aggregate(rule, plan, global_adapter, uplinks, noise_rng)   server
 
 A ``Payload`` is the only thing a client starts from, and its serialized bytes are what the

@@ -196,7 +196,7 @@ class RunDir:
         (self.adapter_dir / "task.json").write_text(_json(task_meta, indent=1))
         self.save_ledger(ledger)
         atomic_write(self.path / "summary.json", _json(summary, indent=2))
-        from privlora.report import plot_rounds  # matplotlib: imported only when needed
+        from privlora.plots import plot_rounds  # matplotlib: imported only when needed
 
         plot_rounds(self.rows, self.path / "report.png", title=summary["task"],
                     loss_key="label_loss" if summary.get("trained_loss") == "label" else "loss")

@@ -162,7 +162,7 @@ def test_the_audit_catches_a_broken_mechanism(tiny_config, tmp_path, monkeypatch
     """What the audit is for: a mechanism that releases more than the accountant charges for
     gives a lower bound above the accountant's epsilon."""
     if bug == "local mode without its noise":
-        monkeypatch.setattr("privlora.privacy.local.add_noise",
+        monkeypatch.setattr("privlora.privacy.client_dp.add_noise",
                             lambda tensors, *args, **kwargs: dict(tensors))
         config = tiny_config(*TINY_AUDIT, "privacy.mode=local", "privacy.noise_multiplier=3")
     else:

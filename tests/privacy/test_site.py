@@ -15,7 +15,7 @@ from privlora import server
 from privlora.cli import app
 from privlora.errors import ConfigError, RoundFailed
 from privlora.privacy.central import CentralDP
-from privlora.privacy.local import LocalDP, SampleDP
+from privlora.privacy.client_dp import LocalDP, SampleDP
 from privlora.privacy.plan import make_plan
 from privlora.privacy.site import (
     CLAIMED,

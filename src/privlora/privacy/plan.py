@@ -24,8 +24,8 @@ from privlora.config import FederationConfig, RunConfig
 from privlora.errors import ConfigError, PrivacyBudgetExceeded
 from privlora.privacy import accounting
 from privlora.privacy.central import CentralDP
+from privlora.privacy.client_dp import LocalDP, SampleDP
 from privlora.privacy.ledger import PrivacyLedger
-from privlora.privacy.local import LocalDP, SampleDP
 from privlora.privacy.mechanisms import uniform
 from privlora.privacy.signal import NoiseToSignal, noise_norm_over_clip, noise_to_signal
 

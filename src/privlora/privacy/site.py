@@ -32,8 +32,8 @@ import dp_accounting
 from privlora.errors import ConfigError
 from privlora.privacy import accounting
 from privlora.privacy.central import CentralDP
+from privlora.privacy.client_dp import LocalDP, SampleDP
 from privlora.privacy.ledger import event_from_dict, event_to_dict
-from privlora.privacy.local import LocalDP, SampleDP
 from privlora.run_dir import atomic_write
 
 MODES = ("sample", "local", "client")
