@@ -118,7 +118,7 @@ def run_variant(overrides: list[str], out: Path) -> dict:
 def run_config(config, out: Path) -> dict:
     """Run one federated fine-tune of ``config`` in-process; return the numbers a table needs."""
     from privlora.config import to_toml
-    from privlora.server import run
+    from privlora.simulation import run
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's warnings per cell
     started = time.time()

@@ -82,7 +82,7 @@ def main() -> None:
 
     from privlora.config import load_config
     from privlora.flower.local import run_local
-    from privlora.server import run
+    from privlora.simulation import run
 
     config = load_config(None, overrides(args))
     sim, dep, walls, gaps, costs = [], [], {"simulation": [], "deployment": []}, [], []

@@ -78,7 +78,7 @@ def run_scheme(task: str, scheme: str, quick: bool, out: Path, method: str = "gr
     import time
 
     from privlora.config import to_toml
-    from privlora.server import run
+    from privlora.simulation import run
 
     config = scheme_config(task, scheme, quick, method, seed, rounds)
     started = time.time()

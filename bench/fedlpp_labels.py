@@ -32,7 +32,7 @@ def main() -> None:
     from privlora.lm import answer_logits
     from privlora.lora import unflatten, write_adapter
     from privlora.run_dir import checkpoint_tensors, last_checkpoint
-    from privlora.server import prepare
+    from privlora.simulation import prepare
 
     sim = prepare(config_from_toml((args.run / "config.toml").read_text()))
     adapter = unflatten(last_checkpoint(args.run).tensors if args.round is None

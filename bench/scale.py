@@ -27,7 +27,7 @@ import json, resource, sys
 from pathlib import Path
 import torch
 from privlora.config import load_config
-from privlora.server import run
+from privlora.simulation import run
 config = load_config(None, sys.argv[2:])
 run(config, Path(sys.argv[1]))
 cuda = torch.cuda.is_available() and config.model.device != "cpu"

@@ -13,7 +13,7 @@ from privlora.client import Site
 from privlora.lora import set_trainable, trained_parameters, write_adapter
 from privlora.privacy.client_dp import LocalDP, SampleDP
 from privlora.privacy.mechanisms import joint_l2_norm, seeded_generator
-from privlora.server import prepare
+from privlora.simulation import prepare
 
 # sample mode at q = 0.5 with seeded noise: two runs of one round can be compared exactly
 REPRODUCIBLE_SAMPLE_MODE = ("privacy.mode=sample", "privacy.noise_multiplier=1",

@@ -40,7 +40,7 @@ from privlora.models import gradient_checkpointing, load_model
 from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.run_dir import last_checkpoint
-from privlora.server import run
+from privlora.simulation import run
 from tests.builders import randomize_lora_b
 
 # Shared by every family: 2 layers, 4 heads (2 key-value heads where the family has them),

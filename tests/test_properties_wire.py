@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from privlora import server, uplink
+from privlora import rounds, uplink
 from privlora.config import load_config
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
 from privlora.flower import client_app, server_app, wire
@@ -322,7 +322,7 @@ def test_the_round_keeps_the_good_updates_and_stops_only_below_min_clients(bad, 
     handler.emit = records.append  # type: ignore[method-assign]
     logger.addHandler(handler)
     try:
-        uplinks, traffic, refused = server._accept(sim, 1, ids, {c: SENT for c in ids}, replies)
+        uplinks, traffic, refused = rounds._accept(sim, 1, ids, {c: SENT for c in ids}, replies)
     finally:
         logger.removeHandler(handler)
     good = [c for c, k in zip(ids, bad) if k is None]
@@ -330,10 +330,10 @@ def test_the_round_keeps_the_good_updates_and_stops_only_below_min_clients(bad, 
     assert len(records) == len(refused)  # each one left out is logged, with why
     assert set(traffic) == set(ids)
     if len(good) >= min_clients:
-        server._check_quorum(min_clients, 1, ids, uplinks)
+        rounds._check_quorum(min_clients, 1, ids, uplinks)
     else:
         with pytest.raises(RoundFailed, match="min_clients"):
-            server._check_quorum(min_clients, 1, ids, uplinks)
+            rounds._check_quorum(min_clients, 1, ids, uplinks)
 
 
 # --- deployment: which reply answers which message, and whose -----------------------------------

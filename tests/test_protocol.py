@@ -13,7 +13,7 @@ from privlora.lora import Factors, flatten, is_factor_b
 from privlora.privacy.plan import NoPrivacy, make_plan
 from privlora.protocol import Payload
 from privlora.rules import FFA, Exact, FedAvg
-from privlora.server import prepare
+from privlora.simulation import prepare
 from tests.builders import random_adapter
 
 SHAPES = {"q": (6, 5), "v": (4, 5)}

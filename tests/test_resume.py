@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from privlora import client, server
+from privlora import client, simulation
 from privlora.errors import ConfigError, PrivacyBudgetExceeded
 from privlora.run_dir import last_checkpoint
 
@@ -50,14 +50,14 @@ def _events(run: Path) -> dict[str, int]:
 def test_a_resumed_run_with_reproducible_noise_equals_an_uninterrupted_one(
         tiny_config, tmp_path, monkeypatch, read_metrics):
     config = tiny_config(*LOCAL_DP, "privacy.reproducible_noise=true")
-    whole = server.run(config, tmp_path / "whole")
+    whole = simulation.run(config, tmp_path / "whole")
     _crash_at(monkeypatch, 4 + 3)  # round 2, third client: round 2 is charged, half released
     with pytest.raises(KeyboardInterrupt):
-        server.run(config, tmp_path / "cut")
+        simulation.run(config, tmp_path / "cut")
     assert last_checkpoint(tmp_path / "cut").round == 1
     assert _events(tmp_path / "cut") == {f"client-{i}": 2 for i in range(4)}
     monkeypatch.undo()
-    resumed = server.resume(tmp_path / "cut")
+    resumed = simulation.resume(tmp_path / "cut")
     assert _adapter_bytes(tmp_path / "cut") == _adapter_bytes(tmp_path / "whole")
     for name in ("ledger.json",):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
@@ -71,9 +71,9 @@ def test_with_os_random_noise_the_cut_round_stays_charged(tiny_config, tmp_path,
     config = tiny_config(*LOCAL_DP)
     _crash_at(monkeypatch, 4 + 1)
     with pytest.raises(KeyboardInterrupt):
-        server.run(config, tmp_path)
+        simulation.run(config, tmp_path)
     monkeypatch.undo()
-    server.resume(tmp_path)
+    simulation.resume(tmp_path)
     # 3 rounds trained; round 2 charged when cut off and again when repeated
     assert _events(tmp_path) == {f"client-{i}": 4 for i in range(4)}
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -88,13 +88,13 @@ def test_a_resume_that_would_overspend_is_refused_before_any_release(tiny_config
                          "privacy.clip=0.5", "federation.rounds=3")
     _crash_at(monkeypatch, 4 + 1)
     with pytest.raises(KeyboardInterrupt):
-        server.run(config, tmp_path)
+        simulation.run(config, tmp_path)
     monkeypatch.undo()
     before = (tmp_path / "ledger.json").read_bytes()
     with pytest.raises(PrivacyBudgetExceeded, match=r"At most 1 more round\(s\) fit"):
-        server.resume(tmp_path)
+        simulation.resume(tmp_path)
     assert (tmp_path / "ledger.json").read_bytes() == before
-    server.resume(tmp_path, ["federation.rounds=2"])  # stop one round early: it fits
+    simulation.resume(tmp_path, ["federation.rounds=2"])  # stop one round early: it fits
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == 2
 
 
@@ -102,15 +102,15 @@ def test_resume_refuses_a_changed_privacy_setting_and_a_finished_run(tiny_config
                                                                     monkeypatch):
     _crash_at(monkeypatch, 4 + 1)
     with pytest.raises(KeyboardInterrupt):
-        server.run(tiny_config(*LOCAL_DP), tmp_path)
+        simulation.run(tiny_config(*LOCAL_DP), tmp_path)
     monkeypatch.undo()
     with pytest.raises(ConfigError, match=r"privacy.clip = 2.0 differs from the run's 0.5"):
-        server.resume(tmp_path, ["privacy.clip=2.0"])
+        simulation.resume(tmp_path, ["privacy.clip=2.0"])
     with pytest.raises(ConfigError, match=r"data.builtin_examples"):
-        server.resume(tmp_path, ["data.builtin_examples=200"])
-    server.resume(tmp_path, ["federation.eval_every=2"])  # touches no privacy
+        simulation.resume(tmp_path, ["data.builtin_examples=200"])
+    simulation.resume(tmp_path, ["federation.eval_every=2"])  # touches no privacy
     with pytest.raises(ConfigError, match="finished"):
-        server.resume(tmp_path)
+        simulation.resume(tmp_path)
 
 
 def _privlora(*args: str) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 
 from privlora.errors import ConfigError
 from privlora.run_dir import RunDir, check_target
-from privlora.server import run
+from privlora.simulation import run
 
 
 def snapshot(path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privlora import server
+from privlora import rounds, simulation
 from privlora.communication import payload_bytes
 from privlora.errors import RoundFailed
 from privlora.evaluate import majority_share
@@ -19,7 +19,7 @@ from privlora.lora import flatten
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.plan import SECURE, SEEDED
 from privlora.protocol import Payload
-from privlora.server import prepare, run
+from privlora.simulation import prepare, run
 
 LOCAL = ("privacy.mode=local", "privacy.noise_multiplier=1.0")
 
@@ -269,7 +269,7 @@ class LossyTransport:
     """The in-process wire, except that client 1 never answers and client 2 sends NaN."""
 
     def __init__(self, sim):
-        self.inner = server.InProcess(sim)
+        self.inner = simulation.InProcess(sim)
 
     def reachable(self, ids):
         return ids
@@ -288,9 +288,9 @@ class LossyTransport:
 def test_a_round_goes_on_without_the_clients_it_lost(tiny_config, tmp_path, read_metrics, caplog):
     config = tiny_config("federation.num_clients=4", "privacy.mode=local",
                          "privacy.noise_multiplier=0.5")
-    sim = server.prepare(config)
+    sim = simulation.prepare(config)
     with caplog.at_level("WARNING", logger="privlora.local"):
-        server.run_rounds(sim, LossyTransport(sim), tmp_path / "run")
+        rounds.run_rounds(sim, LossyTransport(sim), tmp_path / "run")
     rows = read_metrics(tmp_path / "run")[1:]
     assert all(r["clients"] == [0, 1, 2, 3] and r["rejected"] == [1, 2] for r in rows)
     assert all(r["bytes_by_client"]["1"]["up"] == 0 for r in rows)
@@ -304,7 +304,7 @@ def test_a_round_goes_on_without_the_clients_it_lost(tiny_config, tmp_path, read
 def test_too_few_acceptable_updates_stop_the_run_after_the_rounds_before(tiny_config, tmp_path,
                                                                           read_metrics):
     config = tiny_config("federation.num_clients=4", "federation.min_clients=3")
-    sim = server.prepare(config)
+    sim = simulation.prepare(config)
     with pytest.raises(RoundFailed, match=r"round 1: 2 of 4 clients .*min_clients = 3"):
-        server.run_rounds(sim, LossyTransport(sim), tmp_path / "run")
+        rounds.run_rounds(sim, LossyTransport(sim), tmp_path / "run")
     assert [r["round"] for r in read_metrics(tmp_path / "run")] == [0]

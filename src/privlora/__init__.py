@@ -42,7 +42,7 @@ def __getattr__(name: str):
 
         return load_config
     if name == "run":
-        from privlora.server import run
+        from privlora.simulation import run
 
         return run
     raise AttributeError(f"module 'privlora' has no attribute {name!r}")

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from privlora import data, server
+from privlora import data, rounds, simulation
 from privlora.config import RunConfig
 from privlora.data import Example, collate
 from privlora.errors import ConfigError
@@ -85,7 +85,7 @@ def run_audit(config: RunConfig, out: Path, canaries: int = 1000, progress=None,
         raise ConfigError(f"--canaries {canaries}: use at least 10 (the bound grows with them)")
     check_target(out, overwrite)
     started = time.time()
-    sim = server.prepare(config)  # an overspending plan refuses here
+    sim = simulation.prepare(config)  # an overspending plan refuses here
     trained = trained_parameters(sim.handles, sim.server.rule.trains_a)
     shapes = {name: p.shape for name, p in trained.items()}
     clip, seed = config.privacy.clip, config.seed
@@ -121,8 +121,8 @@ def run_audit(config: RunConfig, out: Path, canaries: int = 1000, progress=None,
     sim.sites[SITE] = dataclasses.replace(site, examples=examples, spec=spec)
     with tempfile.TemporaryDirectory(prefix="privlora-audit-") as tmp:
         run = Path(tmp) / "run"
-        sim = server.with_site_budgets(sim, run)
-        summary = server.run_rounds(sim, server.InProcess(sim, progress), run, progress)
+        sim = simulation.with_site_budgets(sim, run)
+        summary = rounds.run_rounds(sim, simulation.InProcess(sim, progress), run, progress)
         final = last_checkpoint(run)
         assert final is not None
     start = flatten(sim.init)
@@ -182,7 +182,7 @@ class InputCanaries:
         return [b - t for b, t in zip(self.base, trained)]
 
 
-def secret_examples(sim: server.Simulation, m: int) -> list[Example]:
+def secret_examples(sim: simulation.Simulation, m: int) -> list[Example]:
     """Return ``m`` canary examples: a random secret string of eight five-letter words each,
     with a random label of the task (classification) or a random secret answer (generation)."""
     task, generator = sim.server.task, seeded_generator(sim.config.seed, "audit", "input", "text")
@@ -199,7 +199,7 @@ def secret_examples(sim: server.Simulation, m: int) -> list[Example]:
     return data.tokenize(rows, task, sim.tokenizer, sim.config.data.max_length)
 
 
-def _losses(sim: server.Simulation, adapter: Adapter, examples: list[Example]) -> list[float]:
+def _losses(sim: simulation.Simulation, adapter: Adapter, examples: list[Example]) -> list[float]:
     """Return each example's training loss (the site's loss: label-only where it trains so)
     under ``adapter`` on the clients' model."""
     handles, labels = sim.handles, sim.sites[SITE].spec.label_tokens

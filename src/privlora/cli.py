@@ -74,12 +74,12 @@ def run(
         cfg = (_run_config(resume / "config.toml", set_, None, None, False) if resume
                else _run_config(config, set_, data, model, no_privacy))
         out_dir = resume or out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        from privlora import server
+        from privlora import simulation
         from privlora.progress import RichProgress
 
         with stop_on_signals(), RichProgress(cfg) as progress:
-            summary = (server.resume(resume, set_, progress) if resume else
-                       server.run(cfg, out_dir, progress, overwrite=overwrite))
+            summary = (simulation.resume(resume, set_, progress) if resume else
+                       simulation.run(cfg, out_dir, progress, overwrite=overwrite))
     except _USER_ERRORS as err:
         _fail(err)
     except Stopped as stop:

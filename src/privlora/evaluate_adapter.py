@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,7 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
         raise ConfigError(f"--adapter {adapter_dir}: not an adapter saved by `privlora run` "
                           "(needs adapter_config.json and task.json); give a run's adapter/ dir")
     meta = json.loads(meta_file.read_text())
+    trained = data.Task(meta["task"], meta["kind"], meta["instruction"], tuple(meta["labels"]), ())
     run_config = adapter_dir.parent / "config.toml"
     config = load_config(run_config if run_config.is_file() else None)
     if data_path is None:
@@ -34,10 +36,9 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
         _, rows = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
         source = f"eval split of {config.data.path}"
     else:
-        rows = _checked_rows(Path(data_path), meta, config.data)
+        rows = _checked_rows(Path(data_path), trained, config.data)
         source = data_path
-    task = data.Task(meta["task"], meta["kind"], meta["instruction"], tuple(meta["labels"]),
-                     tuple(rows))
+    task = dataclasses.replace(trained, rows=tuple(rows))
     name = model_name or meta["model"]
     tokenizer = load_tokenizer(name)
     base = load_model(name, config.model.dtype, config.model.device)
@@ -48,19 +49,18 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
     return {"data": source, **asdict(result)}
 
 
-def _checked_rows(path: Path, meta: dict, config: DataConfig) -> list[dict]:
+def _checked_rows(path: Path, task: data.Task, config: DataConfig) -> list[dict]:
     rows = data.read_rows(path, config)
-    task = data.task_from_meta(meta)
-    fields = task.fields
+    fields, labels, classifies = task.fields, task.labels, task.classifies
     for number, row in enumerate(rows, start=1):
         missing = [f for f in fields if f not in row]
         if missing:
             raise DataError(f"{path}: row {number} lacks {missing}; this adapter needs {fields}")
-        if task.classifies and str(row["label"]) not in task.labels:
+        if classifies and str(row["label"]) not in labels:
             raise DataError(
                 f"{path}: row {number} has label {row['label']!r}, unknown to this adapter "
-                f"(trained on {list(task.labels)}); remove it or map it to a known label"
+                f"(trained on {list(labels)}); remove it or map it to a known label"
             )
-    if task.classifies:
+    if classifies:
         rows = [{**r, "label": str(r["label"])} for r in rows]
     return rows

@@ -1,7 +1,7 @@
 """The round protocol: what crosses the wire, what a client starts from, what the server does.
 
 Pure functions over named tensors: no model, no dataset. The in-process simulation
-(``server.run``) calls them; a Flower ServerApp / ClientApp calls the same ones. One round::
+(``simulation.run``, over ``rounds.run_rounds``) calls them; a Flower ServerApp / ClientApp calls the same ones. One round::
 
     ids = select_clients(plan, federation, seed, round_)            server
     check_budget(ledger, plan, ids)                                  server: refuse before spending

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privlora import server
+from privlora import simulation
 from privlora.flower.local import DeploymentFailed, LocalFederation, descendants, run_local
 
 pytestmark = pytest.mark.integration  # deselect with -m 'not integration'
@@ -53,7 +53,7 @@ def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, 
     config = tiny_config(*settings)
     held: list[LocalFederation] = []
     deployed = run_local(config, tmp_path / "flower", secure=secure, on_start=held.append)
-    simulated = server.run(config, tmp_path / "simulation")
+    simulated = simulation.run(config, tmp_path / "simulation")
 
     # a SuperLink, 2 SuperNodes and each node's ClientApp worker, each its own process group
     started = held[0].processes.started

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privlora import server
+from privlora import simulation
 from privlora.flower.local import LocalFederation, descendants, run_local
 from privlora.run_dir import last_checkpoint
 
@@ -54,7 +54,7 @@ def test_a_killed_federation_resumes_to_the_simulations_adapter(tmp_path, tiny_c
     assert not (out / "summary.json").exists()
     assert last_checkpoint(out).round == 1
     deployed = run_local(config, out, resume=True)
-    simulated = server.run(config, tmp_path / "simulation")
+    simulated = simulation.run(config, tmp_path / "simulation")
     a = load_file(str(out / "checkpoints" / "round_002" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "simulation" / "checkpoints" / "round_002" /
                       "adapter.safetensors"))

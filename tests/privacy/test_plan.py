@@ -16,7 +16,7 @@ from privlora.privacy.plan import (
     make_plan,
     suggest_sample_rate,
 )
-from privlora.server import run
+from privlora.simulation import run
 
 SIZES = [24, 24, 24, 24]
 SAMPLE = ("privacy.mode=sample", "privacy.sample_rate=0.2")

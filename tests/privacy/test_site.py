@@ -11,7 +11,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from typer.testing import CliRunner
 
-from privlora import server
+from privlora import simulation
 from privlora.cli import app
 from privlora.errors import ConfigError, RoundFailed
 from privlora.privacy.central import CentralDP
@@ -162,12 +162,12 @@ def test_the_simulation_goes_on_without_a_site_that_refuses(tiny_config, tmp_pat
     its own ledger says no; the server logs why and trains on with client 0."""
     shared = tmp_path / "ledgers"
     config = tiny_config(*LOCAL, "site.max_epsilon=4.6", f"site.ledger_dir='{shared}'")
-    sim = server.with_site_budgets(server.prepare(config), tmp_path / "unused")
+    sim = simulation.with_site_budgets(simulation.prepare(config), tmp_path / "unused")
     earlier = release_of(1, None, sim.sites[1].spec.local_dp, None)
     for r in range(3):
         sim.sites[1].budget.spend(earlier, "an-earlier-run", r, "d")
     with caplog.at_level("WARNING", logger="privlora.local"):
-        summary = server.run(config, tmp_path / "run")
+        summary = simulation.run(config, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")[1:]
     assert [r["rejected"] for r in rows] == [[], [1], [1]]
     assert "client 1 left out: site refused: this round would bring the site's epsilon" in \
@@ -186,7 +186,7 @@ def test_the_simulation_goes_on_without_a_site_that_refuses(tiny_config, tmp_pat
 def test_the_simulation_stops_when_every_site_refuses_the_mode(tiny_config, tmp_path):
     config = tiny_config(*LOCAL, "site.max_epsilon=8", "site.modes=['sample']")
     with pytest.raises(RoundFailed, match="0 of 2 clients"):
-        server.run(config, tmp_path / "run")
+        simulation.run(config, tmp_path / "run")
 
 
 def test_site_budget_prints_each_run_and_the_total(tmp_path):

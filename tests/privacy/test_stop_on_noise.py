@@ -12,7 +12,7 @@ import torch
 
 from privlora.errors import ConfigError
 from privlora.privacy.signal import NOISE_AGREEMENT, agreement
-from privlora.server import run
+from privlora.simulation import run
 
 
 def test_agreement_is_the_cosine_times_root_d_computed_independently():
@@ -70,7 +70,7 @@ def test_stop_on_noise_must_not_be_negative(tiny_config):
 
 
 def test_a_run_the_plan_calls_too_noisy_is_refused_before_any_spend(tiny_config, tmp_path):
-    from privlora.server import prepare
+    from privlora.simulation import prepare
 
     noisy = ("privacy.mode=client", "privacy.noise_multiplier=1000", "federation.rounds=8")
     with pytest.raises(ConfigError, match="cannot learn.*stop_on_noise = 0"):

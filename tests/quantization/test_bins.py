@@ -14,7 +14,7 @@ from privlora.privacy.mechanisms import seeded_generator
 from privlora.quantization.bins import BinNoise, bin_noise_for, bins_of, ggml_bins, nf4_bins
 from privlora.quantization.bundle import load_bundle, model_weights, write_bundle
 from privlora.quantization.schemes import SCHEMES, decode, decode_nf4, encode, encode_nf4
-from privlora.server import prepare
+from privlora.simulation import prepare
 
 
 def _weights(rows: int = 64, cols: int = 256, seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ from privlora.lora import flatten
 from privlora.models import load_model
 from privlora.quantization.bundle import model_weights
 from privlora.quantization.schemes import decode, encode, tensor_type
-from privlora.server import prepare, run
+from privlora.simulation import prepare, run
 
 FEDLPP = ("quantization.base=q4_0",)
 

@@ -10,7 +10,7 @@ from privlora.data import collate
 from privlora.errors import ConfigError
 from privlora.lm import OffsetModel, answer_logits
 from privlora.lora import Factors, read_adapter, write_adapter
-from privlora.server import prepare, run
+from privlora.simulation import prepare, run
 
 LOGITS = ("quantization.base=q4_0", "quantization.transfer=logits")
 

@@ -1,4 +1,4 @@
-"""The privlora ServerApp: the simulation's round loop (``server.run_rounds``) with Flower as the
+"""The privlora ServerApp: the simulation's round loop (``rounds.run_rounds``) with Flower as the
 wire.
 
 Run config (``flwr run APP CONN --run-config '...'``): ``config``, the run's TOML on the server
@@ -21,7 +21,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from privlora import data, protocol, server, uplink
+from privlora import data, protocol, rounds, server, uplink
 from privlora.client import rank_of
 from privlora.config import RunConfig, load_config, to_toml
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
@@ -42,16 +42,16 @@ def main(grid: Grid, context: Context) -> None:
     try:
         out, overwrite = Path(str(settings["out"])), bool(settings.get("overwrite", False))
         if settings.get("resume", False):  # a restarted ServerApp: go on from the run dir
-            config, start = server.resume_point(out)
+            config, start = rounds.resume_point(out)
             config = start.pinned(config)
         else:
-            config, start = load_config(Path(str(settings["config"]))), server.Start()
+            config, start = load_config(Path(str(settings["config"]))), rounds.Start()
             check_target(out, overwrite)
         task, _, eval_rows = server.load_rows(config)
         sim = server.prepare_server(config, task, eval_rows, None)
         transport = FlowerTransport(grid, sim)
         sim.server = dataclasses.replace(sim.server, ranks=transport.connect())
-        summary = server.run_rounds(sim, transport, out, RoundLog(), overwrite, start)
+        summary = rounds.run_rounds(sim, transport, out, RoundLog(), overwrite, start)
     except Exception as err:  # the reason, on one line, where `flwr log` shows it
         log.error("privlora: run failed: %s: %s", type(err).__name__, err)
         raise
@@ -59,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         "accuracy"), out)
 
 
-def sent_config(sim: server.Simulation) -> RunConfig:
+def sent_config(sim: server.ServerState) -> RunConfig:
     """Return the config the sites train by: sigma resolved (calibrated once, here) and no
     target, so a site rebuilds the same mechanisms without any accounting (the server keeps
     the ledger and enforces the budget; a site may cap its own with node-config max-epsilon)."""
@@ -88,10 +88,10 @@ class RoundLog:
 
 @dataclass
 class FlowerTransport:
-    """``server.Transport`` over a Flower Grid: client id <-> SuperNode, one message each."""
+    """``rounds.Transport`` over a Flower Grid: client id <-> SuperNode, one message each."""
 
     grid: Grid
-    sim: server.Simulation
+    sim: server.ServerState
     nodes: dict[int, int] = field(default_factory=dict)  # client id -> node id
 
     def connect(self) -> tuple[int | None, ...]:
@@ -213,7 +213,7 @@ def _checked_rank(config: RunConfig, cid: int, rank: int | None) -> int | None:
     return rank
 
 
-def _bundle_digest(sim: server.Simulation) -> str:
+def _bundle_digest(sim: server.ServerState) -> str:
     """Return the digest of the FedLPP bundle the sites must hold ("" without one)."""
     bundle = sim.server.bundle
     return "" if bundle is None else bundle.digest
