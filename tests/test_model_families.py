@@ -216,8 +216,9 @@ def test_per_example_grads_match_a_loop_over_examples(family, model_dir, checkpo
         grads = tracker.collect()
     assert not causal_lm(handles.model).is_gradient_checkpointing  # switched off again
     assert list(grads) == list(expected)
-    for name in expected:
-        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6)
+    for name in expected:  # float32 sums in another order: the error scales with the values
+        scale = float(expected[name].abs().max())
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-5 * scale)
     assert all(torch.count_nonzero(grad) > 0 for grad in grads.values())
 
     clip = 0.5 * min(joint_l2_norm({k: v[b] for k, v in expected.items()})
@@ -227,7 +228,8 @@ def test_per_example_grads_match_a_loop_over_examples(family, model_dir, checkpo
         norms = [joint_l2_norm({k: v[b] for k, v in expected.items()})
                  for b in range(len(examples))]
         reference = sum(value[b] * min(1.0, clip / norms[b]) for b in range(len(examples)))
-        torch.testing.assert_close(summed[name], reference, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(summed[name], reference, rtol=1e-4,
+                                   atol=1e-5 * float(reference.abs().max()))
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)
