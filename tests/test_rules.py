@@ -8,15 +8,17 @@ import torch
 from privlora import aggregation
 from privlora.lora import Factors, first_components, flatten, is_factor_b
 from privlora.privacy.central import CentralDP
-from privlora.rules import FFA, Exact, FedAvg, build_rule
+from privlora.rules import FFA, Exact, FedAvg, WithCentralDP, build_rule
 from tests.builders import random_adapter, random_like
 
 SHAPES = {"q": (6, 5), "v": (4, 5)}  # layer: (out, in)
 RANK = 4
 
 
-def no_noise(count: float, clip: float = 0.5) -> CentralDP:
-    return CentralDP(clip=clip, noise_std=0.0, expected_count=count, secure=False)
+def no_noise(rule, count: float, clip: float = 0.5) -> WithCentralDP:
+    """The rule under client-level DP with the noise switched off (what clipping alone does)."""
+    return WithCentralDP(rule, CentralDP(clip=clip, noise_std=0.0, expected_count=count,
+                                         secure=False), rng())
 
 
 def rng() -> torch.Generator:
@@ -39,7 +41,7 @@ def test_fedavg_averages_each_clients_factors_and_logs_the_gap():
     global_adapter = random_adapter(SHAPES, gen, RANK)
     deltas = [random_like(flatten(global_adapter), gen, 0.1) for _ in range(3)]
     weights = [1.0, 2.0, 5.0]
-    out, gaps = FedAvg().aggregate(global_adapter, deltas, weights, None, rng())
+    out, gaps = FedAvg().aggregate(global_adapter, deltas, weights)
     clients = [aggregation.apply_delta(global_adapter, d) for d in deltas]
     expected = aggregation.fedavg(clients, weights)
     for name in SHAPES:
@@ -54,7 +56,7 @@ def test_ffa_averages_b_and_keeps_the_shared_a():
     global_adapter = random_adapter(SHAPES, gen, RANK)
     sent = {k: v for k, v in flatten(global_adapter).items() if is_factor_b(k)}
     deltas = [random_like(sent, gen, 0.1) for _ in range(2)]
-    out, diagnostics = FFA().aggregate(global_adapter, deltas, [1.0, 3.0], None, rng())
+    out, diagnostics = FFA().aggregate(global_adapter, deltas, [1.0, 3.0])
     assert diagnostics == {}
     for name in SHAPES:
         assert torch.equal(out[name].A, global_adapter[name].A)
@@ -68,7 +70,7 @@ def test_exact_with_equal_ranks_is_the_weighted_mean_of_the_clients_products():
     global_adapter = random_adapter(SHAPES, gen, rank=5)
     deltas = [random_like(flatten(global_adapter), gen, 0.5) for _ in range(3)]
     weights = [1.0, 1.0, 2.0]
-    out, residuals = rule.aggregate(global_adapter, deltas, weights, None, rng())
+    out, residuals = rule.aggregate(global_adapter, deltas, weights)
     clients = [aggregation.apply_delta(global_adapter, d) for d in deltas]
     target = aggregation.mean_products(clients, weights, [0.5] * 3)
     got = aggregation.mean_products([out], [1.0], [0.5])
@@ -87,7 +89,7 @@ def test_exact_with_mixed_ranks_keeps_what_low_rank_clients_did_not_change(ranks
     global_adapter, _ = aggregation.refactorize(products, RANK, rule.scale)  # SVD-ordered
     deltas = [{k: torch.zeros_like(v) for k, v in
                first_components(flatten(global_adapter), r).items()} for r in ranks]
-    new, residuals = rule.aggregate(global_adapter, deltas, [1.0, 1.0], None, rng())
+    new, residuals = rule.aggregate(global_adapter, deltas, [1.0, 1.0])
     before = aggregation.mean_products([global_adapter], [1.0], [rule.scale])
     after = aggregation.mean_products([new], [1.0], [rule.scale])
     for name in before:
@@ -103,7 +105,7 @@ def test_client_mode_exact_moves_the_product_by_clip_over_qn_for_one_huge_update
     global_adapter = {n: Factors(A=f.A, B=torch.zeros_like(f.B))
                       for n, f in random_adapter(SHAPES, gen, RANK).items()}
     big = {k: torch.full_like(v, 3.0) for k, v in flatten(global_adapter).items()}
-    new, _ = rule.aggregate(global_adapter, [big], [1.0], no_noise(count=4.0), rng())
+    new, _ = no_noise(rule, count=4.0).aggregate(global_adapter, [big], [1.0])
     moved = aggregation.mean_products([new], [1.0], [rule.scale])
     norm = torch.sqrt(sum(t.double().square().sum() for t in moved.values())).item()
     assert norm == pytest.approx(0.5 / 4.0, rel=1e-4)
@@ -115,7 +117,7 @@ def test_client_mode_factor_rules_move_the_factors_by_clip_over_qn(rule):
     global_adapter = random_adapter(SHAPES, gen, RANK)
     sent = {k: v for k, v in flatten(global_adapter).items() if rule.trains_a or is_factor_b(k)}
     big = {k: torch.full_like(v, 3.0) for k, v in sent.items()}
-    new, diagnostics = rule.aggregate(global_adapter, [big], [1.0], no_noise(count=2.0), rng())
+    new, diagnostics = no_noise(rule, count=2.0).aggregate(global_adapter, [big], [1.0])
     assert diagnostics == {}  # a factor gap would be computed from un-noised updates
     moved = {k: flatten(new)[k] - flatten(global_adapter)[k] for k in flatten(new)}
     norm = torch.sqrt(sum(t.double().square().sum() for t in moved.values())).item()
@@ -128,7 +130,7 @@ def test_client_mode_counts_a_nonfinite_update_as_zero():
     global_adapter = random_adapter(SHAPES, gen, RANK)
     sent = flatten(global_adapter)
     broken = {k: torch.full_like(v, float("nan")) for k, v in sent.items()}
-    new, _ = FedAvg().aggregate(global_adapter, [broken], [1.0], no_noise(count=2.0), rng())
+    new, _ = no_noise(FedAvg(), count=2.0).aggregate(global_adapter, [broken], [1.0])
     for name in SHAPES:
         assert torch.equal(new[name].A, global_adapter[name].A)
         assert torch.equal(new[name].B, global_adapter[name].B)

@@ -229,14 +229,24 @@ class WithCanaryClients:
     def __getattr__(self, name: str):
         return getattr(self.rule, name)
 
-    def aggregate(self, global_adapter, deltas, weights, central, noise_rng):
+    def aggregate(self, global_adapter, deltas, weights):
+        """Without DP: the rule's weighted aggregate, canaries weighing as an average client."""
+        extra = self._round_canaries()
+        weight = sum(weights) / len(weights) if weights else 1.0
+        return self.rule.aggregate(global_adapter, [*deltas, *extra],
+                                   [*weights, *[weight] * len(extra)])
+
+    def contributions(self, global_adapter, deltas):
+        """Under client DP (``WithCentralDP`` wraps this): the canaries are clipped and noised
+        with the real clients."""
+        return self.rule.contributions(global_adapter, [*deltas, *self._round_canaries()])
+
+    def _round_canaries(self) -> list:
+        """This round's sampled canaries' updates (one draw per round: a round calls either
+        ``aggregate`` or ``contributions``)."""
         ids = [i for i, inside in enumerate(self.canaries.included) if inside]
         draws = uniform(len(ids), self.generator, secure=self.secure)
-        chosen = [i for i, x in zip(ids, draws.tolist()) if x < self.rate]
-        weight = sum(weights) / len(weights) if weights else 1.0  # an average client (no DP)
-        extra = self.canaries.updates(chosen)
-        return self.rule.aggregate(global_adapter, [*deltas, *extra],
-                                   [*weights, *[weight] * len(extra)], central, noise_rng)
+        return self.canaries.updates([i for i, x in zip(ids, draws.tolist()) if x < self.rate])
 
 
 def _coin_flips(config: RunConfig, m: int, kind: str) -> tuple[bool, ...]:

@@ -41,7 +41,7 @@ from privlora.privacy.accounting import compose
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan
-from privlora.rules import Rule
+from privlora.rules import Rule, WithCentralDP
 
 # Messages that stay with the party that logs them: never written to the run directory.
 local_log = logging.getLogger("privlora.local")
@@ -237,7 +237,8 @@ def aggregate(rule: Rule, plan: PrivacyPlan, global_adapter: Adapter, uplinks: S
         return global_adapter, {}
     deltas = [dict(u.tensors) for u in uplinks]
     weights = [1.0 if plan.private else float(u.meta["num_examples"]) for u in uplinks]
-    return rule.aggregate(global_adapter, deltas, weights, central, noise_rng)
+    aggregator = rule if central is None else WithCentralDP(rule, central, noise_rng)
+    return aggregator.aggregate(global_adapter, deltas, weights)
 
 
 def check_budget(ledger: PrivacyLedger | None, plan: PrivacyPlan,

@@ -2,13 +2,16 @@
 
 ``build_rule`` turns ``federation.aggregation`` into one of these once; nothing else looks at the
 rule's name to decide behaviour. The math lives in ``privlora.aggregation`` (pure functions);
-a rule picks which of them to apply and what the central DP mechanism (client mode) clips:
-the factor updates for ``fedavg`` and ``ffa``, each client's change of its product for ``exact``.
+a rule picks which of them to apply. Client-level DP is a wrapper around any rule
+(``WithCentralDP``, as Flower's DP strategies wrap a strategy): it clips and noises what the
+rule says each client contributes (``contributions``: the factor updates for ``fedavg`` and
+``ffa``, each client's change of its product for ``exact``) and hands the noisy mean back to the
+rule (``apply``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -32,10 +35,50 @@ class Rule(Protocol):
     mixes_ranks: bool  # True: clients may train lower ranks than lora.rank (heterogeneous ranks)
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
-                  weights: Sequence[float], central: CentralDP | None,
-                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
-        """Return the next global adapter and per-layer diagnostics."""
+                  weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
+        """Return the next global adapter and per-layer diagnostics (no DP: weighted)."""
         ...
+
+    def contributions(self, global_adapter: Adapter,
+                      deltas: Sequence[Delta]) -> Iterable[dict[str, torch.Tensor]]:
+        """What each client contributes to the mean, one at a time: what client DP clips."""
+        ...
+
+    def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
+        """A contribution's names and shapes (the noise's, when no client was sampled)."""
+        ...
+
+    def apply(self, global_adapter: Adapter,
+              mean: dict[str, torch.Tensor]) -> tuple[Adapter, dict[str, float]]:
+        """Return the next global adapter from the mean contribution (no diagnostics: they
+        would be computed from un-noised updates)."""
+        ...
+
+
+class Aggregator(Protocol):
+    """What the protocol calls each round: a rule, or a rule wrapped in client-level DP."""
+
+    def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
+                  weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
+        ...
+
+
+@dataclass(frozen=True)
+class WithCentralDP:
+    """Client-level DP (DP-FedAvg) around a rule: each client's contribution is clipped jointly
+    over all its tensors, N(0, noise_std^2) is added to the sum, and the sum is divided by the
+    expected count q N (``CentralDP.noisy_mean``). Every client weighs the same (counts are
+    private and not sent), so ``weights`` are ignored."""
+
+    rule: Rule
+    central: CentralDP
+    noise_rng: torch.Generator  # ignored when the mechanism draws from the OS CSPRNG
+
+    def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
+                  weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
+        mean = self.central.noisy_mean(self.rule.contributions(global_adapter, deltas),
+                                       self.rule.template(global_adapter), self.noise_rng)
+        return self.rule.apply(global_adapter, mean)
 
 
 def _sent(global_adapter: Adapter, trains_a: bool) -> dict[str, torch.Tensor]:
@@ -54,14 +97,20 @@ class FedAvg:
     mixes_ranks: ClassVar[bool] = False  # factors of different ranks have no mean
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
-                  weights: Sequence[float], central: CentralDP | None,
-                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
-        if central is not None:  # DP-FedAvg on the factors; no gap from un-noised updates
-            mean = central.noisy_mean(deltas, _sent(global_adapter, True), noise_rng)
-            return aggregation.apply_delta(global_adapter, mean), {}
+                  weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
         adapters = [aggregation.apply_delta(global_adapter, d) for d in deltas]
         return (aggregation.fedavg(adapters, weights),
                 aggregation.factor_product_gap(adapters, weights))
+
+    def contributions(self, global_adapter: Adapter,
+                      deltas: Sequence[Delta]) -> Iterable[Delta]:
+        return iter(deltas)
+
+    def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
+        return _sent(global_adapter, True)
+
+    def apply(self, global_adapter: Adapter, mean: Delta) -> tuple[Adapter, dict[str, float]]:
+        return aggregation.apply_delta(global_adapter, mean), {}
 
 
 @dataclass(frozen=True)
@@ -75,13 +124,19 @@ class FFA:
     mixes_ranks: ClassVar[bool] = False  # B of different ranks against one frozen A: no mean
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
-                  weights: Sequence[float], central: CentralDP | None,
-                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
-        if central is not None:
-            mean = central.noisy_mean(deltas, _sent(global_adapter, False), noise_rng)
-            return aggregation.apply_delta(global_adapter, mean), {}
+                  weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
         adapters = [aggregation.apply_delta(global_adapter, d) for d in deltas]
         return aggregation.ffa(adapters, weights), {}
+
+    def contributions(self, global_adapter: Adapter,
+                      deltas: Sequence[Delta]) -> Iterable[Delta]:
+        return iter(deltas)
+
+    def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
+        return _sent(global_adapter, False)
+
+    def apply(self, global_adapter: Adapter, mean: Delta) -> tuple[Adapter, dict[str, float]]:
+        return aggregation.apply_delta(global_adapter, mean), {}
 
 
 @dataclass(frozen=True)
@@ -104,15 +159,21 @@ class Exact:
     mixes_ranks: ClassVar[bool] = True
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
-                  weights: Sequence[float], central: CentralDP | None,
-                  noise_rng: torch.Generator) -> tuple[Adapter, dict[str, float]]:
-        base = aggregation.mean_products([global_adapter], [1.0], [self.scale])
-        changes = (self._change(global_adapter, d) for d in deltas)
-        if central is not None:
-            mean = central.noisy_mean(changes, base, noise_rng)
-        else:
-            mean = aggregation.weighted_sum(changes, aggregation.normalise_weights(weights))
-        return aggregation.exact(base, mean, self.rank, self.scale)
+                  weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
+        mean = aggregation.weighted_sum(self.contributions(global_adapter, deltas),
+                                        aggregation.normalise_weights(weights))
+        return self.apply(global_adapter, mean)
+
+    def contributions(self, global_adapter: Adapter,
+                      deltas: Sequence[Delta]) -> Iterable[dict[str, torch.Tensor]]:
+        return (self._change(global_adapter, d) for d in deltas)  # one product at a time
+
+    def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
+        return aggregation.mean_products([global_adapter], [1.0], [self.scale])
+
+    def apply(self, global_adapter: Adapter,
+              mean: dict[str, torch.Tensor]) -> tuple[Adapter, dict[str, float]]:
+        return aggregation.exact(self.template(global_adapter), mean, self.rank, self.scale)
 
     def _change(self, global_adapter: Adapter, delta: Delta) -> dict[str, torch.Tensor]:
         start = aggregation.apply_delta(global_adapter, {k: torch.zeros_like(v)
