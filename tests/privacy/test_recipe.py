@@ -222,3 +222,54 @@ def test_a_run_resolves_auto_once_and_saves_the_concrete_values(tmp_path, read_m
     assert saved.train.batch_size == 24 // 4 and saved.privacy.sample_rate == 0.25
     assert saved.train.local_steps == 2 and saved.federation.rounds == 1  # set by the user
     assert resolve(saved).config == saved and len(read_metrics(out)) == 2
+
+
+@pytest.mark.parametrize("mode", ["client", "local"])
+def test_in_client_and_local_modes_auto_takes_the_rounds_with_the_best_forecast(mode):
+    """Each round is one clipped release whatever the local training did: auto compares the
+    forecast of each candidate number of rounds (the plan's own calibration and function,
+    recomputed here for each) and spends the compute budget on local steps."""
+    from privlora.privacy.plan import make_plan, predicted_signal
+
+    overrides = ["privacy.recipe=auto", f"privacy.mode={mode}", "privacy.target_epsilon=8",
+                 "federation.num_clients=200", "data.examples_per_client=500",
+                 "train.max_examples_processed=200000"]
+    chosen = choose(load_config(None, overrides), SMOL)
+    c = chosen.config
+    forecasts = {}
+    for rounds in recipe.RELEASE_ROUNDS:  # independently: the same config at each round count
+        candidate = load_config(None, [*overrides, f"federation.rounds={rounds}",
+                                       "federation.aggregation=ffa", "lora.rank=2",
+                                       "lora.target_modules=[\"v_proj\"]"])
+        plan = make_plan(candidate, [500] * 200)
+        forecasts[rounds] = predicted_signal(plan, 11_520, candidate.federation).whole_run
+    best = min(forecasts.values())
+    assert forecasts[c.federation.rounds] == pytest.approx(best, rel=1e-3)
+    assert chosen.signal.whole_run == pytest.approx(best, rel=1e-3)
+    assert c.train.batch_size == recipe.RELEASE_BATCH
+    processed = c.federation.rounds * c.federation.per_round * c.train.local_steps * 32
+    assert processed <= 200_000 and c.train.local_steps >= 1
+    assert c.federation.rounds * c.train.local_steps * 32 <= 2 * 500  # two passes per client
+    assert "chosen:" in "\n".join(chosen.lines())
+
+
+def test_in_local_mode_rounds_the_user_set_stay_and_the_steps_follow_them():
+    overrides = ["privacy.recipe=auto", "privacy.mode=local", "privacy.target_epsilon=8",
+                 "federation.num_clients=4", "federation.rounds=2",
+                 "train.max_examples_processed=2048"]
+    c = choose(load_config(None, overrides), SMOL).config
+    assert c.federation.rounds == 2
+    assert c.train.local_steps == 2048 // (2 * 4 * recipe.RELEASE_BATCH)
+
+
+def test_in_local_mode_the_choice_never_reads_the_data(monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("auto read the data")
+
+    for name in ("load_task", "split", "partition", "read_rows"):
+        monkeypatch.setattr(data, name, no_data)
+    config = load_config(None, ["privacy.recipe=auto", "privacy.mode=local",
+                                "privacy.target_epsilon=8", "data.kind=classification",
+                                "data.path=/no/such/file.jsonl", "model.name=tiny-random"])
+    chosen = resolve(config).config
+    assert chosen.federation.rounds in recipe.RELEASE_ROUNDS and chosen.train.loss == "label"

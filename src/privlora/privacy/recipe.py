@@ -24,6 +24,13 @@ FFA rank 2 on v_proj, Poisson batches of 36 of ~20,000 per client, label-only lo
 - Adam's learning rate scales with the square root of the batch (Malladi et al., NeurIPS 2022,
   "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", the square-root rule):
   2e-2 x sqrt(batch / 36), within [1e-2, 5e-2] (the GPU sweep's range that learned);
+- client and local modes: a round releases one clipped update per client whatever the local
+  training did, so privacy is paid per round and local steps cost only compute. Rounds: of
+  ``RELEASE_ROUNDS``, the one whose noise-to-signal forecast is lowest (sigma calibrated for each
+  by the plan; fewer rounds on a tie); the budget then buys local steps of ``RELEASE_BATCH``
+  examples (at most a quarter of the declared examples), each declared example seen at most
+  ``PUBLIC_PASSES`` times. Not yet measured on the task families (bench/utility.py): the rule is
+  the forecast's, the budget's and the mechanism's, nothing more;
 - without DP: local steps so that each declared example is seen about twice within the budget.
 """
 
@@ -47,6 +54,8 @@ TOTAL_STEPS = (42, 84, 168)  # steps per client over the run: the demo's 3 x 14,
 DEMO_BATCH, DEMO_LR, LR_RANGE = 36, 2e-2, (1e-2, 5e-2)
 BATCH_MIN, BATCH_MAX, DATA_SHARE = 16, 1024, 4  # expected batch <= declared examples / 4
 DP_RANK = 2
+RELEASE_ROUNDS = (3, 5, 10, 20)  # client and local modes: the rounds auto compares
+RELEASE_BATCH = 32  # client and local modes: examples per local step (no per-example clip)
 MAX_COORDINATES = 16_384  # the demo releases 11,520; more: adapt the last layers only
 VALUE_PROJECTION = "v_proj"
 PUBLIC_INPUTS = ("auto reads only public, declared quantities (this config, epsilon and delta, "
@@ -128,6 +137,8 @@ def wanted(config: RunConfig) -> tuple[str, ...]:
         keys += ["federation.rounds", "train.local_steps", "train.batch_size",
                  "privacy.sample_rate"]
         keys += ["train.lr"] if config.train.optimizer == "adamw" else []
+    if mode in ("client", "local"):
+        keys += ["federation.rounds", "train.local_steps", "train.batch_size"]
     if mode == "none" and config.data.examples_per_client:
         keys += ["train.local_steps"]
     return tuple(keys)
@@ -187,8 +198,8 @@ def choose(config: RunConfig, model: ModelFacts | None) -> Recipe:
         case _:
             assert model is not None, "auto under DP needs the model's facts"
             _few_coordinates(picks, model)
-            reasons.append(f"{config.privacy.mode} mode: auto chooses the loss and the released "
-                           "coordinates; rounds, steps, batch and lr are as configured")
+            reasons_r, signal = _release_mode(picks, model)
+            reasons += reasons_r
     keys = wanted(config)
     resolved = with_values(config, {k: picks.get(k) for k in keys})
     choices = tuple(Choice(k, picks.get(k), k in picks.values, picks.why.get(k, ""))
@@ -269,6 +280,62 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     ]
     if examples > budget:
         reasons.append(f"your settings process {examples:,} examples, over the budget {budget:,}")
+    return reasons, signal
+
+
+def _release_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSignal]:
+    """Client and local modes: the rounds with the best forecast, then local steps from the
+    compute budget (they cost no privacy: each round's release is clipped as a whole)."""
+    c = picks.config
+    n, m = c.data.examples_per_client, c.federation.per_round
+    # local training costs no privacy here: the default budget is the public one when the data
+    # is declared (two passes, capped), else the private default
+    default = (min(PUBLIC_PASSES * c.federation.num_clients * n, PUBLIC_BUDGET_CAP) if n
+               else PRIVATE_BUDGET)
+    budget = c.train.max_examples_processed or default
+    coordinates = model.coordinates(picks.get("lora.target_modules"), picks.get("lora.rank"),
+                                    picks.get("lora.last_layers"),
+                                    picks.get("federation.aggregation") != "ffa")
+    base = with_values(c, {k: picks.get(k) for k in picks.values})
+    options = ([picks.get("federation.rounds")] if picks.mine("federation.rounds")
+               else list(RELEASE_ROUNDS))
+    tried = []
+    for rounds in options:
+        candidate = with_values(base, {"federation.rounds": rounds})
+        try:
+            plan = make_plan(candidate, [n] * c.federation.num_clients if n else None)
+        except PrivacyBudgetExceeded:  # noise_multiplier and target_epsilon both set
+            continue
+        signal = predicted_signal(plan, coordinates, candidate.federation)
+        assert signal is not None
+        tried.append((round(signal.whole_run, 4), rounds, signal))
+    if not tried:
+        raise ConfigError(f"no number of rounds among {options} fits privacy.target_epsilon with "
+                          "privacy.noise_multiplier as set; leave the noise multiplier to the "
+                          "plan (remove it) or set federation.rounds yourself")
+    whole, rounds, signal = min(tried, key=lambda t: (t[0], t[1]))
+    picks.set("federation.rounds", rounds,
+              "the candidate with the best forecast (below); each round is one release")
+    cap = max(1, n // DATA_SHARE) if n else RELEASE_BATCH
+    picks.set("train.batch_size", min(RELEASE_BATCH, cap),
+              f"{RELEASE_BATCH} examples per step (at most a {DATA_SHARE}th of the declared "
+              "examples): steps cost no privacy in this mode, only compute")
+    batch = picks.get("train.batch_size")
+    affordable = budget // (rounds * m * batch)
+    passes = PUBLIC_PASSES * n // (rounds * batch) if n else affordable
+    steps = max(1, min(affordable, passes))
+    picks.set("train.local_steps", steps,
+              f"{rounds} rounds x {m} clients x {steps} steps x batch {batch} = "
+              f"{rounds * m * steps * batch:,} examples, within the budget {budget:,}"
+              + (f" and {PUBLIC_PASSES} passes over the {n:,} declared per client" if n else ""))
+    budget_words = (f"train.max_examples_processed = {budget:,}" if c.train.max_examples_processed
+                    else f"{budget:,} (auto's default; set train.max_examples_processed)")
+    reasons = [
+        f"budget: {budget_words} examples; {coordinates:,} released coordinates per client",
+        "candidates (rounds -> whole-run noise-to-signal): "
+        + ", ".join(f"{r} -> {w:.3g}" for w, r, _ in tried),
+        f"chosen: {rounds} rounds; forecast {whole:.3g} -> {signal.verdict.upper()}",
+    ]
     return reasons, signal
 
 
