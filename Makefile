@@ -30,8 +30,11 @@ else
 	$(BIN)/privlora run --config configs/demo.toml --out runs/demo --overwrite
 endif
 
+# the unit and property tests on both cores (pytest-xdist), then the Flower federations, which
+# start their own processes, one at a time
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not integration"
+	$(BIN)/python -m pytest -q -m integration
 
 # the newest release of everything but torch, no constraints: drift is seen here, not by users
 latest-venv:

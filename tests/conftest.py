@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from privlora import models
 from privlora.config import RunConfig, load_config
 from privlora.models import load_tokenizer
 from tests.builders import tiny_llama, with_lora
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores
+    torch.set_num_threads(1)
 
 # A federated run on the tiny random Llama: 4 clients x 24 examples, 2 rounds x 2 steps.
 TINY_RUN = ("model.name=tiny-random", "model.dtype=float32", "data.builtin_examples=120",
