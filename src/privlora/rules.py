@@ -86,8 +86,25 @@ def _sent(global_adapter: Adapter, trains_a: bool) -> dict[str, torch.Tensor]:
     return {k: v for k, v in flatten(global_adapter).items() if trains_a or is_factor_b(k)}
 
 
+class _FactorUpdates:
+    """FedAvg and FFA under client DP: each client contributes its factor update (the factors
+    the rule sends), and the noisy mean moves the factors."""
+
+    trains_a: ClassVar[bool]
+
+    def contributions(self, global_adapter: Adapter,
+                      deltas: Sequence[Delta]) -> Iterable[Delta]:
+        return iter(deltas)
+
+    def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
+        return _sent(global_adapter, self.trains_a)
+
+    def apply(self, global_adapter: Adapter, mean: Delta) -> tuple[Adapter, dict[str, float]]:
+        return aggregation.apply_delta(global_adapter, mean), {}
+
+
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(_FactorUpdates):
     """Average A and B separately (McMahan et al. 2017, per factor, as FlowerTune does)."""
 
     name: ClassVar[str] = "fedavg"
@@ -102,19 +119,9 @@ class FedAvg:
         return (aggregation.fedavg(adapters, weights),
                 aggregation.factor_product_gap(adapters, weights))
 
-    def contributions(self, global_adapter: Adapter,
-                      deltas: Sequence[Delta]) -> Iterable[Delta]:
-        return iter(deltas)
-
-    def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
-        return _sent(global_adapter, True)
-
-    def apply(self, global_adapter: Adapter, mean: Delta) -> tuple[Adapter, dict[str, float]]:
-        return aggregation.apply_delta(global_adapter, mean), {}
-
 
 @dataclass(frozen=True)
-class FFA:
+class FFA(_FactorUpdates):
     """FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared seed; B trained, sent, averaged."""
 
     name: ClassVar[str] = "ffa"
@@ -127,16 +134,6 @@ class FFA:
                   weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
         adapters = [aggregation.apply_delta(global_adapter, d) for d in deltas]
         return aggregation.ffa(adapters, weights), {}
-
-    def contributions(self, global_adapter: Adapter,
-                      deltas: Sequence[Delta]) -> Iterable[Delta]:
-        return iter(deltas)
-
-    def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
-        return _sent(global_adapter, False)
-
-    def apply(self, global_adapter: Adapter, mean: Delta) -> tuple[Adapter, dict[str, float]]:
-        return aggregation.apply_delta(global_adapter, mean), {}
 
 
 @dataclass(frozen=True)
