@@ -48,18 +48,11 @@ class Rule(Protocol):
         """A contribution's names and shapes (the noise's, when no client was sampled)."""
         ...
 
-    def apply(self, global_adapter: Adapter,
+    def apply(self, global_adapter: Adapter, template: dict[str, torch.Tensor],
               mean: dict[str, torch.Tensor]) -> tuple[Adapter, dict[str, float]]:
-        """Return the next global adapter from the mean contribution (no diagnostics: they
+        """Return the next global adapter from the mean contribution (``template`` is
+        ``self.template(global_adapter)``, computed once by the caller; no diagnostics: they
         would be computed from un-noised updates)."""
-        ...
-
-
-class Aggregator(Protocol):
-    """What the protocol calls each round: a rule, or a rule wrapped in client-level DP."""
-
-    def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
-                  weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
         ...
 
 
@@ -76,9 +69,10 @@ class WithCentralDP:
 
     def aggregate(self, global_adapter: Adapter, deltas: Sequence[Delta],
                   weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
-        mean = self.central.noisy_mean(self.rule.contributions(global_adapter, deltas),
-                                       self.rule.template(global_adapter), self.noise_rng)
-        return self.rule.apply(global_adapter, mean)
+        template = self.rule.template(global_adapter)
+        mean = self.central.noisy_mean(self.rule.contributions(global_adapter, deltas), template,
+                                       self.noise_rng)
+        return self.rule.apply(global_adapter, template, mean)
 
 
 def _sent(global_adapter: Adapter, trains_a: bool) -> dict[str, torch.Tensor]:
@@ -99,7 +93,8 @@ class _FactorUpdates:
     def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
         return _sent(global_adapter, self.trains_a)
 
-    def apply(self, global_adapter: Adapter, mean: Delta) -> tuple[Adapter, dict[str, float]]:
+    def apply(self, global_adapter: Adapter, template: Delta,
+              mean: Delta) -> tuple[Adapter, dict[str, float]]:
         return aggregation.apply_delta(global_adapter, mean), {}
 
 
@@ -159,7 +154,7 @@ class Exact:
                   weights: Sequence[float]) -> tuple[Adapter, dict[str, float]]:
         mean = aggregation.weighted_sum(self.contributions(global_adapter, deltas),
                                         aggregation.normalise_weights(weights))
-        return self.apply(global_adapter, mean)
+        return self.apply(global_adapter, self.template(global_adapter), mean)
 
     def contributions(self, global_adapter: Adapter,
                       deltas: Sequence[Delta]) -> Iterable[dict[str, torch.Tensor]]:
@@ -168,9 +163,9 @@ class Exact:
     def template(self, global_adapter: Adapter) -> dict[str, torch.Tensor]:
         return aggregation.mean_products([global_adapter], [1.0], [self.scale])
 
-    def apply(self, global_adapter: Adapter,
+    def apply(self, global_adapter: Adapter, template: dict[str, torch.Tensor],
               mean: dict[str, torch.Tensor]) -> tuple[Adapter, dict[str, float]]:
-        return aggregation.exact(self.template(global_adapter), mean, self.rank, self.scale)
+        return aggregation.exact(template, mean, self.rank, self.scale)  # template: B A now
 
     def _change(self, global_adapter: Adapter, delta: Delta) -> dict[str, torch.Tensor]:
         start = aggregation.apply_delta(global_adapter, {k: torch.zeros_like(v)

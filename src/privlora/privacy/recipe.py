@@ -171,6 +171,23 @@ class _Picks:
     def mine(self, key: str) -> bool:
         return key in self.user
 
+    def resolved(self) -> RunConfig:
+        """The config with what auto has chosen so far."""
+        return with_values(self.config, {k: self.get(k) for k in self.values})
+
+
+def _released(picks: _Picks, model: ModelFacts) -> int:
+    """The coordinates each client releases with the adapter chosen so far."""
+    return model.coordinates(picks.get("lora.target_modules"), picks.get("lora.rank"),
+                             picks.get("lora.last_layers"),
+                             picks.get("federation.aggregation") != "ffa")
+
+
+def _budget_words(config: RunConfig, budget: int) -> str:
+    """The compute budget as the reasons print it: set by the user, or auto's default."""
+    return (f"train.max_examples_processed = {budget:,}" if config.train.max_examples_processed
+            else f"{budget:,} (auto's default; set train.max_examples_processed)")
+
 
 def choose(config: RunConfig, model: ModelFacts | None) -> Recipe:
     """Choose every key of ``wanted(config)`` the user did not set, from ``config`` and
@@ -237,10 +254,7 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     rounds = picks.get("federation.rounds")
     steps_options = ([picks.get("train.local_steps")] if picks.mine("train.local_steps")
                      else sorted({math.ceil(t / rounds) for t in TOTAL_STEPS}))
-    coordinates = model.coordinates(picks.get("lora.target_modules"), picks.get("lora.rank"),
-                                    picks.get("lora.last_layers"),
-                                    picks.get("federation.aggregation") != "ffa")
-    base = with_values(c, {k: picks.get(k) for k in picks.values})
+    coordinates, base = _released(picks, model), picks.resolved()
     tried = []
     for steps in steps_options:
         values = _step_values(picks, n, budget // (rounds * steps * m))
@@ -269,8 +283,7 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
               "candidate with the best forecast (below)")
     for key, value in values.items():
         picks.set(key, value, _STEP_WHY[key])
-    budget_words = (f"train.max_examples_processed = {budget:,}" if c.train.max_examples_processed
-                    else f"{budget:,} (auto's default; set train.max_examples_processed)")
+    budget_words = _budget_words(c, budget)
     reasons = [
         f"budget: {budget_words} example-gradients; {coordinates:,} released coordinates",
         "candidates (steps per round x expected batch -> whole-run noise-to-signal): "
@@ -293,10 +306,7 @@ def _release_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToS
     default = (min(PUBLIC_PASSES * c.federation.num_clients * n, PUBLIC_BUDGET_CAP) if n
                else PRIVATE_BUDGET)
     budget = c.train.max_examples_processed or default
-    coordinates = model.coordinates(picks.get("lora.target_modules"), picks.get("lora.rank"),
-                                    picks.get("lora.last_layers"),
-                                    picks.get("federation.aggregation") != "ffa")
-    base = with_values(c, {k: picks.get(k) for k in picks.values})
+    coordinates, base = _released(picks, model), picks.resolved()
     options = ([picks.get("federation.rounds")] if picks.mine("federation.rounds")
                else list(RELEASE_ROUNDS))
     tried = []
@@ -328,8 +338,7 @@ def _release_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToS
               f"{rounds} rounds x {m} clients x {steps} steps x batch {batch} = "
               f"{rounds * m * steps * batch:,} examples, within the budget {budget:,}"
               + (f" and {PUBLIC_PASSES} passes over the {n:,} declared per client" if n else ""))
-    budget_words = (f"train.max_examples_processed = {budget:,}" if c.train.max_examples_processed
-                    else f"{budget:,} (auto's default; set train.max_examples_processed)")
+    budget_words = _budget_words(c, budget)
     reasons = [
         f"budget: {budget_words} examples; {coordinates:,} released coordinates per client",
         "candidates (rounds -> whole-run noise-to-signal): "
