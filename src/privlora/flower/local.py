@@ -172,6 +172,7 @@ class LocalFederation:
                              flower_env(self.work / "home-superlink"))
         self._wait_for_port(ports[0])
         threads = max(1, (os.cpu_count() or 1) // len(sites))
+        nodes: list[tuple[int, dict[str, str], subprocess.Popen]] = []
         for k, (site, port) in enumerate(zip(sites, ports[1:])):
             node = [_tool("flower-supernode"), "--superlink", f"127.0.0.1:{ports[0]}",
                     "--host", "127.0.0.1", "--port", str(port), "--isolation", "process",
@@ -184,9 +185,11 @@ class LocalFederation:
                 node += ["--root-certificates", str(tls.ca), "--auth-supernode-private-key",
                          str(key)]
             env = flower_env(self.work / f"home-node{k}", threads)
-            supernode = self.processes.start(node, self.logs / f"supernode-{k}.log", env)
-            # its ClientApps, from one warm process (flower/worker.py) instead of Flower's
-            # SuperExec starting a fresh interpreter per message; the Runtime API is local
+            nodes.append((port, env, self.processes.start(node, self.logs / f"supernode-{k}.log",
+                                                          env)))
+        # each site's ClientApps, from one warm process (flower/worker.py) instead of Flower's
+        # SuperExec starting a fresh interpreter per message; its SuperNode's Runtime API is local
+        for k, (port, env, supernode) in enumerate(nodes):
             self._wait_for_port(port)
             worker = self.processes.start(
                 [sys.executable, "-m", "privlora", "flower", "worker",
