@@ -161,6 +161,15 @@ def test_the_instruction_is_the_system_message_and_a_refusing_template_falls_bac
     assert fallback.startswith(task.instruction) and fallback.endswith("My bill is wrong.")
 
 
+def test_a_task_description_from_an_older_run_or_a_broken_file():
+    task = data.Task("t", "classification", "Classify.", ("neg", "pos"), ())
+    older = {"task": "t", "kind": "classification", "instruction": "Classify.",
+             "labels": ["neg", "pos"], "model": "builtin"}  # adapter/task.json before the rename
+    assert data.task_from_meta(older) == task
+    with pytest.raises(DataError, match="lacks instruction, labels"):
+        data.task_from_meta({"name": "t", "kind": "classification"})
+
+
 def test_a_site_checks_its_own_rows_against_the_servers_task(tmp_path, tiny_config):
     task = data.Task("t", "classification", "Classify.", ("neg", "pos"), ())
     assert data.task_from_meta(json.loads(json.dumps(data.task_meta(task)))) == task

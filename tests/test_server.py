@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from privlora import rounds, simulation
+from privlora import data, rounds, simulation
 from privlora.communication import payload_bytes
 from privlora.errors import RoundFailed
 from privlora.evaluate import majority_share
@@ -75,6 +75,9 @@ def test_bytes_counted_are_the_payloads_sent(fedavg_run, read_metrics):
 def test_saved_adapter_reloads_with_stock_peft_and_reproduces_metrics(fedavg_run):
     out, summary = fedavg_run
     result = evaluate_adapter(out / "adapter", None, None)
+    meta = json.loads((out / "adapter" / "task.json").read_text())
+    described = data.task_meta(data.task_from_meta(meta))  # task.json is task_meta's format
+    assert all(meta[key] == value for key, value in described.items())
     assert result["accuracy"] == summary["final"]["accuracy"]
     assert result["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
 

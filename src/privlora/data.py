@@ -246,7 +246,14 @@ def task_meta(task: Task) -> dict:
 
 
 def task_from_meta(meta: dict) -> Task:
-    """Rebuild a row-less task from ``task_meta``."""
+    """Rebuild a row-less task from ``task_meta`` or a run's ``adapter/task.json`` (runs
+    saved before 2026-12-06 named the task under ``"task"``: still read)."""
+    named = {"name": meta.get("task")} if "name" not in meta and "task" in meta else {}
+    meta = {**meta, **named}
+    missing = [k for k in ("name", "kind", "instruction", "labels") if k not in meta]
+    if missing:
+        raise DataError(f"the task description lacks {', '.join(missing)}: it is not one "
+                        "privlora wrote (a run's adapter/task.json or a deployment's run config)")
     kind = meta["kind"]
     if kind not in ("classification", "generation"):
         raise DataError(f"task kind {kind!r} is neither classification nor generation")

@@ -26,7 +26,7 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
         raise ConfigError(f"--adapter {adapter_dir}: not an adapter saved by `privlora run` "
                           "(needs adapter_config.json and task.json); give a run's adapter/ dir")
     meta = json.loads(meta_file.read_text())
-    trained = data.Task(meta["task"], meta["kind"], meta["instruction"], tuple(meta["labels"]), ())
+    trained = data.task_from_meta(meta)
     run_config = adapter_dir.parent / "config.toml"
     config = load_config(run_config if run_config.is_file() else None)
     if data_path is None:

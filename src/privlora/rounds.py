@@ -407,9 +407,8 @@ def _finish(state: ServerState, files: RunDir, adapter: Adapter, ledger: Privacy
         model_privacy=records.model_privacy_summary(
             config.quantization, server.bundle, marked[0], marked[-1]) if marked else None,
     ).published()
-    task_meta = {"task": server.task.name, "kind": server.task.kind,
-                 "labels": list(server.task.labels), "instruction": server.task.instruction,
-                 "model": config.model.name, "max_length": config.data.max_length}
+    task_meta = {**data.task_meta(server.task), "model": config.model.name,
+                 "max_length": config.data.max_length}
     files.finish(summary, _ledger_dict(ledger), task_meta, hide_times=server.plan.private)
     return summary
 
