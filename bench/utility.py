@@ -18,6 +18,9 @@ Cells: ``zero`` is read from every run's zero-shot eval. ``central`` = one clien
 at target epsilon E (delta 1e-5, secure noise). Suffixes ``+fedavg`` and ``+dirichlet`` switch
 the rule and the partition, ``+label`` / ``+answer`` the training loss (``train.loss``),
 ``+sgd`` SGD with momentum 0.9 instead of Adam, ``+lrX`` the learning rate (``+sgd+lr0.3``).
+``+auto`` replaces the task's recipe by what a new user would write (model, data, clients,
+epsilon, the declared examples per client) with ``privacy.recipe = "auto"``: ``nodp+auto``,
+``sample-8+auto``, ``sample-2+auto``.
 Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
 replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
@@ -80,11 +83,13 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
 
     name, *switches = cell.split("+")
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
-    overrides += [o for s in switches for o in _switch(s)]
+    overrides += [o for s in switches if s != "auto" for o in _switch(s)]
     if name == "central":
         overrides.append("federation.num_clients=1")
     overrides += extra
     config = load_config(RECIPE[task], overrides)
+    if "auto" in switches:
+        return auto_config(task, name, config)
     if name in ("nodp", "central"):
         return without_privacy(config)
     mode, target = name.split("-")
@@ -95,6 +100,48 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
         config.privacy, mode=mode, target_epsilon=float(target), noise_multiplier=None,
         sample_rate=rate if mode == "sample" else None)
     config = dataclasses.replace(config, privacy=privacy)
+    validate(config)
+    return config
+
+
+def declared_examples_per_client(config) -> int:
+    """What a user of ``config``'s data would declare per client: the training rows (the file's
+    lines, less the held-out split when there is no eval file) over the clients, rounded down
+    to two significant figures. The bench reads the row count as that user would; privlora
+    itself never does (data.examples_per_client)."""
+    d = config.data
+    if d.path == "builtin":
+        rows = d.builtin_examples
+    else:
+        with open(d.path, encoding="utf-8") as lines:
+            rows = sum(1 for line in lines if line.strip())
+    if not d.eval_path:
+        rows -= min(d.max_eval, max(1, round(rows * d.eval_fraction)))
+    per_client = rows // config.federation.num_clients
+    scale = 10 ** max(0, len(str(per_client)) - 2)
+    return per_client // scale * scale
+
+
+def auto_config(task: str, name: str, recipe_config):
+    """An ``+auto`` cell: what a new user writes, the task's model, data and clients, the target
+    epsilon and the declared examples per client, with ``privacy.recipe = "auto"`` choosing the
+    rest (rank, modules, layers, rounds, steps, batch, lr, loss); evaluated at the start and
+    the end only."""
+    from privlora.config import load_config, validate
+
+    c = recipe_config
+    kind = "generation" if task == "dolly" else "classification"
+    data = dataclasses.replace(c.data, kind=kind,
+                               examples_per_client=declared_examples_per_client(c))
+    default = load_config(None)
+    federation = dataclasses.replace(default.federation, num_clients=c.federation.num_clients,
+                                     eval_every=1000)
+    mode, target = ("none", None) if name == "nodp" else name.split("-")
+    privacy = dataclasses.replace(default.privacy, recipe="auto", mode=mode,
+                                  target_epsilon=None if target is None else float(target),
+                                  delta=c.privacy.delta)
+    config = dataclasses.replace(default, seed=c.seed, model=c.model, data=data,
+                                 federation=federation, privacy=privacy)
     validate(config)
     return config
 
