@@ -82,14 +82,14 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
     from privlora.config import load_config, validate, without_privacy
 
     name, *switches = cell.split("+")
+    if switches == ["auto"]:
+        return auto_config(task, name, seed, quick, extra)
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
-    overrides += [o for s in switches if s != "auto" for o in _switch(s)]
+    overrides += [o for s in switches for o in _switch(s)]
     if name == "central":
         overrides.append("federation.num_clients=1")
     overrides += extra
     config = load_config(RECIPE[task], overrides)
-    if "auto" in switches:
-        return auto_config(task, name, config)
     if name in ("nodp", "central"):
         return without_privacy(config)
     mode, target = name.split("-")
@@ -122,28 +122,26 @@ def declared_examples_per_client(config) -> int:
     return per_client // scale * scale
 
 
-def auto_config(task: str, name: str, recipe_config):
+def auto_config(task: str, name: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
     """An ``+auto`` cell: what a new user writes, the task's model, data and clients, the target
     epsilon and the declared examples per client, with ``privacy.recipe = "auto"`` choosing the
     rest (rank, modules, layers, rounds, steps, batch, lr, loss); evaluated at the start and
-    the end only."""
-    from privlora.config import load_config, validate
+    the end only. ``extra`` (``--set``) comes last, as for every cell."""
+    from privlora.config import flat_values, load_config, toml_value
 
-    c = recipe_config
+    c = load_config(RECIPE[task], QUICK if quick else [])
+    values = flat_values(c)
+    kept = ["model.name", "model.dtype", "model.device", "federation.num_clients", *(
+        k for k in values if k.startswith("data.") and k != "data.examples_per_client")]
+    written = [f"{k}={toml_value(values[k])}" for k in kept if k in c.explicit]
     kind = "generation" if task == "dolly" else "classification"
-    data = dataclasses.replace(c.data, kind=kind,
-                               examples_per_client=declared_examples_per_client(c))
-    default = load_config(None)
-    federation = dataclasses.replace(default.federation, num_clients=c.federation.num_clients,
-                                     eval_every=1000)
-    mode, target = ("none", None) if name == "nodp" else name.split("-")
-    privacy = dataclasses.replace(default.privacy, recipe="auto", mode=mode,
-                                  target_epsilon=None if target is None else float(target),
-                                  delta=c.privacy.delta)
-    config = dataclasses.replace(default, seed=c.seed, model=c.model, data=data,
-                                 federation=federation, privacy=privacy)
-    validate(config)
-    return config
+    mode, _, target = ("none", "", "") if name == "nodp" else name.partition("-")
+    overrides = [*written, *(QUICK if quick else []), f"seed={seed}", f"data.kind={kind!r}",
+                 f"data.examples_per_client={declared_examples_per_client(c)}",
+                 "federation.eval_every=1000", "privacy.recipe='auto'", f"privacy.mode={mode!r}",
+                 *([f"privacy.target_epsilon={float(target)}",
+                    f"privacy.delta={c.privacy.delta}"] if target else []), *extra]
+    return load_config(None, overrides)
 
 
 def main() -> None:
