@@ -211,8 +211,10 @@ def imported(run_dir: Path, config) -> dict:
                                    if c.data.eval_path else "")
         return dataclasses.replace(c, data=data)
 
+    from privlora.privacy.recipe import resolve
+
     ran = load_config(run_dir / "config.toml")
-    if resolved(ran) != resolved(config):
+    if resolved(ran) != resolved(resolve(config).config):  # an +auto cell: what auto chose
         raise SystemExit(f"{run_dir}: its config.toml is not this cell's; run the cell instead")
     summary = json.loads((run_dir / "summary.json").read_text())
     return summary_row(summary, to_toml(config), summary["wall_seconds"], run_dir)

@@ -174,46 +174,16 @@ def test_too_many_coordinates_adapt_the_last_layers_only():
     assert wide.coordinates(("v_proj",), 2, c.lora.last_layers, False) <= recipe.MAX_COORDINATES
 
 
-@pytest.mark.parametrize("mode", ["sample", "client"])
-def test_a_forecast_that_would_not_learn_adapts_fewer_layers_until_it_does(mode):
-    """Few examples per client at epsilon 2 (FPB's 4 x 510): every layer forecasts marginal,
-    so auto halves the adapted layers (30 -> 15 -> 7) and keeps the first that learns, each
-    forecast recomputed here with the plan's own calibration; the learning rate grows with
-    sqrt(all layers / adapted layers)."""
-    from privlora.privacy.plan import make_plan, predicted_signal
-    from privlora.privacy.signal import LEARNS
-
-    declared = ["privacy.recipe=auto", f"privacy.mode={mode}", "privacy.target_epsilon=2",
+def test_a_marginal_forecast_keeps_every_layer():
+    """FPB's declaration at epsilon 2 forecasts marginal with every layer adapted; adapting the
+    last layers only would lower the forecast, and was measured to learn nothing (module
+    docstring), so auto keeps them all and says the forecast is marginal."""
+    declared = ["privacy.recipe=auto", "privacy.mode=sample", "privacy.target_epsilon=2",
                 "federation.num_clients=4", "data.examples_per_client=510",
                 "data.kind=classification"]
     chosen = choose(load_config(None, declared), SMOL)
-    c = chosen.config
-
-    def forecast(last: int) -> float:
-        fixed = [*declared, f"lora.last_layers={last}"]
-        again = choose(load_config(None, fixed), SMOL).config  # the same search, layers set
-        plan = make_plan(again, [510] * 4)
-        coordinates = SMOL.coordinates(("v_proj",), 2, last, False)
-        return predicted_signal(plan, coordinates, again.federation).whole_run
-
-    options = [0, 15, 7]
-    forecasts = [forecast(last) for last in options]
-    assert forecasts == sorted(forecasts, reverse=True)  # fewer layers, lower forecast
-    learns = [last for last, f in zip(options, forecasts) if f <= LEARNS]
-    expected = learns[0] if learns else options[-1]
-    assert expected != 0 and c.lora.last_layers == expected
-    assert chosen.signal.whole_run == pytest.approx(forecasts[options.index(expected)], rel=1e-3)
-    assert "layers -> forecast" in "\n".join(chosen.lines())
-    if mode == "sample":
-        assert c.train.lr == pytest.approx(min(5e-2, 2e-2 * (c.train.batch_size / 36) ** 0.5
-                                               * (30 / expected) ** 0.5), rel=1e-3)
-
-
-def test_layers_the_user_set_are_kept_even_when_the_forecast_does_not_learn():
-    declared = ["privacy.recipe=auto", "privacy.mode=sample", "privacy.target_epsilon=2",
-                "federation.num_clients=4", "data.examples_per_client=510", "lora.last_layers=0"]
-    chosen = choose(load_config(None, declared), SMOL)
-    assert chosen.config.lora.last_layers == 0 and chosen.signal.verdict != "learns"
+    assert chosen.config.lora.last_layers == 0 and chosen.signal.coordinates == 11_520
+    assert chosen.signal.verdict == "marginal" and "MARGINAL" in "\n".join(chosen.lines())
 
 
 def test_model_facts_of_the_tiny_model_from_its_config():
@@ -275,7 +245,7 @@ def test_in_client_and_local_modes_auto_takes_the_rounds_with_the_best_forecast(
 
     overrides = ["privacy.recipe=auto", f"privacy.mode={mode}", "privacy.target_epsilon=8",
                  "federation.num_clients=200", "data.examples_per_client=500",
-                 "train.max_examples_processed=200000", "lora.last_layers=0"]  # all: set
+                 "train.max_examples_processed=200000"]
     chosen = choose(load_config(None, overrides), SMOL)
     c = chosen.config
     forecasts = {}

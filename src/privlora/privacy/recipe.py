@@ -13,10 +13,11 @@ FFA rank 2 on v_proj, Poisson batches of 36 of ~20,000 per client, label-only lo
 3 rounds x 14 steps, reached 96.5% at epsilon 7.955):
 - classification: ``train.loss = "label"`` (the clipped gradient carries only the class);
 - under DP, few released coordinates: FFA (B only), rank 2, the value projection only, and the
-  last layers only when that still releases over ``MAX_COORDINATES``; then, while the mode's
-  forecast (below) is not "learns", half as many adapted layers, down to ``LAYER_FLOOR``:
-  with sigma calibrated to epsilon, steps and batch trade against each other and the released
-  coordinates are the lever left (the GPU sweep's last 8 layers learned, at a larger lr);
+  last layers only when that still releases over ``MAX_COORDINATES``. Not fewer layers to lower
+  a marginal forecast: tried and measured worse (FPB, 4 clients x 510, epsilon 2, seed 0: the
+  last 7 layers reached 65.5% at lr 0.034 and 64.5% at lr 0.016, the majority class, where
+  every layer reached 87.5%; the forecast counts noise per coordinate, not what the adapted
+  layers can express);
 - sample mode, many examples per step: 3 rounds; per client ``TOTAL_STEPS`` steps in all (42
   = the demo's, or 2x, 4x); for each, the largest expected batch the compute budget pays for
   (at most a quarter of the declared examples, ``BATCH_MAX``); sample rate = batch / declared
@@ -26,8 +27,7 @@ FFA rank 2 on v_proj, Poisson batches of 36 of ~20,000 per client, label-only lo
   more steps win once the batch hits its cap;
 - Adam's learning rate scales with the square root of the batch (Malladi et al., NeurIPS 2022,
   "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", the square-root rule):
-  2e-2 x sqrt(batch / 36), times sqrt(all layers / adapted layers) (the GPU sweep: the last 8
-  layers learned best at 3e-2 to 5e-2 where every layer did at 2e-2), within [1e-2, 5e-2];
+  2e-2 x sqrt(batch / 36), within [1e-2, 5e-2] (the GPU sweep's range that learned);
 - client and local modes: a round releases one clipped update per client whatever the local
   training did, so privacy is paid per round and local steps cost only compute. Rounds: of
   ``RELEASE_ROUNDS``, the one whose noise-to-signal forecast is lowest (sigma calibrated for each
@@ -61,7 +61,6 @@ DP_RANK = 2
 RELEASE_ROUNDS = (3, 5, 10, 20)  # client and local modes: the rounds auto compares
 RELEASE_BATCH = 32  # client and local modes: examples per local step (no per-example clip)
 MAX_COORDINATES = 16_384  # the demo releases 11,520; more: adapt the last layers only
-LAYER_FLOOR = 4  # fewest layers auto adapts to bring a forecast under "learns"
 VALUE_PROJECTION = "v_proj"
 PUBLIC_INPUTS = ("auto reads only public, declared quantities (this config, epsilon and delta, "
                  "the number of clients, data.examples_per_client as declared, the model's "
@@ -176,9 +175,6 @@ class _Picks:
     def mine(self, key: str) -> bool:
         return key in self.user
 
-    def copy(self) -> _Picks:
-        return _Picks(self.config, self.user, dict(self.values), dict(self.why))
-
     def resolved(self) -> RunConfig:
         """The config with what auto has chosen so far."""
         return with_values(self.config, {k: self.get(k) for k in self.values})
@@ -215,12 +211,16 @@ def choose(config: RunConfig, model: ModelFacts | None) -> Recipe:
     match config.privacy.mode:
         case "none":
             reasons += _public_steps(picks)
-        case "sample" | "client" | "local":
+        case "sample":
             assert model is not None, "auto under DP needs the model's facts"
             _few_coordinates(picks, model)
-            search = _sample_mode if config.privacy.mode == "sample" else _release_mode
-            picks, reasons_m, signal = _fewer_layers_until_it_learns(picks, model, search)
-            reasons += reasons_m
+            reasons_s, signal = _sample_mode(picks, model)
+            reasons += reasons_s
+        case _:
+            assert model is not None, "auto under DP needs the model's facts"
+            _few_coordinates(picks, model)
+            reasons_r, signal = _release_mode(picks, model)
+            reasons += reasons_r
     keys = wanted(config)
     resolved = with_values(config, {k: picks.get(k) for k in keys})
     choices = tuple(Choice(k, picks.get(k), k in picks.values, picks.why.get(k, ""))
@@ -249,47 +249,6 @@ def _few_coordinates(picks: _Picks, model: ModelFacts) -> None:
               f"coordinates are released (all layers: {every:,}); backward stops below them")
 
 
-def _layer_options(picks: _Picks, model: ModelFacts) -> list[int]:
-    """``lora.last_layers`` values to try, most coordinates first: the choice so far, then half
-    as many layers each time, down to ``LAYER_FLOOR`` (only the user's value if they set it)."""
-    first = picks.get("lora.last_layers")
-    if picks.mine("lora.last_layers"):
-        return [first]
-    options, layers = [first], (first or model.layers) // 2
-    while layers >= LAYER_FLOOR:
-        options.append(layers)
-        layers //= 2
-    return options
-
-
-def _fewer_layers_until_it_learns(picks: _Picks, model: ModelFacts, search
-                                  ) -> tuple[_Picks, list[str], NoiseToSignal]:
-    """Run the mode's ``search`` with the layers chosen so far, then with half as many layers
-    each time, until its forecast learns: released coordinates are the one lever that lowers the
-    forecast whatever the budget (with sigma calibrated to epsilon, steps and batch trade
-    against each other). Keeps the first option that learns, else the lowest forecast."""
-    tried = []
-    for last in _layer_options(picks, model):
-        trial = picks.copy()
-        if last != picks.get("lora.last_layers"):
-            trial.set("lora.last_layers", last, "")
-        reasons, signal = search(trial, model)
-        tried.append((trial, reasons, signal, last))
-        if signal.verdict == "learns":
-            break
-    trial, reasons, signal, last = next((t for t in tried if t[2].verdict == "learns"),
-                                        min(tried, key=lambda t: t[2].whole_run))
-    if len(tried) > 1 and not trial.mine("lora.last_layers"):
-        coordinates = _released(trial, model)
-        others = ", ".join(f"{t[3] or model.layers} -> {t[2].whole_run:.3g}" for t in tried)
-        trial.set("lora.last_layers", last,
-                  f"the last {last} of {model.layers} layers: {coordinates:,} released "
-                  + ("coordinates, the most whose forecast learns" if signal.verdict == "learns"
-                     else f"coordinates, the lowest forecast down to {LAYER_FLOOR} layers")
-                  + f" (layers -> forecast: {others}); backward stops below them")
-    return trial, reasons, signal
-
-
 def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSignal]:
     """Search rounds x steps x batch within the budget for the best noise-to-signal forecast."""
     c = picks.config
@@ -302,9 +261,7 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     coordinates, base = _released(picks, model), picks.resolved()
     tried = []
     for steps in steps_options:
-        last = picks.get("lora.last_layers")
-        share = model.layers / min(last, model.layers) if last else 1.0
-        values = _step_values(picks, n, budget // (rounds * steps * m), share)
+        values = _step_values(picks, n, budget // (rounds * steps * m))
         if values is None:
             continue
         candidate = with_values(base, {"federation.rounds": rounds, "train.local_steps": steps,
@@ -399,17 +356,14 @@ _STEP_WHY = {
     "train.batch_size": "the largest expected batch the budget pays for (at most "
                         f"{BATCH_MAX} and a {DATA_SHARE}th of the declared examples)",
     "privacy.sample_rate": "expected batch / data.examples_per_client (declared)",
-    "train.lr": f"Adam, square-root rule: {DEMO_LR:g} x sqrt(batch / {DEMO_BATCH}) x "
-                "sqrt(layers / adapted layers), within "
+    "train.lr": f"Adam, square-root rule: {DEMO_LR:g} x sqrt(batch / {DEMO_BATCH}), within "
                 f"[{LR_RANGE[0]:g}, {LR_RANGE[1]:g}]",
 }
 
 
-def _step_values(picks: _Picks, n: int, affordable: int, layer_share: float = 1.0
-                 ) -> dict[str, Any] | None:
+def _step_values(picks: _Picks, n: int, affordable: int) -> dict[str, Any] | None:
     """Return batch, sample rate and lr for one candidate (None if the budget cannot pay the
-    smallest batch); the user's batch or rate wins, and fixes the other. ``layer_share``: all
-    layers / the adapted ones (the learning rate grows with its square root)."""
+    smallest batch); the user's batch or rate wins, and fixes the other."""
     if picks.mine("train.batch_size"):
         batch = picks.get("train.batch_size")
     elif picks.mine("privacy.sample_rate"):
@@ -423,7 +377,7 @@ def _step_values(picks: _Picks, n: int, affordable: int, layer_share: float = 1.
             else min(1.0, batch / n))
     values: dict[str, Any] = {"train.batch_size": batch, "privacy.sample_rate": rate}
     if picks.config.train.optimizer == "adamw" and not picks.mine("train.lr"):
-        lr = DEMO_LR * math.sqrt(batch / DEMO_BATCH) * math.sqrt(layer_share)
+        lr = DEMO_LR * math.sqrt(batch / DEMO_BATCH)
         values["train.lr"] = round(min(max(lr, LR_RANGE[0]), LR_RANGE[1]), 5)
     return {k: v for k, v in values.items() if not picks.mine(k)}
 
