@@ -168,6 +168,8 @@ def test_a_task_description_from_an_older_run_or_a_broken_file():
     assert data.task_from_meta(older) == task
     with pytest.raises(DataError, match="lacks instruction, labels"):
         data.task_from_meta({"name": "t", "kind": "classification"})
+    with pytest.raises(DataError, match="a JSON list, not an object"):
+        data.task_from_meta(["t"])
 
 
 def test_a_site_checks_its_own_rows_against_the_servers_task(tmp_path, tiny_config):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from privlora import data, rounds, simulation
 from privlora.communication import payload_bytes
-from privlora.errors import RoundFailed
+from privlora.errors import ConfigError, RoundFailed
 from privlora.evaluate import majority_share
 from privlora.evaluate_adapter import evaluate_adapter
 from privlora.lora import flatten
@@ -80,6 +80,13 @@ def test_saved_adapter_reloads_with_stock_peft_and_reproduces_metrics(fedavg_run
     assert all(meta[key] == value for key, value in described.items())
     assert result["accuracy"] == summary["final"]["accuracy"]
     assert result["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
+
+
+def test_a_broken_task_json_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "task.json").write_text('{"name": "t", "kind": "classi')
+    with pytest.raises(ConfigError, match="task.json is not JSON"):
+        evaluate_adapter(tmp_path, None, None)
 
 
 def test_same_config_same_adapter(fedavg_run, tiny_config, tmp_path):

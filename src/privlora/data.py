@@ -248,6 +248,9 @@ def task_meta(task: Task) -> dict:
 def task_from_meta(meta: dict) -> Task:
     """Rebuild a row-less task from ``task_meta`` or a run's ``adapter/task.json`` (runs
     saved before 2026-12-06 named the task under ``"task"``: still read)."""
+    if not isinstance(meta, dict):
+        raise DataError(f"the task description is a JSON {type(meta).__name__}, not an object: "
+                        "it is not one privlora wrote")
     named = {"name": meta.get("task")} if "name" not in meta and "task" in meta else {}
     meta = {**meta, **named}
     missing = [k for k in ("name", "kind", "instruction", "labels") if k not in meta]

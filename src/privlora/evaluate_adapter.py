@@ -25,7 +25,11 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
     if not (adapter_dir / "adapter_config.json").is_file() or not meta_file.is_file():
         raise ConfigError(f"--adapter {adapter_dir}: not an adapter saved by `privlora run` "
                           "(needs adapter_config.json and task.json); give a run's adapter/ dir")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"{meta_file} is not JSON; it is not one `privlora run` wrote (rerun "
+                          "the run, or restore the file from its run directory)") from None
     trained = data.task_from_meta(meta)
     run_config = adapter_dir.parent / "config.toml"
     config = load_config(run_config if run_config.is_file() else None)
