@@ -109,6 +109,8 @@ def declared_examples_per_client(config) -> int:
     lines, less the held-out split when there is no eval file) over the clients, rounded down
     to two significant figures. The bench reads the row count as that user would; privlora
     itself never does (data.examples_per_client)."""
+    from privlora.data import held_out_count
+
     d = config.data
     if d.path == "builtin":
         rows = d.builtin_examples
@@ -116,7 +118,7 @@ def declared_examples_per_client(config) -> int:
         with open(d.path, encoding="utf-8") as lines:
             rows = sum(1 for line in lines if line.strip())
     if not d.eval_path:
-        rows -= min(d.max_eval, max(1, round(rows * d.eval_fraction)))
+        rows -= held_out_count(rows, d.eval_fraction, d.max_eval)
     per_client = rows // config.federation.num_clients
     scale = 10 ** max(0, len(str(per_client)) - 2)
     return per_client // scale * scale

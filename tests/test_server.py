@@ -87,6 +87,9 @@ def test_a_broken_task_json_is_named_not_a_traceback(tmp_path):
     (tmp_path / "task.json").write_text('{"name": "t", "kind": "classi')
     with pytest.raises(ConfigError, match="task.json is not JSON"):
         evaluate_adapter(tmp_path, None, None)
+    (tmp_path / "task.json").write_text("[" * 100_000)  # refused before json.loads recurses
+    with pytest.raises(ConfigError, match="task.json is not JSON"):
+        evaluate_adapter(tmp_path, None, None)
 
 
 def test_same_config_same_adapter(fedavg_run, tiny_config, tmp_path):

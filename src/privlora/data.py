@@ -251,8 +251,8 @@ def task_from_meta(meta: dict) -> Task:
     if not isinstance(meta, dict):
         raise DataError(f"the task description is a JSON {type(meta).__name__}, not an object: "
                         "it is not one privlora wrote")
-    named = {"name": meta.get("task")} if "name" not in meta and "task" in meta else {}
-    meta = {**meta, **named}
+    if "name" not in meta and "task" in meta:
+        meta = {**meta, "name": meta["task"]}
     missing = [k for k in ("name", "kind", "instruction", "labels") if k not in meta]
     if missing:
         raise DataError(f"the task description lacks {', '.join(missing)}: it is not one "
@@ -310,6 +310,11 @@ def _detect_kind(row: dict, kind: str, path: Path) -> TaskKind:
     )
 
 
+def held_out_count(rows: int, eval_fraction: float, max_eval: int) -> int:
+    """How many of ``rows`` ``split`` holds out for eval when the task has no eval file."""
+    return min(max_eval, max(1, round(rows * eval_fraction)))
+
+
 def split(task: Task, eval_fraction: float, max_eval: int, seed: int) -> tuple[list, list]:
     """Shuffle with ``seed`` and split rows into (train, eval); eval capped at ``max_eval``.
 
@@ -319,7 +324,7 @@ def split(task: Task, eval_fraction: float, max_eval: int, seed: int) -> tuple[l
     random.Random(seed).shuffle(rows)
     if task.eval_rows:
         return rows, list(task.eval_rows[:max_eval])
-    n_eval = min(max_eval, max(1, round(len(rows) * eval_fraction)))
+    n_eval = held_out_count(len(rows), eval_fraction, max_eval)
     if len(rows) - n_eval < 1:
         raise DataError(f"{task.name}: {len(rows)} rows leave nothing to train on; add data")
     return rows[n_eval:], rows[:n_eval]

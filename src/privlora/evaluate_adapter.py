@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import asdict
 from pathlib import Path
 
-from privlora import data, import_peft_without_bitsandbytes, quiet
+from privlora import bounded_json, data, import_peft_without_bitsandbytes, quiet
 
 import_peft_without_bitsandbytes()  # PEFT would import bitsandbytes (2 s) for layers never used
 
@@ -26,8 +25,8 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
         raise ConfigError(f"--adapter {adapter_dir}: not an adapter saved by `privlora run` "
                           "(needs adapter_config.json and task.json); give a run's adapter/ dir")
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = bounded_json.loads(meta_file.read_text(encoding="utf-8"))
+    except ValueError:  # not UTF-8, not JSON, or nested too deep
         raise ConfigError(f"{meta_file} is not JSON; it is not one `privlora run` wrote (rerun "
                           "the run, or restore the file from its run directory)") from None
     trained = data.task_from_meta(meta)

@@ -24,7 +24,6 @@ exception type only, since its text can quote the site's data.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
-from privlora import client, data
+from privlora import bounded_json, client, data
 from privlora.config import RunConfig, config_from_toml
 from privlora.errors import BundleError, ConfigError
 from privlora.evaluate import training_label_tokens
@@ -115,7 +114,7 @@ def _site(config_text: str, task_json: str, bundle_digest: str,
     config = config_from_toml(config_text)
     node = dict(node_items)
     cid = int(node["partition-id"])
-    task = data.task_from_meta(json.loads(task_json))
+    task = data.task_from_meta(bounded_json.loads(task_json))  # sent by the server
     path = Path(node["path"])
     budget = SiteBudget(SitePolicy.from_node_config(node),
                         Path(node.get("ledger", str(path) + ".ledger.json")), fingerprint(path))
