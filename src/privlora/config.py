@@ -23,7 +23,7 @@ Aggregation = Literal["fedavg", "ffa", "exact"]
 BaseScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "tq2_0", "nf4"]
 AdapterScheme = Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"]
 BaseNoise = Literal["none", "bin"]
-Transfer = Literal["adapter", "logits"]
+Transfer = Literal["adapter", "logits", "distill"]
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,15 @@ class QuantizationConfig:
     # How the server serves the clients' adapter on its full-precision base: "adapter", the
     # base plus the LoRA adapter (a standard PEFT adapter); "logits", the base's log-probabilities
     # plus the adapter's change on the quantized base the clients trained on,
-    # log p(quantized + adapter) - log p(quantized) (proxy tuning): three forwards per token
+    # log p(quantized + adapter) - log p(quantized) (proxy tuning): three forwards per token;
+    # "distill", an adapter the server fits on its base to the clients' model's label
+    # distribution on public_text (quantization/correction.py; classification tasks)
     transfer: Transfer = "adapter"
+    # JSONL of public text in the task's domain ('text', else 'answer'), for transfer = "distill"
+    public_text: str = ""
+    public_examples: int = 512  # texts read from public_text (its first rows)
+    distill_steps: int = 60  # Adam steps of batches of 16 public prompts
+    distill_lr: float = 1e-3
     # JSONL of general text the fine-tune does not see (e.g. Dolly answers): the perplexity of
     # the central vs the client-visible model on it is the model-privacy gap; "" = not measured
     general_text: str = ""
@@ -192,6 +199,11 @@ class QuantizationConfig:
     def serves_logits(self) -> bool:
         """Whether the server serves the adapter's offset of log-probabilities (proxy tuning)."""
         return self.transfer == "logits"
+
+    @property
+    def distills(self) -> bool:
+        """Whether the server serves an adapter it fits to the clients' model on public text."""
+        return self.transfer == "distill"
 
     @property
     def draws_bins(self) -> bool:
@@ -515,6 +527,15 @@ def _validate_quantization(q: QuantizationConfig) -> None:
     _require(not (q.transfer != "adapter" and q.base == "none"),
              f"quantization.transfer = {q.transfer!r} needs a quantized base: set "
              "quantization.base (e.g. 'q4_0'), or transfer = 'adapter'")
+    _require(not (q.transfer == "distill" and not q.public_text),
+             "quantization.transfer = 'distill' needs public text to distill on: set "
+             "quantization.public_text to a JSONL of public texts in the task's domain (a 'text' "
+             "field per line), or transfer = 'adapter'")
+    _require(not (q.public_text and q.transfer != "distill"),
+             f"quantization.public_text is set but transfer = {q.transfer!r} does not read it; "
+             "set transfer = 'distill' or remove public_text")
+    _require(q.public_examples >= 1 and q.distill_steps >= 1 and q.distill_lr > 0,
+             "quantization.public_examples and distill_steps must be >= 1 and distill_lr > 0")
     _require(not (q.general_text and q.base == "none"),
              "quantization.general_text is set but quantization.base = 'none': the perplexity gap "
              "compares the central model with a client's quantized one; set quantization.base "

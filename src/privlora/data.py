@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from privlora import bounded_json, builtin_task
 from privlora.config import DataConfig
-from privlora.errors import DataError
+from privlora.errors import ConfigError, DataError
 
 local_log = logging.getLogger("privlora.local")
 
@@ -435,6 +435,24 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(input_ids, attention, target_mask, targets)
 
 
+def plain_texts(path: Path | str, count: int, what: str) -> list[str]:
+    """Return the first ``count`` non-empty texts of a JSONL file (each row's ``text``, else its
+    ``answer``); ``what`` names the file's role in the errors."""
+    texts = []
+    for number, row in enumerate(read_jsonl(Path(path)), start=1):
+        text = row.get("text", row.get("answer"))
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{number}: {what} needs a string field 'text' or 'answer' "
+                            "per line")
+        if text.strip():
+            texts.append(text)
+        if len(texts) == count:
+            break
+    if not texts:
+        raise DataError(f"{path}: no text in it; give a JSONL of {what} (a 'text' per line)")
+    return texts
+
+
 def general_texts(path: Path | str, count: int, tokenizer: PreTrainedTokenizerBase,
                   max_length: int) -> list[Example]:
     """Return up to ``count`` plain texts (the first rows' ``text``, else ``answer``) as examples
@@ -443,16 +461,23 @@ def general_texts(path: Path | str, count: int, tokenizer: PreTrainedTokenizerBa
     No chat template: this measures the language model itself, on text the fine-tune never saw.
     """
     examples = []
-    for number, row in enumerate(read_jsonl(Path(path)), start=1):
-        text = row.get("text", row.get("answer"))
-        if not isinstance(text, str):
-            raise DataError(f"{path}:{number}: general text needs a string field 'text' or "
-                            "'answer' (e.g. Dolly's rows)")
+    for text in plain_texts(path, count, "general text"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
         if len(ids) >= 2:
             examples.append(Example((ids[0],), tuple(ids[1:]), None))
-        if len(examples) == count:
-            break
     if not examples:
         raise DataError(f"{path}: no text of two tokens or more; give a JSONL of general text")
     return examples
+
+
+def public_prompts(path: Path | str, count: int, task: Task,
+                   tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Example]:
+    """Return the first ``count`` public texts in the task's prompt, cut as ``tokenize`` cuts a
+    row (their answer is a placeholder: only the scores at the answer's start are read)."""
+    if not task.classifies:
+        raise ConfigError(f"quantization.transfer = 'distill' fits the served adapter to the "
+                          f"clients' label scores: a classification task's; this task is "
+                          f"{task.kind!r}, use transfer = 'adapter' or 'logits'")
+    rows = [{"text": text, "label": task.labels[0]}
+            for text in plain_texts(path, count, "public text")]
+    return tokenize(rows, task, tokenizer, max_length)

@@ -34,7 +34,7 @@ from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan
 from privlora.privacy.signal import NOISE_AGREEMENT
 from privlora.privacy.signal import agreement as update_agreement
-from privlora.quantization import codec
+from privlora.quantization import codec, correction
 from privlora.run_dir import (
     Checkpoint,
     RunDir,
@@ -170,9 +170,9 @@ def run_rounds(state: ServerState, transport: Transport, out: Path | str, progre
     if start.files is None:
         files, ledger, global_adapter = RunDir.create(out, to_toml(config), overwrite), \
             plan.new_ledger(), state.init
-        zero_shot = result = _evaluate(state, global_adapter)
-        files.log_round(_record(state, 0, result, ledger,
-                                model_privacy=_model_privacy(state, global_adapter, result)))
+        zero_shot = result = _evaluate(state, global_adapter)  # before training: nothing to fit
+        files.log_round(_record(state, 0, result, ledger, model_privacy=_model_privacy(
+            state, global_adapter, global_adapter, result)))
     else:
         files, global_adapter = start.files, start.adapter
         ledger = None if start.ledger is None else PrivacyLedger.from_dict(start.ledger)
@@ -183,6 +183,7 @@ def run_rounds(state: ServerState, transport: Transport, out: Path | str, progre
                           config.federation.rounds)
         if progress:
             progress.resumed(start.round)
+    served = None  # the adapter the server serves, fitted when a round is evaluated
     quiet, patience = start.quiet, config.federation.stop_on_noise
     previous = None  # the last round's global update (a resumed run's, from its checkpoints)
     if start.files is not None and start.adapter is not None:
@@ -222,11 +223,12 @@ def run_rounds(state: ServerState, transport: Transport, out: Path | str, progre
         due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds \
             or stop
         if due:
-            result = _evaluate(state, global_adapter)
+            served = _served_adapter(state, global_adapter, round_)
+            result = _evaluate(state, served)
         files.log_round(_record(
             state, round_, result if due else None, ledger, uplinks=uplinks, traffic=traffic,
             rejected=refused, seconds=time.time() - t0, diagnostics=diagnostics,
-            model_privacy=_model_privacy(state, global_adapter, result) if due else None,
+            model_privacy=_model_privacy(state, global_adapter, served, result) if due else None,
             update_agreement=agreement))
         files.checkpoint(round_, flatten(global_adapter), spent, _state(
             start, round_, zero_shot, result, plan,
@@ -237,7 +239,9 @@ def run_rounds(state: ServerState, transport: Transport, out: Path | str, progre
         if stop:
             break
     wall = (start.seconds or 0.0) + time.time() - started
-    return _finish(state, files, global_adapter, ledger, zero_shot, result, wall)
+    if served is None:  # a resumed run with no round left to run
+        served = _served_adapter(state, global_adapter, files.rows[-1]["round"])
+    return _finish(state, files, served, ledger, zero_shot, result, wall)
 
 
 def _flat_update(before: Adapter, after: Adapter) -> torch.Tensor:
@@ -307,9 +311,35 @@ def _encode_down(state: ServerState, adapter: Adapter, rank: int | None) -> prot
                               state.config.quantization.adapter)
 
 
+def _served_adapter(state: ServerState, adapter: Adapter, round_: int) -> Adapter:
+    """Return the adapter the server serves on its base: the global one, or under
+    ``quantization.transfer = "distill"`` the one it fits on public text to the clients' model
+    (the clients' base + the global adapter as sent; ``quantization/correction.py``). Uses no
+    client data: the global adapter is already released, the text is public."""
+    q, server = state.config.quantization, state.server
+    if not q.distills:
+        return adapter
+    write_adapter(state.handles, _visible(state, adapter))
+    columns = correction.label_columns(server.task.labels, state.tokenizer)
+    pad = state.tokenizer.pad_token_id
+    teacher = correction.targets(state.handles.model, server.public, columns, pad)
+    how = correction.Distillation(q.distill_steps, q.distill_lr, correction.BATCH, columns)
+    return correction.distill(state.central, adapter, server.public, teacher, how, pad,
+                              seeded_generator(state.config.seed, round_, "server", "distill"))
+
+
+def _visible(state: ServerState, adapter: Adapter) -> Adapter:
+    """Return the global adapter as a client rebuilds it from the downlink (as quantized on
+    the wire)."""
+    sent = protocol.transmit(_encode_down(state, adapter, None))[0]
+    return protocol.client_start(codec.unpack_adapter(sent), state.init,
+                                 state.server.rule.trains_a)
+
+
 def _evaluate(state: ServerState, adapter: Adapter) -> EvalResult:
-    """Score the central model: the server's base (full precision) with ``adapter``, or under
-    ``quantization.transfer = "logits"`` its base with the adapter's offset (``OffsetModel``)."""
+    """Score the central model: the server's base (full precision) with ``adapter`` (the served
+    one), or under ``quantization.transfer = "logits"`` its base with the adapter's offset
+    (``OffsetModel``)."""
     return evaluate(_served(state, adapter), state.server.eval_examples, state.server.task,
                     state.tokenizer)
 
@@ -323,26 +353,27 @@ def _served(state: ServerState, adapter: Adapter):
     return OffsetModel(state.central.model, state.handles.model)
 
 
-def _model_privacy(state: ServerState, adapter: Adapter, central: EvalResult) -> dict | None:
+def _model_privacy(state: ServerState, adapter: Adapter, served: Adapter,
+                   central: EvalResult) -> dict | None:
     """Return the model-privacy scores of this global adapter (None without FedLPP).
 
-    central: the model the server serves (``_served``: its base + the global adapter, or the
-    adapter's offset; ``central`` holds its task scores, already computed); client_visible: the
-    base a client holds (the quantized bundle) + the adapter as a client rebuilds it from the
-    downlink (as quantized on the wire). Each with the task's accuracy and answer loss, and the
-    perplexity of the general text (when configured). Under ``transfer = "logits"`` also
-    adapter_on_server_base: the server's base + the adapter itself. Before any training the
-    adapter is zero, so the round-0 client_visible scores are the client's base alone.
+    central: the model the server serves (``_served`` of ``served``: its base + the served
+    adapter, or the adapter's offset; ``central`` holds its task scores, already computed);
+    client_visible: the base a client holds (the quantized bundle) + the adapter as a client
+    rebuilds it from the downlink (as quantized on the wire). Each with the task's accuracy and
+    answer loss, and the perplexity of the general text (when configured). Under ``transfer =
+    "logits"`` or ``"distill"`` also adapter_on_server_base: the server's base + the global
+    adapter itself. Before any training the adapter is zero, so the round-0 client_visible
+    scores are the client's base alone.
     """
     config, server = state.config, state.server
     if server.bundle is None and config.quantization.adapter == "none":
         return None
-    scores = {"central": _scores(state, _served(state, adapter), central)}
-    if config.quantization.serves_logits:  # _served wrote the adapter into central
+    scores = {"central": _scores(state, _served(state, served), central)}
+    if config.quantization.transfer != "adapter":
+        write_adapter(state.central, adapter)
         scores["adapter_on_server_base"] = _scores(state, state.central.model, None)
-    sent = protocol.transmit(_encode_down(state, adapter, None))[0]
-    visible = protocol.client_start(codec.unpack_adapter(sent), state.init, server.rule.trains_a)
-    write_adapter(state.handles, visible)
+    write_adapter(state.handles, _visible(state, adapter))
     return {**scores, "client_visible": _scores(state, state.handles.model, None)}
 
 
@@ -383,7 +414,7 @@ def _record(state: ServerState, round_: int, result: EvalResult | None,
 
 def _finish(state: ServerState, files: RunDir, adapter: Adapter, ledger: PrivacyLedger | None,
             zero_shot: EvalResult, final: EvalResult, wall: float) -> dict:
-    """Save the adapter in PEFT format, the ledger, summary.json and report.png."""
+    """Save the served ``adapter`` in PEFT format, the ledger, summary.json and report.png."""
     config, server = state.config, state.server
     save_peft(state.central, adapter, files.adapter_dir)  # for the server's base
     privacy = None if ledger is None else records.privacy_summary(

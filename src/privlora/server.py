@@ -26,6 +26,7 @@ from privlora.models import load_model, load_tokenizer
 from privlora.privacy import recipe
 from privlora.privacy.plan import PrivacyPlan, make_plan, predicted_signal
 from privlora.privacy.signal import NoiseToSignal
+from privlora.quantization import correction
 from privlora.quantization.bins import BinNoise, bin_noise_for
 from privlora.quantization.bundle import Manifest, distribute
 from privlora.rules import Rule, build_rule
@@ -44,6 +45,7 @@ class Server:
     signal: NoiseToSignal | None  # the plan's learn / won't-learn prediction (None without DP)
     bundle: Manifest | None  # FedLPP: the quantized base-model bundle the clients received
     general: list[data.Example]  # general text for the model-privacy perplexity ([] = none)
+    public: list[data.Example]  # public prompts for transfer = "distill" ([] = not distilled)
 
 
 @dataclass
@@ -81,6 +83,10 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     q = config.quantization
     general = data.general_texts(q.general_text, q.general_examples, tokenizer,
                                  config.data.max_length) if q.general_text else []
+    public = data.public_prompts(q.public_text, q.public_examples, task, tokenizer,
+                                 config.data.max_length) if q.distills else []
+    if q.distills:
+        correction.label_columns(task.labels, tokenizer)  # refuse shared first tokens now
     model = load_model(config.model.name, config.model.dtype, config.model.device)
     full_bytes = full_finetune_bytes(model)
     client_model, bundle, base_noise = model, None, None
@@ -97,7 +103,8 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     signal = predicted_signal(plan, released_coordinates(read_adapter(handles), rule.trains_a),
                               config.federation)
     _refuse_a_run_that_cannot_learn(config, signal)
-    server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal, bundle, general)
+    server = Server(rule, plan, ranks, task, eval_examples, full_bytes, signal, bundle, general,
+                    public)
     return ServerState(config, server, handles, central, read_adapter(handles), tokenizer,
                        base_noise)
 
