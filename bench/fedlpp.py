@@ -25,6 +25,8 @@ from _common import RESULTS, pct, save, saved, table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GENERAL = DATA / "dolly15k" / "dolly15k.jsonl"
+# Public text in the task's domain for transfer = "distill" (another public dataset)
+PUBLIC = {"fpb": DATA / "fiqa_sentiment" / "fiqa_post_3class.jsonl"}
 # Non-private, 4 IID clients, LoRA r=8 on q_proj and v_proj, FedAvg, AdamW 3e-3, batches of 8,
 # evaluated at the start and after the last round on 200 held-out examples. The built-in task
 # runs privlora's default budget (5 rounds x 12 local steps: 3 x 10 left it at 49%, still
@@ -49,9 +51,11 @@ QUICK = ["model.name=tiny-random", "model.dtype=float32", "data.builtin_examples
 # on a fresh draw within each weight's quantization bin every step (quantization.base_noise);
 # "logits" trains as "grid" and serves the full-precision base's log-probabilities plus the
 # adapter's change on the quantized base (quantization.transfer = "logits", proxy tuning), and
-# also reports the adapter on the server's base (the "grid" number, from the same training).
+# also reports the adapter on the server's base (the "grid" number, from the same training);
+# "distill" trains as "grid" and serves the adapter the server fits on its base to the clients'
+# model on public text (quantization/correction.py; PUBLIC names the task's text).
 METHODS = {"grid": [], "bin": ["quantization.base_noise=bin"],
-           "logits": ["quantization.transfer=logits"]}
+           "logits": ["quantization.transfer=logits"], "distill": ["quantization.transfer=distill"]}
 
 
 def default_rounds(task: str) -> int:
@@ -70,6 +74,10 @@ def scheme_config(task: str, scheme: str, quick: bool, method: str = "grid", see
         overrides = [o for o in overrides if not o.startswith("quantization.")]
     else:
         overrides += [f"quantization.base={scheme}", *METHODS[method]]
+        if method == "distill":
+            if task not in PUBLIC:
+                raise SystemExit(f"--methods distill needs public text for {task}: only {list(PUBLIC)}")
+            overrides.append(f"quantization.public_text={str(PUBLIC[task])!r}")
     return load_config(None, overrides)
 
 

@@ -370,7 +370,7 @@ def _model_privacy(state: ServerState, adapter: Adapter, served: Adapter,
     if server.bundle is None and config.quantization.adapter == "none":
         return None
     scores = {"central": _scores(state, _served(state, served), central)}
-    if config.quantization.transfer != "adapter":
+    if config.quantization.serves_logits or config.quantization.distills:
         write_adapter(state.central, adapter)
         scores["adapter_on_server_base"] = _scores(state, state.central.model, None)
     write_adapter(state.handles, _visible(state, adapter))
