@@ -534,8 +534,10 @@ def _validate_quantization(q: QuantizationConfig) -> None:
     _require(not (q.public_text and q.transfer != "distill"),
              f"quantization.public_text is set but transfer = {q.transfer!r} does not read it; "
              "set transfer = 'distill' or remove public_text")
-    _require(q.public_examples >= 1 and q.distill_steps >= 1 and q.distill_lr > 0,
-             "quantization.public_examples and distill_steps must be >= 1 and distill_lr > 0")
+    _require(q.public_examples >= 1,
+             f"quantization.public_examples = {q.public_examples} must be >= 1")
+    _require(q.distill_steps >= 1, f"quantization.distill_steps = {q.distill_steps} must be >= 1")
+    _require(q.distill_lr > 0, f"quantization.distill_lr = {q.distill_lr} must be > 0")
     _require(not (q.general_text and q.base == "none"),
              "quantization.general_text is set but quantization.base = 'none': the perplexity gap "
              "compares the central model with a client's quantized one; set quantization.base "

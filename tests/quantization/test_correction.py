@@ -115,7 +115,7 @@ def test_a_distill_run_serves_and_saves_the_fitted_adapter(distill_config, tmp_p
     (("quantization.base=q4_0", "quantization.public_text='p.jsonl'"), "does not read it"),
     (("quantization.transfer=distill", "quantization.public_text='p.jsonl'"), "quantized base"),
     (("quantization.base=q4_0", "quantization.transfer=distill",
-      "quantization.public_text='p.jsonl'", "quantization.distill_steps=0"), "distill_steps"),
+      "quantization.public_text='p.jsonl'", "quantization.distill_steps=0"), "quantization.distill_steps"),
 ])
 def test_distill_settings_that_cannot_work_are_named(tiny_config, overrides, named):
     with pytest.raises(ConfigError, match=named):
