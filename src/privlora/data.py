@@ -435,22 +435,15 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(input_ids, attention, target_mask, targets)
 
 
-def plain_texts(path: Path | str, count: int, what: str) -> list[str]:
-    """Return the first ``count`` non-empty texts of a JSONL file (each row's ``text``, else its
-    ``answer``); ``what`` names the file's role in the errors."""
-    texts = []
+def plain_texts(path: Path | str, what: str) -> Iterator[str]:
+    """Yield the texts of a JSONL file in order (each row's ``text``, else its ``answer``),
+    refusing a row that has neither; ``what`` names the file's role in the errors."""
     for number, row in enumerate(read_jsonl(Path(path)), start=1):
         text = row.get("text", row.get("answer"))
         if not isinstance(text, str):
             raise DataError(f"{path}:{number}: {what} needs a string field 'text' or 'answer' "
                             "per line")
-        if text.strip():
-            texts.append(text)
-        if len(texts) == count:
-            break
-    if not texts:
-        raise DataError(f"{path}: no text in it; give a JSONL of {what} (a 'text' per line)")
-    return texts
+        yield text
 
 
 def general_texts(path: Path | str, count: int, tokenizer: PreTrainedTokenizerBase,
@@ -461,10 +454,12 @@ def general_texts(path: Path | str, count: int, tokenizer: PreTrainedTokenizerBa
     No chat template: this measures the language model itself, on text the fine-tune never saw.
     """
     examples = []
-    for text in plain_texts(path, count, "general text"):
+    for text in plain_texts(path, "general text"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
         if len(ids) >= 2:
             examples.append(Example((ids[0],), tuple(ids[1:]), None))
+        if len(examples) == count:
+            break
     if not examples:
         raise DataError(f"{path}: no text of two tokens or more; give a JSONL of general text")
     return examples
@@ -478,6 +473,9 @@ def public_prompts(path: Path | str, count: int, task: Task,
         raise ConfigError(f"quantization.transfer = 'distill' fits the served adapter to the "
                           f"clients' label scores: a classification task's; this task is "
                           f"{task.kind!r}, use transfer = 'adapter' or 'logits'")
-    rows = [{"text": text, "label": task.labels[0]}
-            for text in plain_texts(path, count, "public text")]
-    return tokenize(rows, task, tokenizer, max_length)
+    texts = list(itertools.islice((t for t in plain_texts(path, "public text") if t.strip()),
+                                  count))
+    if not texts:
+        raise DataError(f"{path}: no text in it; give a JSONL of public text (a 'text' per line)")
+    return tokenize([{"text": t, "label": task.labels[0]} for t in texts], task, tokenizer,
+                    max_length)

@@ -83,10 +83,11 @@ def prepare_server(config: RunConfig, task: data.Task, eval_rows: list[dict],
     q = config.quantization
     general = data.general_texts(q.general_text, q.general_examples, tokenizer,
                                  config.data.max_length) if q.general_text else []
-    public = data.public_prompts(q.public_text, q.public_examples, task, tokenizer,
-                                 config.data.max_length) if q.distills else []
-    if q.distills:
-        correction.label_columns(task.labels, tokenizer)  # refuse shared first tokens now
+    public = []
+    if q.distills:  # refused now, before any model loads: a generation task, shared first tokens
+        public = data.public_prompts(q.public_text, q.public_examples, task, tokenizer,
+                                     config.data.max_length)
+        correction.label_columns(task.labels, tokenizer)
     model = load_model(config.model.name, config.model.dtype, config.model.device)
     full_bytes = full_finetune_bytes(model)
     client_model, bundle, base_noise = model, None, None
