@@ -13,8 +13,8 @@ public text (``transfer = "distill"``, ``quantization/correction.py``: FiQA's 67
 financial posts, another dataset); beside them the unquantized run's adapter on the same base.
 Each is scored on the run's 200 held-out sentences and on the 1,189 sentences of FPB's
 75%-agreement file that are not in the all-agree file the runs split (no run saw them; the
-annotators agreed less on them): 1,389 together, a standard error near 0.6 points where 200
-give 1.5. The served models' general-text perplexity (the first 64 Dolly answers) gives the
+annotators agreed less on them): 1,389 together, a standard error of an accuracy near 1 point
+where 200 give 1.5. The served models' general-text perplexity (the first 64 Dolly answers) gives the
 hiding ratio. Rows go to bench/results/fedlpp_served_fpb.json.
 """
 

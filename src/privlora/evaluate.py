@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from privlora.data import Example, Task, collate
+from privlora.data import Batch, Example, Task, collate
 from privlora.errors import DataError
 from privlora.lm import answer_logits, answer_loss, device_of, first_answer_rows
 
@@ -109,7 +109,7 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
         if not label_ids:
             continue
         if single:  # (B, V) at the first answer position -> (B, labels)
-            scores = logits[first_answer_rows(batch)].log_softmax(dim=-1)[:, columns]
+            scores = label_log_probs_at_start(logits, batch, columns)
             among = scores.log_softmax(dim=1)  # renormalised over the labels alone
             label_losses.append(-among.gather(1, gold[picked][:, None].to(among.device))[:, 0])
         else:
@@ -123,6 +123,13 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
     f1 = macro_f1(gold.tolist(), predicted.tolist(), len(task.labels))
     label_loss = torch.cat(label_losses).mean().item() if label_losses else None
     return EvalResult(accuracy, loss, perplexity, len(examples), f1, label_loss)
+
+
+def label_log_probs_at_start(logits: torch.Tensor, batch: Batch,
+                             columns: Sequence[int]) -> torch.Tensor:
+    """Return, from ``answer_logits``, each example's log-probability of each label's (first)
+    token at its first answer position: (B, labels), not renormalised over the labels."""
+    return logits[first_answer_rows(batch)].log_softmax(dim=-1)[:, list(columns)]
 
 
 def _gold(examples: list[Example], task: Task) -> torch.Tensor:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from privlora.data import Example, collate
 from privlora.errors import ConfigError
-from privlora.evaluate import label_token_ids
-from privlora.lm import answer_logits, device_of, first_answer_rows
+from privlora.evaluate import label_log_probs_at_start, label_token_ids
+from privlora.lm import answer_logits, device_of
 from privlora.lora import Adapter, LoraHandles, read_adapter, set_trainable, write_adapter
 
 BATCH = 16  # public prompts per step
@@ -64,8 +64,7 @@ def label_log_probs(model, prompts: list[Example], columns: tuple[int, ...],
     """Return each prompt's log-probabilities over the labels, read at the first answer
     position from the labels' first tokens and renormalised over them: (B, labels)."""
     batch = collate(prompts, pad_id).to(device_of(model))
-    logits = answer_logits(model, batch)[first_answer_rows(batch)]
-    return logits.log_softmax(dim=-1)[:, list(columns)].log_softmax(dim=1)
+    return label_log_probs_at_start(answer_logits(model, batch), batch, columns).log_softmax(dim=1)
 
 
 def targets(teacher, prompts: list[Example], columns: tuple[int, ...], pad_id: int,
