@@ -20,7 +20,8 @@ the rule and the partition, ``+label`` / ``+answer`` the training loss (``train.
 ``+sgd`` SGD with momentum 0.9 instead of Adam, ``+lrX`` the learning rate (``+sgd+lr0.3``).
 ``+auto`` replaces the task's recipe by what a new user would write (model, data, clients,
 epsilon, the declared examples per client) with ``privacy.recipe = "auto"``: ``nodp+auto``,
-``sample-8+auto``, ``sample-2+auto``.
+``sample-8+auto``, ``sample-2+auto``; ``+budgetN`` after it is that user setting
+``train.max_examples_processed = N`` (``sample-2+auto+budget16384``).
 Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
 replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
@@ -82,8 +83,12 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
     from privlora.config import load_config, validate, without_privacy
 
     name, *switches = cell.split("+")
-    if switches == ["auto"]:
-        return auto_config(task, name, seed, quick, extra)
+    if "auto" in switches:
+        budget = [f"train.max_examples_processed={int(s[6:])}" for s in switches
+                  if s.startswith("budget")]
+        if len(switches) != 1 + len(budget) or len(budget) > 1:
+            raise SystemExit(f"{cell}: +auto combines only with one +budgetN")
+        return auto_config(task, name, seed, quick, (*budget, *extra))
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
     overrides += [o for s in switches for o in _switch(s)]
     if name == "central":
@@ -234,9 +239,14 @@ def agrees(verdict: str, kept: float) -> bool:
 
 def _twin(cell: str, grouped: dict[str, list[dict]]) -> list[dict] | None:
     """The non-private twin of a cell: "nodp" with the same switches (nodp+label for
-    sample-8+label) when there is one, else "nodp"."""
+    sample-8+label) when there is one, else with the longest run of its first switches that
+    has one (nodp+auto for sample-2+auto+budget16384), else "nodp"."""
     switches = cell.split("+")[1:]
-    return grouped.get("+".join(["nodp", *switches])) or grouped.get("nodp")
+    for kept in range(len(switches), -1, -1):
+        twin = grouped.get("+".join(["nodp", *switches[:kept]]))
+        if twin:
+            return twin
+    return None
 
 
 def _privacy_columns(group: list[dict], share: float | None) -> tuple[str, str, str]:
