@@ -237,6 +237,14 @@ def agrees(verdict: str, kept: float) -> bool:
     return 0.1 <= kept <= 0.9
 
 
+def verdict_now(whole_run: float) -> str:
+    """The plan's call for a saved forecast under today's thresholds (``privacy.signal``): a
+    row keeps the ratio it was run with, and its call follows the thresholds as they move."""
+    from privlora.privacy.signal import NoiseToSignal
+
+    return NoiseToSignal("", 0, 0.0, 1.0, whole_run, "", "").verdict
+
+
 def _twin(cell: str, grouped: dict[str, list[dict]]) -> list[dict] | None:
     """The non-private twin of a cell: "nodp" with the same switches (nodp+label for
     sample-8+label) when there is one, else with the longest run of its first switches that
@@ -252,9 +260,10 @@ def _twin(cell: str, grouped: dict[str, list[dict]]) -> list[dict] | None:
 def _privacy_columns(group: list[dict], share: float | None) -> tuple[str, str, str]:
     """A cell's epsilon, sigma and the plan's call, with whether the outcome agrees."""
     signal = group[0].get("noise_to_signal")
-    call = "-" if signal is None else f"{signal['whole_run']:.3g} {signal['verdict']}"
-    if signal is not None and share is not None:
-        call += "" if agrees(signal["verdict"], share) else " (**disagrees**)"
+    verdict = None if signal is None else verdict_now(signal["whole_run"])
+    call = "-" if signal is None else f"{signal['whole_run']:.3g} {verdict}"
+    if verdict is not None and share is not None:
+        call += "" if agrees(verdict, share) else " (**disagrees**)"
     epsilon, sigma = group[0]["epsilon_pld"], group[0]["noise_multiplier"]
     return (f"{epsilon:.2f}" if isinstance(epsilon, float) else "inf",
             "-" if sigma is None else f"{sigma:.3f}", call)

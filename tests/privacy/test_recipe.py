@@ -21,6 +21,7 @@ from privlora.config import (
 from privlora.errors import ConfigError
 from privlora.privacy import recipe
 from privlora.privacy.recipe import PRIVATE_BUDGET, choose, resolve, wanted
+from privlora.privacy.signal import LEARNS
 from tests.builders import tiny_llama
 
 # SmolLM2-135M's shapes as auto sees them (model_facts("builtin")): v_proj 576 -> 192, 30 layers
@@ -184,6 +185,29 @@ def test_a_marginal_forecast_keeps_every_layer():
     chosen = choose(load_config(None, declared), SMOL)
     assert chosen.config.lora.last_layers == 0 and chosen.signal.coordinates == 11_520
     assert chosen.signal.verdict == "marginal" and "MARGINAL" in "\n".join(chosen.lines())
+    # no budget of up to 16x the default forecasts learns here, and auto says so
+    assert chosen.reasons[-1].startswith("even train.max_examples_processed = 65,536 (x16")
+
+
+def test_a_marginal_forecast_names_the_budget_that_would_learn():
+    """FPB's declaration at epsilon 8 forecasts marginal within the default budget; auto says
+    which larger train.max_examples_processed forecasts learns, and a run that sets it gets a
+    recipe whose forecast is that number and learns."""
+    declared = ["privacy.recipe=auto", "privacy.mode=sample", "privacy.target_epsilon=8",
+                "federation.num_clients=4", "data.examples_per_client=510",
+                "data.kind=classification"]
+    chosen = choose(load_config(None, declared), SMOL)
+    assert chosen.signal.verdict == "marginal"
+    hint = [r for r in chosen.reasons if r.startswith("to forecast LEARNS")]
+    assert len(hint) == 1, chosen.reasons
+    budget = int(hint[0].split("= ")[1].split(" ")[0].replace(",", ""))
+    forecast = float(hint[0].rsplit(" ", 1)[1])
+    assert budget in [recipe.PRIVATE_BUDGET * f for f in recipe.BUDGET_FACTORS]
+    larger = choose(load_config(None, [*declared, f"train.max_examples_processed={budget}"]), SMOL)
+    assert larger.signal.whole_run == pytest.approx(forecast, abs=5e-4)
+    assert larger.signal.verdict == "learns" and forecast <= LEARNS < chosen.signal.whole_run
+    # a learning forecast needs no hint
+    assert not [r for r in larger.reasons if "LEARNS:" in r or r.startswith("even ")]
 
 
 def test_model_facts_of_the_tiny_model_from_its_config():

@@ -24,7 +24,9 @@ FFA rank 2 on v_proj, Poisson batches of 36 of ~20,000 per client, label-only lo
   examples; sigma calibrated by the plan; the candidate whose noise-to-signal forecast
   (``privacy.signal``, the plan's own function) is lowest wins. For a fixed budget that is the
   fewest steps with the largest batch, the README's "batch size mattered more than steps";
-  more steps win once the batch hits its cap;
+  more steps win once the batch hits its cap. When the winner's forecast is not "learns", the
+  reasons name the smaller of ``BUDGET_FACTORS`` x the budget that would forecast "learns", or
+  say that neither does (the budget is the user's: auto reports, it does not spend more);
 - Adam's learning rate scales with the square root of the batch (Malladi et al., NeurIPS 2022,
   "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", the square-root rule):
   2e-2 x sqrt(batch / 36), within [1e-2, 5e-2] (the GPU sweep's range that learned);
@@ -55,6 +57,7 @@ PUBLIC_PASSES = 2  # without DP: passes over the declared data
 PUBLIC_BUDGET_CAP = 65_536  # default budget cap without DP
 DP_ROUNDS = 3
 TOTAL_STEPS = (42, 84, 168)  # steps per client over the run: the demo's 3 x 14, then 2x, 4x
+BUDGET_FACTORS = (4, 16)  # a marginal forecast: the larger budgets auto reports on
 DEMO_BATCH, DEMO_LR, LR_RANGE = 36, 2e-2, (1e-2, 5e-2)
 BATCH_MIN, BATCH_MAX, DATA_SHARE = 16, 1024, 4  # expected batch <= declared examples / 4
 DP_RANK = 2
@@ -258,22 +261,8 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     rounds = picks.get("federation.rounds")
     steps_options = ([picks.get("train.local_steps")] if picks.mine("train.local_steps")
                      else sorted({math.ceil(t / rounds) for t in TOTAL_STEPS}))
-    coordinates, base = _released(picks, model), picks.resolved()
-    tried = []
-    for steps in steps_options:
-        values = _step_values(picks, n, budget // (rounds * steps * m))
-        if values is None:
-            continue
-        candidate = with_values(base, {"federation.rounds": rounds, "train.local_steps": steps,
-                                       **values})
-        try:
-            plan = make_plan(candidate, [n] * c.federation.num_clients)
-        except PrivacyBudgetExceeded:  # noise_multiplier and target_epsilon both set
-            continue
-        signal = predicted_signal(plan, coordinates, candidate.federation)
-        assert signal is not None
-        examples = rounds * steps * m * candidate.train.batch_size
-        tried.append((signal.whole_run, examples, steps, values, signal))
+    coordinates = _released(picks, model)
+    tried = _candidates(picks, steps_options, budget, coordinates)
     if not tried:
         smallest = rounds * min(steps_options) * m * min(BATCH_MIN, max(1, n // DATA_SHARE))
         raise ConfigError(
@@ -297,7 +286,53 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     ]
     if examples > budget:
         reasons.append(f"your settings process {examples:,} examples, over the budget {budget:,}")
+    if signal.verdict != "learns" and not (picks.mine("train.batch_size")
+                                           or picks.mine("privacy.sample_rate")):
+        reasons.append(_larger_budget(picks, steps_options, budget, coordinates))
     return reasons, signal
+
+
+def _candidates(picks: _Picks, steps_options: list[int], budget: int,
+                coordinates: int) -> list[tuple[float, int, int, dict[str, Any], NoiseToSignal]]:
+    """Return (forecast, examples, steps, values, signal) of each steps option the budget pays
+    for: the largest batch it affords, sigma calibrated by the plan for the target epsilon."""
+    c = picks.config
+    n, m = c.data.examples_per_client, c.federation.per_round
+    rounds, base = picks.get("federation.rounds"), picks.resolved()
+    tried = []
+    for steps in steps_options:
+        values = _step_values(picks, n, budget // (rounds * steps * m))
+        if values is None:
+            continue
+        candidate = with_values(base, {"federation.rounds": rounds, "train.local_steps": steps,
+                                       **values})
+        try:
+            plan = make_plan(candidate, [n] * c.federation.num_clients)
+        except PrivacyBudgetExceeded:  # noise_multiplier and target_epsilon both set
+            continue
+        signal = predicted_signal(plan, coordinates, candidate.federation)
+        assert signal is not None
+        examples = rounds * steps * m * candidate.train.batch_size
+        tried.append((signal.whole_run, examples, steps, values, signal))
+    return tried
+
+
+def _larger_budget(picks: _Picks, steps_options: list[int], budget: int,
+                   coordinates: int) -> str:
+    """Say which larger compute budget (of ``BUDGET_FACTORS`` x) would forecast "learns"."""
+    best = None
+    for factor in BUDGET_FACTORS:
+        tried = _candidates(picks, steps_options, budget * factor, coordinates)
+        if not tried:
+            continue
+        best = min(tried, key=lambda t: (t[0], t[1]))
+        if best[4].verdict == "learns":
+            return (f"to forecast LEARNS: train.max_examples_processed = {budget * factor:,} "
+                    f"(x{factor} compute) forecasts {best[0]:.3g}")
+    assert best is not None, "a larger budget affords at least the candidates of a smaller one"
+    return (f"even train.max_examples_processed = {budget * BUDGET_FACTORS[-1]:,} "
+            f"(x{BUDGET_FACTORS[-1]} compute) forecasts {best[0]:.3g} -> "
+            f"{best[4].verdict.upper()}: more examples per client or a larger epsilon")
 
 
 def _release_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSignal]:

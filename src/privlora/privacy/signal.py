@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-# whole-run ratios: below LEARNS the measured runs learned; above NO_LEARNING none did
-LEARNS = 0.25
+# whole-run ratios: at or below LEARNS every measured run learned (docs/privacy.md lists the
+# runs; 0.25 until FiQA at 0.249 and PubMedQA at 0.205 did not); above NO_LEARNING none did
+LEARNS = 0.2
 NO_LEARNING = 1.0
 # a round's global update whose agreement with the round before is under this many standard
 # deviations of pure noise counts as noise (federation.stop_on_noise)
