@@ -179,6 +179,7 @@ OUT_OF_RANGE: dict[str, tuple[st.SearchStrategy, dict[str, Any]]] = {
     "data.label_field": (st.just(""), {}),
     "data.examples_per_client": (ints_below, {}),
     "train.max_examples_processed": (ints_below, {}),
+    "train.max_minutes": (st.floats(max_value=0, exclude_max=True), {"privacy.recipe": "auto"}),
     "federation.num_clients": (st.integers(max_value=0), {}),
     "federation.rounds": (st.integers(max_value=0), {}),
     "federation.clients_per_round": (ints_below | st.integers(min_value=5),

@@ -136,6 +136,11 @@ class TrainConfig:
     # privacy.recipe.PRIVATE_BUDGET example-gradients under DP, two passes over the declared
     # data (at most privacy.recipe.PUBLIC_BUDGET_CAP) without
     max_examples_processed: int = 0
+    # privacy.recipe = "auto": the same budget in minutes of training on the machine that
+    # resolves the recipe, which times its own local step once on synthetic examples
+    # (compute_budget.py) and turns the minutes into max_examples_processed (saved with the
+    # other choices). 0 = not set; max_examples_processed, when also set, wins
+    max_minutes: float = 0.0
 
     @property
     def label_only(self) -> bool:
@@ -451,6 +456,12 @@ def validate(c: RunConfig) -> None:
     _require(c.train.max_examples_processed >= 0,
              f"train.max_examples_processed = {c.train.max_examples_processed} must be >= 0 "
              "(0 = privacy.recipe = 'auto' picks its default)")
+    _require(c.train.max_minutes >= 0,
+             f"train.max_minutes = {c.train.max_minutes} must be >= 0 (0 = not set)")
+    _require(not (c.train.max_minutes and c.privacy.recipe != "auto"),
+             f"train.max_minutes = {c.train.max_minutes} is a budget for privacy.recipe = "
+             "'auto' to plan within; set privacy.recipe = 'auto', or remove train.max_minutes "
+             "and set train.local_steps and federation.rounds yourself")
     _require(not (c.privacy.recipe == "auto" and c.privacy.mode == "sample"
                   and not c.data.examples_per_client),
              "privacy.recipe = 'auto' in sample mode needs data.examples_per_client: declare "

@@ -309,3 +309,65 @@ def test_in_local_mode_the_choice_never_reads_the_data(monkeypatch):
                                 "data.path=/no/such/file.jsonl", "model.name=tiny-random"])
     chosen = resolve(config).config
     assert chosen.federation.rounds in recipe.RELEASE_ROUNDS and chosen.train.loss == "label"
+
+
+TINY_AUTO = ("model.name=tiny-random", "model.dtype=float32", *DEMO_LIKE)
+
+
+def test_minutes_become_the_examples_the_timed_step_pays_for():
+    """train.max_minutes: the draft recipe's step is timed once (here a stand-in timer, 10 ms
+    per example), the minutes become train.max_examples_processed, and the recipe fits it."""
+    timed = []
+
+    def timer(draft: RunConfig) -> float:
+        timed.append(draft)
+        return 0.01
+
+    minutes = 0.5
+    chosen = resolve(load_config(None, [*TINY_AUTO, f"train.max_minutes={minutes}"]), timer)
+    c = chosen.config
+    assert len(timed) == 1 and timed[0].federation.aggregation == "ffa"  # the draft's adapter
+    assert timed[0].lora.rank == 2 and timed[0].privacy.mode == "sample"
+    assert c.train.max_examples_processed == int(minutes * 60 / 0.01) == 3000
+    processed = c.federation.rounds * c.train.local_steps * 2 * c.train.batch_size
+    assert processed <= 3000 and c.train.batch_size == 3000 // (3 * 14 * 2)
+    why = {ch.key: ch.why for ch in chosen.choices}["train.max_examples_processed"]
+    assert "0.5 minutes" in why and "10 ms per example" in why and "no data" in why
+    # resolved once: a resume or a site reads the same budget, and nothing is timed again
+    again = resolve(c, timer)
+    assert again.config == c and len(timed) == 1
+
+
+def test_a_budget_in_examples_set_beside_minutes_wins():
+    def timer(draft: RunConfig) -> float:
+        raise AssertionError("nothing to time: the budget is given in examples")
+
+    c = resolve(load_config(None, [*TINY_AUTO, "train.max_minutes=5",
+                                   "train.max_examples_processed=2016"]), timer).config
+    assert c.train.max_examples_processed == 2016 and c.train.batch_size == 2016 // (3 * 14 * 2)
+
+
+def test_max_minutes_without_auto_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"train\.max_minutes = 5\.0 is a budget for "
+                                          r"privacy\.recipe = 'auto'"):
+        load_config(None, ["train.max_minutes=5"])
+
+
+def test_the_step_is_timed_without_reading_any_data(tmp_path):
+    """The timing uses synthetic token ids of data.max_length: a data path that does not exist
+    is never opened, and the time per example is positive and finite."""
+    from privlora import compute_budget
+
+    config = load_config(None, ["model.name=tiny-random", "model.dtype=float32",
+                                f"data.path={str(tmp_path / 'absent.jsonl')!r}",
+                                "data.max_length=32", "privacy.mode=sample",
+                                "privacy.noise_multiplier=1.0", "privacy.sample_rate=0.1",
+                                "train.threads=1"])
+    per_example = compute_budget.seconds_per_example(config)
+    assert 0 < per_example < 60 and not (tmp_path / "absent.jsonl").exists()
+    examples = compute_budget.synthetic_examples(1000, 32, seed=0)
+    assert len(examples) == compute_budget.EXAMPLES
+    assert all(len(e.prompt) + len(e.answer) == 32 for e in examples)
+    assert compute_budget.examples_in(2, 0.5) == 240
+    with pytest.raises(ValueError, match="positive and finite"):
+        compute_budget.examples_in(2, 0.0)

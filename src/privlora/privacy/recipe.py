@@ -43,10 +43,12 @@ FFA rank 2 on v_proj, Poisson batches of 36 of ~20,000 per client, label-only lo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from privlora.architectures import ModelFacts
+from privlora.compute_budget import examples_in
 from privlora.config import RunConfig, fixed_keys, flat_values, with_values
 from privlora.errors import ConfigError, PrivacyBudgetExceeded
 from privlora.privacy.plan import make_plan, predicted_signal
@@ -57,6 +59,7 @@ PUBLIC_PASSES = 2  # without DP: passes over the declared data
 PUBLIC_BUDGET_CAP = 65_536  # default budget cap without DP
 DP_ROUNDS = 3
 TOTAL_STEPS = (42, 84, 168)  # steps per client over the run: the demo's 3 x 14, then 2x, 4x
+BUDGET_KEY = "train.max_examples_processed"
 BUDGET_FACTORS = (4, 16)  # a marginal forecast: the larger budgets auto reports on
 DEMO_BATCH, DEMO_LR, LR_RANGE = 36, 2e-2, (1e-2, 5e-2)
 BATCH_MIN, BATCH_MAX, DATA_SHARE = 16, 1024, 4  # expected batch <= declared examples / 4
@@ -116,10 +119,14 @@ def _shown(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def resolve(config: RunConfig) -> Recipe:
+def resolve(config: RunConfig,
+            timer: Callable[[RunConfig], float] | None = None) -> Recipe:
     """Return ``config`` with auto's choices made (itself when manual or already resolved).
 
-    The only step that is not pure: it reads the model's config (shapes, no weights) under DP.
+    The steps that are not pure: it reads the model's config (shapes, no weights) under DP, and
+    with ``train.max_minutes`` it times the local step of a first draft of the recipe on this
+    machine (``timer``, default ``compute_budget.seconds_per_example``: synthetic examples, no
+    data) to turn the minutes into ``train.max_examples_processed``, then chooses again.
     """
     if config.privacy.recipe != "auto":
         return Recipe(config)
@@ -129,7 +136,18 @@ def resolve(config: RunConfig) -> Recipe:
     from privlora.architectures import model_facts
 
     private = config.privacy.mode != "none"
-    return choose(config, model_facts(config.model.name) if private else None)
+    facts = model_facts(config.model.name) if private else None
+    if BUDGET_KEY not in wanted(config) or BUDGET_KEY in fixed_keys(config):
+        return choose(config, facts)
+    if timer is None:
+        from privlora.compute_budget import seconds_per_example as timer
+    per_example = timer(choose(config, facts).config)  # the draft's adapter, mode and model
+    minutes = config.train.max_minutes
+    budget = examples_in(minutes, per_example)
+    return choose(config, facts, (budget, (
+        f"{minutes:g} minutes of training at {per_example * 1000:.3g} ms per example, the local "
+        f"step timed on this machine with {config.data.max_length}-token synthetic examples "
+        "(no data; real examples are usually shorter, so the run usually takes less)")))
 
 
 def wanted(config: RunConfig) -> tuple[str, ...]:
@@ -148,6 +166,9 @@ def wanted(config: RunConfig) -> tuple[str, ...]:
         keys += ["federation.rounds", "train.local_steps", "train.batch_size"]
     if mode == "none" and config.data.examples_per_client:
         keys += ["train.local_steps"]
+    budgeted = mode != "none" or bool(config.data.examples_per_client)
+    if config.train.max_minutes and budgeted:  # the minutes, as examples on this machine
+        keys += [BUDGET_KEY]
     return tuple(keys)
 
 
@@ -190,17 +211,24 @@ def _released(picks: _Picks, model: ModelFacts) -> int:
                              picks.get("federation.aggregation") != "ffa")
 
 
-def _budget_words(config: RunConfig, budget: int) -> str:
-    """The compute budget as the reasons print it: set by the user, or auto's default."""
-    return (f"train.max_examples_processed = {budget:,}" if config.train.max_examples_processed
-            else f"{budget:,} (auto's default; set train.max_examples_processed)")
+def _budget_words(picks: _Picks, budget: int) -> str:
+    """The compute budget as the reasons print it: set by the user, from train.max_minutes,
+    or auto's default."""
+    if picks.get("train.max_examples_processed") and not picks.mine("train.max_examples_processed"):
+        return f"{budget:,} (from train.max_minutes = {picks.config.train.max_minutes:g})"
+    return (f"train.max_examples_processed = {budget:,}" if picks.get("train.max_examples_processed")
+            else f"{budget:,} (auto's default; set train.max_examples_processed or max_minutes)")
 
 
-def choose(config: RunConfig, model: ModelFacts | None) -> Recipe:
+def choose(config: RunConfig, model: ModelFacts | None,
+           timed: tuple[int, str] | None = None) -> Recipe:
     """Choose every key of ``wanted(config)`` the user did not set, from ``config`` and
-    ``model`` (needed under DP) alone: no data, no weights. Every wanted key of the result is
-    fixed, so resolving it again changes nothing."""
+    ``model`` (needed under DP) alone: no data, no weights; ``timed`` is the budget in examples
+    that ``train.max_minutes`` bought on this machine, and why. Every wanted key of the result
+    is fixed, so resolving it again changes nothing."""
     picks, reasons, signal = _Picks(config, fixed_keys(config)), [], None
+    if timed is not None:
+        picks.set(BUDGET_KEY, *timed)
     kind = task_kind(config)
     if kind == "classification":
         picks.set("train.loss", "label", "a classification task: cross-entropy over the label "
@@ -256,7 +284,7 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     """Search rounds x steps x batch within the budget for the best noise-to-signal forecast."""
     c = picks.config
     n, m = c.data.examples_per_client, c.federation.per_round
-    budget = c.train.max_examples_processed or PRIVATE_BUDGET
+    budget = picks.get("train.max_examples_processed") or PRIVATE_BUDGET
     picks.set("federation.rounds", DP_ROUNDS, f"{DP_ROUNDS} rounds (the demo's)")
     rounds = picks.get("federation.rounds")
     steps_options = ([picks.get("train.local_steps")] if picks.mine("train.local_steps")
@@ -276,7 +304,7 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
               "candidate with the best forecast (below)")
     for key, value in values.items():
         picks.set(key, value, _STEP_WHY[key])
-    budget_words = _budget_words(c, budget)
+    budget_words = _budget_words(picks, budget)
     reasons = [
         f"budget: {budget_words} example-gradients; {coordinates:,} released coordinates",
         "candidates (steps per round x expected batch -> whole-run noise-to-signal): "
@@ -344,7 +372,7 @@ def _release_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToS
     # is declared (two passes, capped), else the private default
     default = (min(PUBLIC_PASSES * c.federation.num_clients * n, PUBLIC_BUDGET_CAP) if n
                else PRIVATE_BUDGET)
-    budget = c.train.max_examples_processed or default
+    budget = picks.get("train.max_examples_processed") or default
     coordinates, base = _released(picks, model), picks.resolved()
     options = ([picks.get("federation.rounds")] if picks.mine("federation.rounds")
                else list(RELEASE_ROUNDS))
@@ -377,7 +405,7 @@ def _release_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToS
               f"{rounds} rounds x {m} clients x {steps} steps x batch {batch} = "
               f"{rounds * m * steps * batch:,} examples, within the budget {budget:,}"
               + (f" and {PUBLIC_PASSES} passes over the {n:,} declared per client" if n else ""))
-    budget_words = _budget_words(c, budget)
+    budget_words = _budget_words(picks, budget)
     reasons = [
         f"budget: {budget_words} examples; {coordinates:,} released coordinates per client",
         "candidates (rounds -> whole-run noise-to-signal): "
@@ -425,7 +453,8 @@ def _public_steps(picks: _Picks) -> list[str]:
         return [("train.local_steps: declare data.examples_per_client to let auto scale the "
                  "steps to the data")]
     total = fed.num_clients * n
-    budget = c.train.max_examples_processed or min(PUBLIC_PASSES * total, PUBLIC_BUDGET_CAP)
+    budget = picks.get("train.max_examples_processed") or min(PUBLIC_PASSES * total,
+                                                               PUBLIC_BUDGET_CAP)
     per_step = fed.rounds * fed.per_round * c.train.batch_size
     steps = max(1, min(budget, PUBLIC_PASSES * total) // per_step)
     picks.set("train.local_steps", steps,
@@ -433,5 +462,5 @@ def _public_steps(picks: _Picks) -> list[str]:
               f"{c.train.batch_size} = {steps * per_step:,} examples: about "
               f"{steps * per_step / total:.2g} passes over the {total:,} declared")
     return [f"budget: {budget:,} examples processed"
-            + ("" if c.train.max_examples_processed else
+            + ("" if picks.get("train.max_examples_processed") else
                f" (auto's default: {PUBLIC_PASSES} passes, at most {PUBLIC_BUDGET_CAP:,})")]
