@@ -139,7 +139,8 @@ class TrainConfig:
     # privacy.recipe = "auto": the same budget in minutes of training on the machine that
     # resolves the recipe, which times its own local step once on synthetic examples
     # (compute_budget.py) and turns the minutes into max_examples_processed (saved with the
-    # other choices). 0 = not set; max_examples_processed, when also set, wins
+    # other choices). 0 = not set; max_examples_processed, when also set, wins. Timings vary,
+    # so for a run that repeats exactly set max_examples_processed (privacy plan prints it)
     max_minutes: float = 0.0
 
     @property
