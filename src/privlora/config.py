@@ -463,6 +463,10 @@ def validate(c: RunConfig) -> None:
              f"train.max_minutes = {c.train.max_minutes} is a budget for privacy.recipe = "
              "'auto' to plan within; set privacy.recipe = 'auto', or remove train.max_minutes "
              "and set train.local_steps and federation.rounds yourself")
+    _require(not (c.train.max_minutes and c.privacy.mode == "none"
+                  and not c.data.examples_per_client),
+             "train.max_minutes without DP sizes the steps to data.examples_per_client: declare "
+             "it (a public round figure), or remove train.max_minutes")
     _require(not (c.privacy.recipe == "auto" and c.privacy.mode == "sample"
                   and not c.data.examples_per_client),
              "privacy.recipe = 'auto' in sample mode needs data.examples_per_client: declare "

@@ -112,7 +112,7 @@ def test_larger_declared_data_and_budget_get_larger_batches_within_the_budget():
 
 
 def test_a_budget_too_small_for_any_private_recipe_is_refused_naming_it():
-    with pytest.raises(ConfigError, match="train.max_examples_processed = 500 cannot pay"):
+    with pytest.raises(ConfigError, match="budget of train.max_examples_processed = 500 cannot pay"):
         choose(auto("train.max_examples_processed=500"), SMOL)
 
 
@@ -353,21 +353,70 @@ def test_max_minutes_without_auto_is_refused_by_name():
         load_config(None, ["train.max_minutes=5"])
 
 
-def test_the_step_is_timed_without_reading_any_data(tmp_path):
-    """The timing uses synthetic token ids of data.max_length: a data path that does not exist
-    is never opened, and the time per example is positive and finite."""
+@pytest.mark.parametrize("mode", ["sample", "none"])
+def test_the_step_is_timed_without_reading_any_data(tmp_path, mode):
+    """The timing runs the product's local update on synthetic token ids of data.max_length,
+    with the label loss: a data path that does not exist is never opened (opening it would
+    raise), and the time per example is positive and finite."""
     from privlora import compute_budget
 
+    privacy = (["privacy.mode=sample", "privacy.noise_multiplier=1.0", "privacy.sample_rate=0.1"]
+               if mode == "sample" else [])
     config = load_config(None, ["model.name=tiny-random", "model.dtype=float32",
                                 f"data.path={str(tmp_path / 'absent.jsonl')!r}",
-                                "data.max_length=32", "privacy.mode=sample",
-                                "privacy.noise_multiplier=1.0", "privacy.sample_rate=0.1",
-                                "train.threads=1"])
+                                "data.max_length=32", "train.loss=label", "train.microbatch=8",
+                                "train.threads=1", *privacy])
     per_example = compute_budget.seconds_per_example(config)
-    assert 0 < per_example < 60 and not (tmp_path / "absent.jsonl").exists()
-    examples = compute_budget.synthetic_examples(1000, 32, seed=0)
-    assert len(examples) == compute_budget.EXAMPLES
+    assert 0 < per_example < 60
+
+
+def test_synthetic_examples_have_the_length_and_label_tokens_asked():
+    from privlora import compute_budget
+
+    examples, labels = compute_budget.synthetic_examples(8, 1000, 32, seed=0)
+    assert len(examples) == 8 and len(labels) == compute_budget.LABELS
     assert all(len(e.prompt) + len(e.answer) == 32 for e in examples)
+    assert {e.answer[0] for e in examples} == set(labels)
     assert compute_budget.examples_in(2, 0.5) == 240
     with pytest.raises(ValueError, match="positive and finite"):
         compute_budget.examples_in(2, 0.0)
+
+
+FPB_LIKE = ("privacy.recipe=auto", "privacy.mode=sample", "privacy.target_epsilon=8",
+            "federation.num_clients=4", "data.examples_per_client=510",
+            "data.kind=classification")
+
+
+def test_no_budget_hint_when_the_user_fixed_sigma():
+    """With privacy.noise_multiplier set beside the target epsilon, a larger budget's larger
+    batch would overspend the target; auto gives no budget hint rather than a wrong one."""
+    chosen = choose(load_config(None, [*FPB_LIKE, "privacy.noise_multiplier=0.61"]), SMOL)
+    assert chosen.signal.verdict == "marginal"
+    assert not [r for r in chosen.reasons if "LEARNS:" in r or r.startswith("even ")]
+
+
+def test_minutes_are_timed_on_the_adapter_alone_whatever_steps_the_user_set():
+    """The timed draft carries auto's adapter and loss but no budget-dependent choice, so a
+    user's large train.local_steps cannot make the draft fail on the default budget."""
+    timed = []
+
+    def timer(draft: RunConfig) -> float:
+        timed.append(draft)
+        return 0.001
+
+    c = resolve(load_config(None, [*TINY_AUTO, "train.local_steps=100",
+                                   "train.max_minutes=60"]), timer).config
+    assert len(timed) == 1 and timed[0].train.loss == "label" and timed[0].lora.rank == 2
+    assert c.train.local_steps == 100 and c.train.max_examples_processed == 3_600_000
+
+
+def test_minutes_beside_a_set_budget_say_they_are_not_used():
+    chosen = choose(load_config(None, [*FPB_LIKE, "train.max_minutes=5",
+                                       "train.max_examples_processed=4096"]), SMOL)
+    assert any(r.startswith("train.max_minutes = 5 not used") for r in chosen.reasons)
+
+
+def test_minutes_without_dp_need_the_declared_examples():
+    with pytest.raises(ConfigError, match=r"train\.max_minutes without DP .* "
+                                          r"data\.examples_per_client"):
+        load_config(None, ["privacy.recipe=auto", "train.max_minutes=5"])

@@ -70,7 +70,8 @@ MAX_COORDINATES = 16_384  # the demo releases 11,520; more: adapt the last layer
 VALUE_PROJECTION = "v_proj"
 PUBLIC_INPUTS = ("auto reads only public, declared quantities (this config, epsilon and delta, "
                  "the number of clients, data.examples_per_client as declared, the model's "
-                 "shapes, the task kind); it never reads the data, so it costs no privacy")
+                 "shapes, the task kind; with train.max_minutes, this machine's speed on "
+                 "synthetic examples); it never reads the data, so it costs no privacy")
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def resolve(config: RunConfig,
         return choose(config, facts)
     if timer is None:
         from privlora.compute_budget import seconds_per_example as timer
-    per_example = timer(choose(config, facts).config)  # the draft's adapter, mode and model
+    per_example = timer(adapter_draft(config, facts))
     minutes = config.train.max_minutes
     budget = examples_in(minutes, per_example)
     return choose(config, facts, (budget, (
@@ -166,8 +167,7 @@ def wanted(config: RunConfig) -> tuple[str, ...]:
         keys += ["federation.rounds", "train.local_steps", "train.batch_size"]
     if mode == "none" and config.data.examples_per_client:
         keys += ["train.local_steps"]
-    budgeted = mode != "none" or bool(config.data.examples_per_client)
-    if config.train.max_minutes and budgeted:  # the minutes, as examples on this machine
+    if config.train.max_minutes:  # the minutes, as examples on this machine
         keys += [BUDGET_KEY]
     return tuple(keys)
 
@@ -229,16 +229,11 @@ def choose(config: RunConfig, model: ModelFacts | None,
     picks, reasons, signal = _Picks(config, fixed_keys(config)), [], None
     if timed is not None:
         picks.set(BUDGET_KEY, *timed)
-    kind = task_kind(config)
-    if kind == "classification":
-        picks.set("train.loss", "label", "a classification task: cross-entropy over the label "
-                  "words only, so each clipped gradient carries only the class (labels must be "
-                  "one token each; else set train.loss = 'answer')")
-    elif kind == "generation":
-        picks.set("train.loss", "answer", "a generation task")
-    else:
-        reasons.append("train.loss: only the data would tell the task kind; set data.kind to "
-                       "let auto choose ('classification' -> the label-only loss)")
+    elif config.train.max_minutes and picks.mine(BUDGET_KEY):
+        reasons.append(f"train.max_minutes = {config.train.max_minutes:g} not used: "
+                       f"train.max_examples_processed = {config.train.max_examples_processed:,} "
+                       "is set (by you, or by an earlier resolution of this config)")
+    reasons += _pick_loss(picks)
     match config.privacy.mode:
         case "none":
             reasons += _public_steps(picks)
@@ -257,6 +252,32 @@ def choose(config: RunConfig, model: ModelFacts | None,
     choices = tuple(Choice(k, picks.get(k), k in picks.values, picks.why.get(k, ""))
                     for k in keys)
     return Recipe(resolved, choices, tuple(reasons), signal)
+
+
+def _pick_loss(picks: _Picks) -> list[str]:
+    """The label-only loss for classification, the answer loss for generation."""
+    kind = task_kind(picks.config)
+    if kind == "classification":
+        picks.set("train.loss", "label", "a classification task: cross-entropy over the label "
+                  "words only, so each clipped gradient carries only the class (labels must be "
+                  "one token each; else set train.loss = 'answer')")
+    elif kind == "generation":
+        picks.set("train.loss", "answer", "a generation task")
+    else:
+        return [("train.loss: only the data would tell the task kind; set data.kind to let "
+                 "auto choose ('classification' -> the label-only loss)")]
+    return []
+
+
+def adapter_draft(config: RunConfig, model: ModelFacts | None) -> RunConfig:
+    """``config`` with auto's loss and, under DP, its adapter (FFA, rank, modules, layers): what
+    a local step's cost depends on, before any budget is known (train.max_minutes times it)."""
+    picks = _Picks(config, fixed_keys(config))
+    _pick_loss(picks)
+    if config.privacy.mode != "none":
+        assert model is not None, "auto under DP needs the model's facts"
+        _few_coordinates(picks, model)
+    return picks.resolved()
 
 
 def _few_coordinates(picks: _Picks, model: ModelFacts) -> None:
@@ -294,9 +315,9 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     if not tried:
         smallest = rounds * min(steps_options) * m * min(BATCH_MIN, max(1, n // DATA_SHARE))
         raise ConfigError(
-            f"train.max_examples_processed = {budget:,} cannot pay for a private recipe that "
-            f"learns: the smallest is {rounds} rounds x {min(steps_options)} steps x {m} clients "
-            f"x a batch of {BATCH_MIN} = {smallest:,} examples; raise it, or set "
+            f"a compute budget of {_budget_words(picks, budget)} cannot pay for a private "
+            f"recipe that learns: the smallest is {rounds} rounds x {min(steps_options)} steps "
+            f"x {m} clients x a batch of {BATCH_MIN} = {smallest:,} examples; raise it, or set "
             "train.local_steps, train.batch_size and federation.rounds yourself")
     whole, examples, steps, values, signal = min(tried, key=lambda t: (t[0], t[1]))
     batch = examples // (rounds * steps * m)
@@ -314,8 +335,9 @@ def _sample_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSi
     ]
     if examples > budget:
         reasons.append(f"your settings process {examples:,} examples, over the budget {budget:,}")
-    if signal.verdict != "learns" and not (picks.mine("train.batch_size")
-                                           or picks.mine("privacy.sample_rate")):
+    fixed = ("train.batch_size", "privacy.sample_rate", "privacy.noise_multiplier")
+    if signal.verdict != "learns" and not any(picks.mine(k) for k in fixed):
+        # a set sigma with a target epsilon: a larger batch would overspend it
         reasons.append(_larger_budget(picks, steps_options, budget, coordinates))
     return reasons, signal
 
@@ -348,19 +370,17 @@ def _candidates(picks: _Picks, steps_options: list[int], budget: int,
 def _larger_budget(picks: _Picks, steps_options: list[int], budget: int,
                    coordinates: int) -> str:
     """Say which larger compute budget (of ``BUDGET_FACTORS`` x) would forecast "learns"."""
-    best = None
     for factor in BUDGET_FACTORS:
-        tried = _candidates(picks, steps_options, budget * factor, coordinates)
-        if not tried:
-            continue
-        best = min(tried, key=lambda t: (t[0], t[1]))
-        if best[4].verdict == "learns":
+        # sigma is calibrated for each candidate and no user key is fixed (the caller checks),
+        # so a larger budget affords at least the smaller one's candidates
+        whole, *_, signal = min(_candidates(picks, steps_options, budget * factor, coordinates),
+                                key=lambda t: (t[0], t[1]))
+        if signal.verdict == "learns":
             return (f"to forecast LEARNS: train.max_examples_processed = {budget * factor:,} "
-                    f"(x{factor} compute) forecasts {best[0]:.3g}")
-    assert best is not None, "a larger budget affords at least the candidates of a smaller one"
-    return (f"even train.max_examples_processed = {budget * BUDGET_FACTORS[-1]:,} "
-            f"(x{BUDGET_FACTORS[-1]} compute) forecasts {best[0]:.3g} -> "
-            f"{best[4].verdict.upper()}: more examples per client or a larger epsilon")
+                    f"(x{factor} compute) forecasts {whole:.3g}")
+    return (f"even train.max_examples_processed = {budget * factor:,} (x{factor} compute) "
+            f"forecasts {whole:.3g} -> {signal.verdict.upper()}: more examples per client or a "
+            "larger epsilon")
 
 
 def _release_mode(picks: _Picks, model: ModelFacts) -> tuple[list[str], NoiseToSignal]:

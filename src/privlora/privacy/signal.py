@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-# whole-run ratios: at or below LEARNS every measured run learned (docs/privacy.md lists the
-# runs; 0.25 until FiQA at 0.249 and PubMedQA at 0.205 did not); above NO_LEARNING none did
+# whole-run ratios: at or below LEARNS every measured run learned; above NO_LEARNING none did.
+# Fitted to those runs (docs/privacy.md): 0.25 until FiQA's auto run at 0.249 learned nothing
 LEARNS = 0.2
 NO_LEARNING = 1.0
 # a round's global update whose agreement with the round before is under this many standard
