@@ -84,10 +84,10 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
 
     name, *switches = cell.split("+")
     if "auto" in switches:
-        budget = [f"train.max_examples_processed={int(s[6:])}" for s in switches
-                  if s.startswith("budget")]
+        budget = [f"train.max_examples_processed={s[6:]}" for s in switches
+                  if s.startswith("budget") and s[6:].isdigit()]
         if len(switches) != 1 + len(budget) or len(budget) > 1:
-            raise SystemExit(f"{cell}: +auto combines only with one +budgetN")
+            raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer)")
         return auto_config(task, name, seed, quick, (*budget, *extra))
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
     overrides += [o for s in switches for o in _switch(s)]
@@ -237,14 +237,6 @@ def agrees(verdict: str, kept: float) -> bool:
     return 0.1 <= kept <= 0.9
 
 
-def verdict_now(whole_run: float) -> str:
-    """The plan's call for a saved forecast under today's thresholds (``privacy.signal``): a
-    row keeps the ratio it was run with, and its call follows the thresholds as they move."""
-    from privlora.privacy.signal import NoiseToSignal
-
-    return NoiseToSignal("", 0, 0.0, 1.0, whole_run, "", "").verdict
-
-
 def _twin(cell: str, grouped: dict[str, list[dict]]) -> list[dict] | None:
     """The non-private twin of a cell: "nodp" with the same switches (nodp+label for
     sample-8+label) when there is one, else with the longest run of its first switches that
@@ -259,8 +251,11 @@ def _twin(cell: str, grouped: dict[str, list[dict]]) -> list[dict] | None:
 
 def _privacy_columns(group: list[dict], share: float | None) -> tuple[str, str, str]:
     """A cell's epsilon, sigma and the plan's call, with whether the outcome agrees."""
+    from privlora.privacy.signal import verdict as call
+
     signal = group[0].get("noise_to_signal")
-    verdict = None if signal is None else verdict_now(signal["whole_run"])
+    # the call under today's thresholds: a row keeps the ratio it was run with
+    verdict = None if signal is None else call(signal["whole_run"])
     call = "-" if signal is None else f"{signal['whole_run']:.3g} {verdict}"
     if verdict is not None and share is not None:
         call += "" if agrees(verdict, share) else " (**disagrees**)"

@@ -50,11 +50,7 @@ class NoiseToSignal:
     @property
     def verdict(self) -> str:
         """'learns', 'marginal' or 'too noisy to learn', from the whole-run ratio."""
-        if self.whole_run <= LEARNS:
-            return "learns"
-        if self.whole_run <= NO_LEARNING:
-            return "marginal"
-        return "too noisy to learn"
+        return verdict(self.whole_run)
 
     def fixes(self, target: float = LEARNS) -> list[str]:
         """Return the smallest single change of each knob that brings the run to ``target``.
@@ -71,6 +67,15 @@ class NoiseToSignal:
                 (f"/{factor**2:.0f} released coordinates, to under {fewer:,.0f} (aggregation = "
                  "'ffa', a lower lora.rank, fewer lora.target_modules, lora.last_layers)"),
                 f"x{factor**2:.1f} {self.counted} (each costs budget, so sigma rises)"]
+
+
+def verdict(whole_run: float) -> str:
+    """'learns', 'marginal' or 'too noisy to learn' for a whole-run noise-to-signal ratio."""
+    if whole_run <= LEARNS:
+        return "learns"
+    if whole_run <= NO_LEARNING:
+        return "marginal"
+    return "too noisy to learn"
 
 
 def noise_to_signal(release: str, per_release: float, releases: float, coordinates: int,
