@@ -133,8 +133,8 @@ class TrainConfig:
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     # privacy.recipe = "auto": the compute budget, in examples processed over the whole run by
     # all clients (rounds x clients per round x local steps x batch). 0 = auto's default:
-    # privacy.recipe.PRIVATE_BUDGET example-gradients under DP, two passes over the declared
-    # data (at most privacy.recipe.PUBLIC_BUDGET_CAP) without
+    # privacy.recipe_steps.PRIVATE_BUDGET example-gradients under DP, two passes over the declared
+    # data (at most privacy.recipe_steps.PUBLIC_BUDGET_CAP) without
     max_examples_processed: int = 0
     # privacy.recipe = "auto": the same budget in minutes of training on the machine that
     # resolves the recipe, which times its own local step once on synthetic examples

@@ -19,8 +19,9 @@ from privlora.config import (
     validate,
 )
 from privlora.errors import ConfigError
-from privlora.privacy import recipe
-from privlora.privacy.recipe import PRIVATE_BUDGET, choose, resolve, wanted
+from privlora.privacy import recipe, recipe_steps
+from privlora.privacy.recipe import choose, resolve, wanted
+from privlora.privacy.recipe_steps import PRIVATE_BUDGET
 from privlora.privacy.signal import LEARNS
 from tests.builders import tiny_llama
 
@@ -202,7 +203,7 @@ def test_a_marginal_forecast_names_the_budget_that_would_learn():
     assert len(hint) == 1, chosen.reasons
     budget = int(hint[0].split("= ")[1].split(" ")[0].replace(",", ""))
     forecast = float(hint[0].rsplit(" ", 1)[1])
-    assert budget in [recipe.PRIVATE_BUDGET * f for f in recipe.BUDGET_FACTORS]
+    assert budget in [recipe_steps.PRIVATE_BUDGET * f for f in recipe_steps.BUDGET_FACTORS]
     larger = choose(load_config(None, [*declared, f"train.max_examples_processed={budget}"]), SMOL)
     assert larger.signal.whole_run == pytest.approx(forecast, abs=5e-4)
     assert larger.signal.verdict == "learns" and forecast <= LEARNS < chosen.signal.whole_run
@@ -273,7 +274,7 @@ def test_in_client_and_local_modes_auto_takes_the_rounds_with_the_best_forecast(
     chosen = choose(load_config(None, overrides), SMOL)
     c = chosen.config
     forecasts = {}
-    for rounds in recipe.RELEASE_ROUNDS:  # independently: the same config at each round count
+    for rounds in recipe_steps.RELEASE_ROUNDS:  # independently: the same config at each round count
         candidate = load_config(None, [*overrides, f"federation.rounds={rounds}",
                                        "federation.aggregation=ffa", "lora.rank=2",
                                        "lora.target_modules=[\"v_proj\"]"])
@@ -282,7 +283,7 @@ def test_in_client_and_local_modes_auto_takes_the_rounds_with_the_best_forecast(
     best = min(forecasts.values())
     assert forecasts[c.federation.rounds] == pytest.approx(best, rel=1e-3)
     assert chosen.signal.whole_run == pytest.approx(best, rel=1e-3)
-    assert c.train.batch_size == recipe.RELEASE_BATCH
+    assert c.train.batch_size == recipe_steps.RELEASE_BATCH
     processed = c.federation.rounds * c.federation.per_round * c.train.local_steps * 32
     assert processed <= 200_000 and c.train.local_steps >= 1
     assert c.federation.rounds * c.train.local_steps * 32 <= 2 * 500  # two passes per client
@@ -295,7 +296,7 @@ def test_in_local_mode_rounds_the_user_set_stay_and_the_steps_follow_them():
                  "train.max_examples_processed=2048"]
     c = choose(load_config(None, overrides), SMOL).config
     assert c.federation.rounds == 2
-    assert c.train.local_steps == 2048 // (2 * 4 * recipe.RELEASE_BATCH)
+    assert c.train.local_steps == 2048 // (2 * 4 * recipe_steps.RELEASE_BATCH)
 
 
 def test_in_local_mode_the_choice_never_reads_the_data(monkeypatch):
@@ -308,7 +309,7 @@ def test_in_local_mode_the_choice_never_reads_the_data(monkeypatch):
                                 "privacy.target_epsilon=8", "data.kind=classification",
                                 "data.path=/no/such/file.jsonl", "model.name=tiny-random"])
     chosen = resolve(config).config
-    assert chosen.federation.rounds in recipe.RELEASE_ROUNDS and chosen.train.loss == "label"
+    assert chosen.federation.rounds in recipe_steps.RELEASE_ROUNDS and chosen.train.loss == "label"
 
 
 TINY_AUTO = ("model.name=tiny-random", "model.dtype=float32", *DEMO_LIKE)
