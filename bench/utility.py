@@ -7,6 +7,7 @@ plan's noise-to-signal call printed beside the measured outcome.
     .venv/bin/python bench/utility.py --task sst2 --cells nodp,sample-8,sample-2
     .venv/bin/python bench/utility.py --task builtin --quick          # a smoke run (tiny budget)
     .venv/bin/python bench/utility.py --task builtin --report         # the table from the JSON
+    .venv/bin/python bench/utility.py --task fpb --cells sample-8+auto --plan   # auto's choice
     .venv/bin/python bench/utility.py --task builtin-gpu              # the GPU recipe (CUDA)
     .venv/bin/python bench/utility.py --task builtin-gpu --quick --set model.device=cpu
 
@@ -159,6 +160,8 @@ def main() -> None:
                         "median and the min-max over them")
     parser.add_argument("--quick", action="store_true", help="tiny random model: a smoke run")
     parser.add_argument("--report", action="store_true", help="only print the table")
+    parser.add_argument("--plan", action="store_true", help="print each cell's resolved recipe "
+                        "(privacy.recipe = 'auto' with its reasons) and run nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override for every cell (repeatable)")
     parser.add_argument("--from-run", type=Path, default=None,
@@ -166,6 +169,15 @@ def main() -> None:
                         "config must be that cell's, data paths resolved) instead of running it")
     args = parser.parse_args()
     name = f"utility_{args.task}" + ("_quick" if args.quick else "")
+    if args.plan:
+        from privlora.privacy.recipe import resolve
+
+        for cell in (args.cells or DEFAULT_CELLS).split(","):
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                recipe = resolve(cell_config(args.task, cell, seed, args.quick,
+                                             tuple(args.overrides)))
+                print(f"{cell} seed {seed}:", *(recipe.lines() or ["recipe: manual"]), sep="\n")
+        return
     rows = saved(name, "rows", [])
     if not args.report:
         cells = (args.cells or DEFAULT_CELLS).split(",")
