@@ -169,19 +169,20 @@ def main() -> None:
                         "config must be that cell's, data paths resolved) instead of running it")
     args = parser.parse_args()
     name = f"utility_{args.task}" + ("_quick" if args.quick else "")
+    cells = (args.cells or DEFAULT_CELLS).split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.plan:
         from privlora.privacy.recipe import resolve
 
-        for cell in (args.cells or DEFAULT_CELLS).split(","):
-            for seed in [int(s) for s in args.seeds.split(",")]:
+        for cell in cells:
+            for seed in seeds:
                 recipe = resolve(cell_config(args.task, cell, seed, args.quick,
                                              tuple(args.overrides)))
                 print(f"{cell} seed {seed}:", *(recipe.lines() or ["recipe: manual"]), sep="\n")
         return
     rows = saved(name, "rows", [])
     if not args.report:
-        cells = (args.cells or DEFAULT_CELLS).split(",")
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in seeds:
             for cell in cells:
                 out = RESULTS / "runs" / name / f"{cell}-seed{seed}"
                 config = cell_config(args.task, cell, seed, args.quick, tuple(args.overrides))

@@ -124,14 +124,15 @@ def resolve(config: RunConfig,
     """
     if config.privacy.recipe != "auto":
         return Recipe(config)
-    if not set(wanted(config)) - fixed_keys(config):  # resolved before, or all set by the user
+    keys, fixed = wanted(config), fixed_keys(config)
+    if not set(keys) - fixed:  # resolved before, or all set by the user
         values = flat_values(config)
-        return Recipe(config, tuple(Choice(k, values[k], False, "") for k in wanted(config)))
+        return Recipe(config, tuple(Choice(k, values[k], False, "") for k in keys))
     from privlora.architectures import model_facts
 
     private = config.privacy.mode != "none"
     facts = model_facts(config.model.name) if private else None
-    if BUDGET_KEY not in wanted(config) or BUDGET_KEY in fixed_keys(config):
+    if BUDGET_KEY not in keys or BUDGET_KEY in fixed:
         return choose(config, facts)
     if timer is None:
         from privlora.compute_budget import seconds_per_example as timer
@@ -186,18 +187,16 @@ def choose(config: RunConfig, model: ModelFacts | None,
         reasons.append(f"train.max_minutes = {config.train.max_minutes:g} not used: "
                        f"train.max_examples_processed = {config.train.max_examples_processed:,} "
                        "is set (by you, or by an earlier resolution of this config)")
-    reasons += _pick_loss(picks)
+    reasons += _pick_adapter(picks, model)
     match config.privacy.mode:
         case "none":
             reasons += public_steps(picks)
         case "sample":
-            assert model is not None, "auto under DP needs the model's facts"
-            _few_coordinates(picks, model)
+            assert model is not None
             reasons_s, signal = sample_mode(picks, model)
             reasons += reasons_s
         case _:
-            assert model is not None, "auto under DP needs the model's facts"
-            _few_coordinates(picks, model)
+            assert model is not None
             reasons_r, signal = release_mode(picks, model)
             reasons += reasons_r
     keys = wanted(config)
@@ -205,6 +204,16 @@ def choose(config: RunConfig, model: ModelFacts | None,
     choices = tuple(Choice(k, picks.get(k), k in picks.values, picks.why.get(k, ""))
                     for k in keys)
     return Recipe(resolved, choices, tuple(reasons), signal)
+
+
+def _pick_adapter(picks: Picks, model: ModelFacts | None) -> list[str]:
+    """The loss and, under DP, the adapter (FFA, rank, modules, layers): everything before the
+    budget. Returns the reasons to print."""
+    reasons = _pick_loss(picks)
+    if picks.config.privacy.mode != "none":
+        assert model is not None, "auto under DP needs the model's facts"
+        _few_coordinates(picks, model)
+    return reasons
 
 
 def _pick_loss(picks: Picks) -> list[str]:
@@ -226,10 +235,7 @@ def adapter_draft(config: RunConfig, model: ModelFacts | None) -> RunConfig:
     """``config`` with auto's loss and, under DP, its adapter (FFA, rank, modules, layers): what
     a local step's cost depends on, before any budget is known (train.max_minutes times it)."""
     picks = Picks(config, fixed_keys(config))
-    _pick_loss(picks)
-    if config.privacy.mode != "none":
-        assert model is not None, "auto under DP needs the model's facts"
-        _few_coordinates(picks, model)
+    _pick_adapter(picks, model)
     return picks.resolved()
 
 

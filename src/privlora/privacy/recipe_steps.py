@@ -68,9 +68,9 @@ def released(picks: Picks, model: ModelFacts) -> int:
 def budget_words(picks: Picks, budget: int) -> str:
     """The compute budget as the reasons print it: set by the user, from train.max_minutes,
     or auto's default."""
-    if picks.get("train.max_examples_processed") and not picks.mine("train.max_examples_processed"):
+    if picks.get(BUDGET_KEY) and not picks.mine(BUDGET_KEY):
         return f"{budget:,} (from train.max_minutes = {picks.config.train.max_minutes:g})"
-    return (f"train.max_examples_processed = {budget:,}" if picks.get("train.max_examples_processed")
+    return (f"train.max_examples_processed = {budget:,}" if picks.get(BUDGET_KEY)
             else f"{budget:,} (auto's default; set train.max_examples_processed or max_minutes)")
 
 
@@ -78,7 +78,7 @@ def sample_mode(picks: Picks, model: ModelFacts) -> tuple[list[str], NoiseToSign
     """Search rounds x steps x batch within the budget for the best noise-to-signal forecast."""
     c = picks.config
     n, m = c.data.examples_per_client, c.federation.per_round
-    budget = picks.get("train.max_examples_processed") or PRIVATE_BUDGET
+    budget = picks.get(BUDGET_KEY) or PRIVATE_BUDGET
     picks.set("federation.rounds", DP_ROUNDS, f"{DP_ROUNDS} rounds (the demo's)")
     rounds = picks.get("federation.rounds")
     steps_options = ([picks.get("train.local_steps")] if picks.mine("train.local_steps")
@@ -165,7 +165,7 @@ def release_mode(picks: Picks, model: ModelFacts) -> tuple[list[str], NoiseToSig
     # is declared (two passes, capped), else the private default
     default = (min(PUBLIC_PASSES * c.federation.num_clients * n, PUBLIC_BUDGET_CAP) if n
                else PRIVATE_BUDGET)
-    budget = picks.get("train.max_examples_processed") or default
+    budget = picks.get(BUDGET_KEY) or default
     coordinates, base = released(picks, model), picks.resolved()
     options = ([picks.get("federation.rounds")] if picks.mine("federation.rounds")
                else list(RELEASE_ROUNDS))
@@ -246,7 +246,7 @@ def public_steps(picks: Picks) -> list[str]:
         return [("train.local_steps: declare data.examples_per_client to let auto scale the "
                  "steps to the data")]
     total = fed.num_clients * n
-    budget = picks.get("train.max_examples_processed") or min(PUBLIC_PASSES * total,
+    budget = picks.get(BUDGET_KEY) or min(PUBLIC_PASSES * total,
                                                                PUBLIC_BUDGET_CAP)
     per_step = fed.rounds * fed.per_round * c.train.batch_size
     steps = max(1, min(budget, PUBLIC_PASSES * total) // per_step)
@@ -255,5 +255,5 @@ def public_steps(picks: Picks) -> list[str]:
               f"{c.train.batch_size} = {steps * per_step:,} examples: about "
               f"{steps * per_step / total:.2g} passes over the {total:,} declared")
     return [f"budget: {budget:,} examples processed"
-            + ("" if picks.get("train.max_examples_processed") else
+            + ("" if picks.get(BUDGET_KEY) else
                f" (auto's default: {PUBLIC_PASSES} passes, at most {PUBLIC_BUDGET_CAP:,})")]
