@@ -118,16 +118,51 @@ def declared_examples_per_client(config) -> int:
     from privlora.data import held_out_count
 
     d = config.data
-    if d.path == "builtin":
-        rows = d.builtin_examples
-    else:
-        with open(d.path, encoding="utf-8") as lines:
-            rows = sum(1 for line in lines if line.strip())
+    rows = _lines(d.path) if d.path != "builtin" else d.builtin_examples
     if not d.eval_path:
         rows -= held_out_count(rows, d.eval_fraction, d.max_eval)
     per_client = rows // config.federation.num_clients
     scale = 10 ** max(0, len(str(per_client)) - 2)
     return per_client // scale * scale
+
+
+def eval_size(config) -> int:
+    """The number of examples ``config``'s runs are evaluated on: the held-out split, or the
+    first ``data.max_eval`` of the eval file (privlora.data.split)."""
+    from privlora.data import held_out_count
+
+    d = config.data
+    if d.eval_path:
+        return min(d.max_eval, _lines(d.eval_path))
+    rows = _lines(d.path) if d.path != "builtin" else d.builtin_examples
+    return held_out_count(rows, d.eval_fraction, d.max_eval)
+
+
+def _lines(path: str) -> int:
+    with open(path, encoding="utf-8") as lines:
+        return sum(1 for line in lines if line.strip())
+
+
+def floor_margin(accuracy: float, floor: float, examples: int) -> float:
+    """How many standard errors ``accuracy`` on ``examples`` eval examples lies above ``floor``,
+    the error being that of a model that scores the floor: sqrt(floor (1 - floor) / examples)."""
+    return (accuracy - floor) / math.sqrt(floor * (1 - floor) / examples)
+
+
+def _margin(group: list[dict], floor: float) -> float | None:
+    """The smallest floor margin over a cell's seeds (each seed's run must clear it); None for
+    rows whose saved config no longer loads or whose data is not here."""
+    from privlora.config import config_from_toml
+    from privlora.errors import ConfigError
+
+    margins = []
+    for r in group:
+        try:
+            examples = eval_size(config_from_toml(r["config"]))
+        except (ConfigError, OSError):
+            return None
+        margins.append(floor_margin(r["accuracy"], floor, examples))
+    return min(margins)
 
 
 def auto_config(task: str, name: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
@@ -240,29 +275,31 @@ def imported(run_dir: Path, config) -> dict:
     return summary_row(summary, to_toml(config), summary["wall_seconds"], run_dir)
 
 
-def agrees(verdict: str, kept: float) -> bool:
-    """Whether the plan's call matches the outcome: 'learns' needs >= 50% of the gain kept,
-    'too noisy to learn' < 25%, 'marginal' anything from 10% to 90%."""
+def agrees(verdict: str, kept: float, margin: float | None = None) -> bool:
+    """Whether the plan's call matches the outcome: 'learns' needs >= 50% of the gain kept and
+    (where known) more than two standard errors above the floor, 'too noisy to learn' < 25%,
+    'marginal' anything from 10% to 90%."""
     if verdict == "learns":
-        return kept >= 0.5
+        return kept >= 0.5 and (margin is None or margin > 2)
     if verdict == "too noisy to learn":
         return kept < 0.25
     return 0.1 <= kept <= 0.9
 
 
-def _twin(cell: str, grouped: dict[str, list[dict]]) -> list[dict] | None:
+def _twin(cell: str, grouped: dict[str, list[dict]]) -> str | None:
     """The non-private twin of a cell: "nodp" with the same switches (nodp+label for
     sample-8+label) when there is one, else with the longest run of its first switches that
     has one (nodp+auto for sample-2+auto+budget16384), else "nodp"."""
     switches = cell.split("+")[1:]
     for kept in range(len(switches), -1, -1):
-        twin = grouped.get("+".join(["nodp", *switches[:kept]]))
-        if twin:
+        twin = "+".join(["nodp", *switches[:kept]])
+        if grouped.get(twin):
             return twin
     return None
 
 
-def _privacy_columns(group: list[dict], share: float | None) -> tuple[str, str, str]:
+def _privacy_columns(group: list[dict], share: float | None,
+                     margin: float | None = None) -> tuple[str, str, str]:
     """A cell's epsilon, sigma and the plan's call, with whether the outcome agrees."""
     from privlora.privacy.signal import verdict as call
 
@@ -271,35 +308,46 @@ def _privacy_columns(group: list[dict], share: float | None) -> tuple[str, str, 
     verdict = None if signal is None else call(signal["whole_run"])
     call = "-" if signal is None else f"{signal['whole_run']:.3g} {verdict}"
     if verdict is not None and share is not None:
-        call += "" if agrees(verdict, share) else " (**disagrees**)"
+        call += "" if agrees(verdict, share, margin) else " (**disagrees**)"
     epsilon, sigma = group[0]["epsilon_pld"], group[0]["noise_multiplier"]
     return (f"{epsilon:.2f}" if isinstance(epsilon, float) else "inf",
             "-" if sigma is None else f"{sigma:.3f}", call)
 
 
+def _kept(share: float | None, cell: str, twin: str | None) -> str:
+    """The gain kept, naming the twin it is measured against when that is not the cell's own
+    (an ``+auto`` cell whose auto twin was not run is measured against the hand ``nodp``)."""
+    if share is None:
+        return "-"
+    hand = "auto" in cell.split("+") and "auto" not in str(twin).split("+")
+    return f"{100 * share:.0f}%" + (f" (of {twin})" if hand else "")
+
+
 def render(rows: list[dict]) -> str:
-    """The Markdown table: one line per cell, medians over seeds with min-max."""
+    """The Markdown table: one line per cell, medians over seeds with min-max; "above floor" is
+    the smallest over the seeds of (accuracy - floor) in standard errors (``floor_margin``)."""
     grouped = _cells(rows)
     floor = max(statistics.median(r["zero_shot_accuracy"] for r in rows),
                 statistics.median(r["majority_accuracy"] for r in rows)) if rows else 0.0
     lines = []
     for cell, group in grouped.items():
-        nodp = _twin(cell, grouped)
-        top = statistics.median(r["accuracy"] for r in nodp) if nodp else None
+        twin = _twin(cell, grouped)
+        top = statistics.median(r["accuracy"] for r in grouped[twin]) if twin else None
         acc = statistics.median(r["accuracy"] for r in group)
         share = None if top is None or top <= floor else (acc - floor) / (top - floor)
-        kept = "-" if share is None else f"{100 * share:.0f}%"
-        epsilon, sigma, call = _privacy_columns(group, share)
+        margin = _margin(group, floor)
+        epsilon, sigma, call = _privacy_columns(group, share, margin)
         lines.append([cell, len(group), epsilon, sigma,
                       _spread([r["accuracy"] for r in group]),
-                      _spread([r.get("macro_f1") for r in group]), kept, call,
+                      _spread([r.get("macro_f1") for r in group]),
+                      "-" if margin is None else f"{margin:.1f}", _kept(share, cell, twin), call,
                       _seconds(group), group[0].get("device", "cpu")])
     header = (f"floor {pct(floor)} (max of zero-shot "
               f"{pct(statistics.median(r['zero_shot_accuracy'] for r in rows)) if rows else '-'} "
               f"and majority class)\n\n")
     return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "accuracy", "macro-F1",
-                           "gain kept", "noise-to-signal (plan's call)", "seconds", "device"],
-                            lines)
+                           "above floor (SE)", "gain kept", "noise-to-signal (plan's call)",
+                           "seconds", "device"], lines)
 
 
 def render_generation(rows: list[dict]) -> str:
@@ -309,13 +357,14 @@ def render_generation(rows: list[dict]) -> str:
     start = statistics.median(r["zero_shot_loss"] for r in rows)
     lines = []
     for cell, group in grouped.items():
-        nodp = _twin(cell, grouped)
-        top = statistics.median(r["loss"] for r in nodp) if nodp else None
+        twin = _twin(cell, grouped)
+        top = statistics.median(r["loss"] for r in grouped[twin]) if twin else None
         loss = statistics.median(r["loss"] for r in group)
         share = None if top is None or top >= start else (start - loss) / (start - top)
         epsilon, sigma, call = _privacy_columns(group, share)
-        lines.append([cell, len(group), epsilon, sigma, f"{loss:.3f}", f"{statistics.median(r['perplexity'] for r in group):.2f}",
-                      "-" if share is None else f"{100 * share:.0f}%", call, _seconds(group),
+        lines.append([cell, len(group), epsilon, sigma, f"{loss:.3f}",
+                      f"{statistics.median(r['perplexity'] for r in group):.2f}",
+                      _kept(share, cell, twin), call, _seconds(group),
                       group[0].get("device", "cpu")])
     header = f"zero-shot answer loss {start:.3f} (perplexity {math.exp(start):.2f})\n\n"
     return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "answer loss",

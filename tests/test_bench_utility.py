@@ -1,0 +1,47 @@
+"""bench/utility.py's table arithmetic: the eval-set size it reads from a row's config is the
+product's own split, and a cell the plan calls "learns" must clear its floor by two standard
+errors."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from privlora.config import load_config
+from privlora.server import load_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+utility = importlib.import_module("utility")
+
+
+def _jsonl(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"text": f"row {i}", "label": "ab"[i % 2]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("max_eval", [7, 1000])
+def test_eval_size_is_the_products_split(tmp_path, max_eval):
+    rows = _jsonl(tmp_path / "train.jsonl", 93)
+    held_out = load_config(None, [f"data.path={str(rows)!r}", f"data.max_eval={max_eval}"])
+    fixed = load_config(None, [f"data.path={str(rows)!r}", f"data.max_eval={max_eval}",
+                               f"data.eval_path={str(_jsonl(tmp_path / 'eval.jsonl', 11))!r}"])
+    builtin = load_config(None, ["data.builtin_examples=150", f"data.max_eval={max_eval}"])
+    for config in (held_out, fixed, builtin):
+        assert utility.eval_size(config) == len(load_rows(config)[2])
+
+
+def test_floor_margin_is_in_binomial_standard_errors():
+    # a floor of 0.5 on 100 examples has a standard error of 0.05
+    assert utility.floor_margin(0.75, 0.5, 100) == pytest.approx(5.0)
+    assert utility.floor_margin(0.5, 0.5, 100) == 0.0
+    assert utility.floor_margin(0.45, 0.5, 400) == pytest.approx(-2.0)
+
+
+def test_learns_needs_two_standard_errors_above_the_floor():
+    assert utility.agrees("learns", 0.9, margin=2.5)
+    assert not utility.agrees("learns", 0.9, margin=1.9)
+    assert utility.agrees("learns", 0.9)  # margin unknown: judged on the share alone
+    assert not utility.agrees("learns", 0.4, margin=9.0)
