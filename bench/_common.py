@@ -139,6 +139,9 @@ def summary_row(summary: dict, config_toml: str, seconds: float | None, out: Pat
         "macro_f1": summary["final"].get("macro_f1"),
         "loss": summary["final"]["loss"],  # answer loss (generation tasks: the metric)
         "zero_shot_loss": summary["zero_shot"]["loss"],
+        # standard errors over the eval examples (runs before they were recorded: None)
+        "loss_se": summary["final"].get("loss_se"),
+        "zero_shot_loss_se": summary["zero_shot"].get("loss_se"),
         "perplexity": summary["final"]["perplexity"],
         "noise_to_signal": privacy.get("noise_to_signal"),
         "epsilon_pld": privacy.get("epsilon_spent_pld"),

@@ -350,9 +350,21 @@ def render(rows: list[dict]) -> str:
                            "seconds", "device"], lines)
 
 
+def loss_margin(row: dict) -> float | None:
+    """How many standard errors a generation run's answer loss lies below its zero-shot loss:
+    (zero-shot - final) / sqrt(se_zero^2 + se_final^2). Both are measured on the same examples,
+    whose losses go together, so the true error of the difference is smaller and this margin
+    errs low. None for rows recorded before the errors were."""
+    errors = row.get("zero_shot_loss_se"), row.get("loss_se")
+    if None in errors:
+        return None
+    return (row["zero_shot_loss"] - row["loss"]) / math.hypot(*errors)
+
+
 def render_generation(rows: list[dict]) -> str:
     """The Markdown table of a generation task: answer loss and perplexity per cell; gain kept
-    = (zero-shot loss - loss) / (zero-shot loss - the non-private twin's loss)."""
+    = (zero-shot loss - loss) / (zero-shot loss - the non-private twin's loss); "below
+    zero-shot" is the smallest over the seeds of ``loss_margin``."""
     grouped = _cells(rows)
     start = statistics.median(r["zero_shot_loss"] for r in rows)
     lines = []
@@ -361,14 +373,17 @@ def render_generation(rows: list[dict]) -> str:
         top = statistics.median(r["loss"] for r in grouped[twin]) if twin else None
         loss = statistics.median(r["loss"] for r in group)
         share = None if top is None or top >= start else (start - loss) / (start - top)
-        epsilon, sigma, call = _privacy_columns(group, share)
+        margins = [loss_margin(r) for r in group]
+        margin = None if None in margins else min(margins)
+        epsilon, sigma, call = _privacy_columns(group, share, margin)
         lines.append([cell, len(group), epsilon, sigma, f"{loss:.3f}",
                       f"{statistics.median(r['perplexity'] for r in group):.2f}",
+                      "-" if margin is None else f"{margin:.1f}",
                       _kept(share, cell, twin), call, _seconds(group),
                       group[0].get("device", "cpu")])
     header = f"zero-shot answer loss {start:.3f} (perplexity {math.exp(start):.2f})\n\n"
     return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "answer loss",
-                           "perplexity", "gain kept (loss)", "noise-to-signal (plan's call)",
+                           "perplexity", "below zero-shot (SE)", "gain kept (loss)", "noise-to-signal (plan's call)",
                            "seconds", "device"], lines)
 
 

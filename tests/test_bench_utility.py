@@ -45,3 +45,9 @@ def test_learns_needs_two_standard_errors_above_the_floor():
     assert not utility.agrees("learns", 0.9, margin=1.9)
     assert utility.agrees("learns", 0.9)  # margin unknown: judged on the share alone
     assert not utility.agrees("learns", 0.4, margin=9.0)
+
+
+def test_loss_margin_combines_both_standard_errors():
+    row = {"zero_shot_loss": 3.0, "loss": 2.5, "zero_shot_loss_se": 0.03, "loss_se": 0.04}
+    assert utility.loss_margin(row) == pytest.approx(10.0)  # 0.5 / 0.05
+    assert utility.loss_margin({**row, "loss_se": None}) is None

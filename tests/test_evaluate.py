@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -87,6 +88,11 @@ def test_evaluate_generation_reports_loss_only(tiny_lora, tokenizer):
     result = evaluate(tiny_lora.model, examples, task, tokenizer, batch_size=4)
     _, loss, _, _ = _reference(tiny_lora.model, examples, task, tokenizer)
     assert result.accuracy is None and result.macro_f1 is None and result.loss == pytest.approx(loss, rel=1e-4)
+    # the standard error of the mean loss: the sample sd of the per-example losses over sqrt(n)
+    losses = [-_log_probs(tiny_lora.model, e.prompt, e.answer).mean().item() for e in examples]
+    assert result.loss_se == pytest.approx(statistics.stdev(losses) / math.sqrt(len(losses)),
+                                           rel=1e-3)
+    assert evaluate(tiny_lora.model, examples[:1], task, tokenizer).loss_se is None
 
 
 def test_majority_share_is_the_most_common_labels_fraction():

@@ -26,6 +26,8 @@ class EvalResult:
     macro_f1: float | None = None  # mean over the task's labels of per-label F1 (imbalanced tasks)
     # cross-entropy over the label words only (one-token labels): what train.loss = "label" trains
     label_loss: float | None = None
+    # the standard error of ``loss`` over the examples (sample sd / sqrt(n); None for one)
+    loss_se: float | None = None
 
 
 def macro_f1(gold: Sequence[int], predicted: Sequence[int], num_labels: int) -> float:
@@ -115,14 +117,16 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
         else:
             scores = label_scores(model, [examples[i].prompt for i in picked], label_ids, pad)
         predicted[picked] = scores.argmax(dim=1).cpu()
-    loss = torch.cat(losses).mean().item()
+    per_example = torch.cat(losses)
+    loss = per_example.mean().item()
+    loss_se = (per_example.std() / math.sqrt(len(examples))).item() if len(examples) > 1 else None
     perplexity = math.exp(min(loss, 50.0))
     if not label_ids:
-        return EvalResult(None, loss, perplexity, len(examples))
+        return EvalResult(None, loss, perplexity, len(examples), loss_se=loss_se)
     accuracy = int((predicted == gold).sum()) / len(examples)
     f1 = macro_f1(gold.tolist(), predicted.tolist(), len(task.labels))
     label_loss = torch.cat(label_losses).mean().item() if label_losses else None
-    return EvalResult(accuracy, loss, perplexity, len(examples), f1, label_loss)
+    return EvalResult(accuracy, loss, perplexity, len(examples), f1, label_loss, loss_se)
 
 
 def label_log_probs_at_start(logits: torch.Tensor, batch: Batch,

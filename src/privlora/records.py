@@ -71,6 +71,7 @@ class RoundRecord:
             "accuracy": None if result is None else result.accuracy,
             "macro_f1": None if result is None else result.macro_f1,
             "loss": None if result is None else result.loss,
+            "loss_se": None if result is None else result.loss_se,
             "perplexity": None if result is None else result.perplexity,
             "label_loss": None if result is None else result.label_loss,
             "clients": sorted(traffic),
