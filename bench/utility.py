@@ -30,7 +30,10 @@ replaces it); the Markdown table and a plot of accuracy against epsilon
 Gain kept = (accuracy - floor) / (non-private accuracy - floor), floor = the larger of zero-shot
 and the majority class: the share of what fine-tuning adds that survives DP. The non-private
 accuracy is the ``nodp`` cell with the same suffixes when there is one (``nodp+label`` for
-``sample-8+label``), else ``nodp``.
+``sample-8+label``), else one with more (``nodp+auto+budget4096`` for ``sample-8+auto``), else
+with fewer, else ``nodp``; the table names it when it is not the cell's own. "Above floor"
+counts binomial standard errors (each seed; the smallest shown), "below zero-shot" (generation)
+the standard errors of the two losses combined; a "learns" call agrees only above 2.
 """
 
 from __future__ import annotations
@@ -288,10 +291,18 @@ def agrees(verdict: str, kept: float, margin: float | None = None) -> bool:
 
 def _twin(cell: str, grouped: dict[str, list[dict]]) -> str | None:
     """The non-private twin of a cell: "nodp" with the same switches (nodp+label for
-    sample-8+label) when there is one, else with the longest run of its first switches that
-    has one (nodp+auto for sample-2+auto+budget16384), else "nodp"."""
+    sample-8+label) when there is one; else one that adds switches after them (nodp+auto+budget4096
+    for sample-8+auto: auto's non-private run at the private cells' default budget); else with
+    the longest run of its first switches that has one (nodp+auto for
+    sample-2+auto+budget16384); else "nodp"."""
     switches = cell.split("+")[1:]
-    for kept in range(len(switches), -1, -1):
+    own = "+".join(["nodp", *switches])
+    if grouped.get(own):
+        return own
+    longer = sorted(c for c in grouped if c.startswith(own + "+"))
+    if longer:
+        return longer[0]
+    for kept in range(len(switches) - 1, -1, -1):
         twin = "+".join(["nodp", *switches[:kept]])
         if grouped.get(twin):
             return twin
@@ -316,11 +327,11 @@ def _privacy_columns(group: list[dict], share: float | None,
 
 def _kept(share: float | None, cell: str, twin: str | None) -> str:
     """The gain kept, naming the twin it is measured against when that is not the cell's own
-    (an ``+auto`` cell whose auto twin was not run is measured against the hand ``nodp``)."""
+    (``_twin``)."""
     if share is None:
         return "-"
-    hand = "auto" in cell.split("+") and "auto" not in str(twin).split("+")
-    return f"{100 * share:.0f}%" + (f" (of {twin})" if hand else "")
+    own = "+".join(["nodp", *cell.split("+")[1:]])
+    return f"{100 * share:.0f}%" + ("" if twin in (own, cell) else f" (of {twin})")
 
 
 def render(rows: list[dict]) -> str:
@@ -366,12 +377,12 @@ def render_generation(rows: list[dict]) -> str:
     = (zero-shot loss - loss) / (zero-shot loss - the non-private twin's loss); "below
     zero-shot" is the smallest over the seeds of ``loss_margin``."""
     grouped = _cells(rows)
-    start = statistics.median(r["zero_shot_loss"] for r in rows)
     lines = []
     for cell, group in grouped.items():
         twin = _twin(cell, grouped)
         top = statistics.median(r["loss"] for r in grouped[twin]) if twin else None
         loss = statistics.median(r["loss"] for r in group)
+        start = statistics.median(r["zero_shot_loss"] for r in group)  # its own eval set
         share = None if top is None or top >= start else (start - loss) / (start - top)
         margins = [loss_margin(r) for r in group]
         margin = None if None in margins else min(margins)
@@ -381,7 +392,9 @@ def render_generation(rows: list[dict]) -> str:
                       "-" if margin is None else f"{margin:.1f}",
                       _kept(share, cell, twin), call, _seconds(group),
                       group[0].get("device", "cpu")])
-    header = f"zero-shot answer loss {start:.3f} (perplexity {math.exp(start):.2f})\n\n"
+    start = statistics.median(r["zero_shot_loss"] for r in rows) if rows else math.nan
+    header = (f"zero-shot answer loss {start:.3f} (perplexity {math.exp(start):.2f}; each cell's "
+              "gain is measured from its own runs' zero-shot loss)\n\n")
     return header + table(["cell", "seeds", "epsilon (PLD)", "sigma", "answer loss",
                            "perplexity", "below zero-shot (SE)", "gain kept (loss)", "noise-to-signal (plan's call)",
                            "seconds", "device"], lines)

@@ -51,3 +51,11 @@ def test_loss_margin_combines_both_standard_errors():
     row = {"zero_shot_loss": 3.0, "loss": 2.5, "zero_shot_loss_se": 0.03, "loss_se": 0.04}
     assert utility.loss_margin(row) == pytest.approx(10.0)  # 0.5 / 0.05
     assert utility.loss_margin({**row, "loss_se": None}) is None
+
+
+def test_twin_is_the_same_switches_then_more_then_fewer():
+    grouped = {c: [{}] for c in ("nodp", "nodp+auto+budget4096", "nodp+label")}
+    assert utility._twin("sample-8+label", grouped) == "nodp+label"
+    assert utility._twin("sample-8+auto", grouped) == "nodp+auto+budget4096"
+    assert utility._twin("sample-8+auto+budget16384", grouped) == "nodp"
+    assert utility._twin("sample-8", {}) is None
