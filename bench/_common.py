@@ -142,6 +142,7 @@ def summary_row(summary: dict, config_toml: str, seconds: float | None, out: Pat
         # standard errors over the eval examples (runs before they were recorded: None)
         "loss_se": summary["final"].get("loss_se"),
         "zero_shot_loss_se": summary["zero_shot"].get("loss_se"),
+        "loss_drop_se": (summary.get("loss_drop") or {}).get("se"),  # paired, per example
         "perplexity": summary["final"]["perplexity"],
         "noise_to_signal": privacy.get("noise_to_signal"),
         "epsilon_pld": privacy.get("epsilon_spent_pld"),

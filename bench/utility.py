@@ -363,13 +363,14 @@ def render(rows: list[dict]) -> str:
 
 def loss_margin(row: dict) -> float | None:
     """How many standard errors a generation run's answer loss lies below its zero-shot loss:
-    (zero-shot - final) / sqrt(se_zero^2 + se_final^2). Both are measured on the same examples,
-    whose losses go together, so the true error of the difference is smaller and this margin
-    errs low. None for rows recorded before the errors were."""
+    over the paired error of the per-example differences where the run recorded it
+    (summary.json's loss_drop), else over sqrt(se_zero^2 + se_final^2), which errs low (the
+    same examples' losses go together). None for rows recorded before either error was."""
+    drop = row["zero_shot_loss"] - row["loss"]
+    if row.get("loss_drop_se"):
+        return drop / row["loss_drop_se"]
     errors = row.get("zero_shot_loss_se"), row.get("loss_se")
-    if None in errors:
-        return None
-    return (row["zero_shot_loss"] - row["loss"]) / math.hypot(*errors)
+    return None if None in errors else drop / math.hypot(*errors)
 
 
 def render_generation(rows: list[dict]) -> str:

@@ -51,6 +51,7 @@ def test_loss_margin_combines_both_standard_errors():
     row = {"zero_shot_loss": 3.0, "loss": 2.5, "zero_shot_loss_se": 0.03, "loss_se": 0.04}
     assert utility.loss_margin(row) == pytest.approx(10.0)  # 0.5 / 0.05
     assert utility.loss_margin({**row, "loss_se": None}) is None
+    assert utility.loss_margin({**row, "loss_drop_se": 0.01}) == pytest.approx(50.0)  # paired
 
 
 def test_twin_is_the_same_switches_then_more_then_fewer():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -10,7 +11,13 @@ import torch
 
 from privlora import builtin_task, data
 from privlora.errors import DataError
-from privlora.evaluate import evaluate, macro_f1, majority_share, training_label_tokens
+from privlora.evaluate import (
+    evaluate,
+    loss_drop,
+    macro_f1,
+    majority_share,
+    training_label_tokens,
+)
 from privlora.lm import per_example_loss
 from tests.builders import randomize_lora_b
 
@@ -93,6 +100,22 @@ def test_evaluate_generation_reports_loss_only(tiny_lora, tokenizer):
     assert result.loss_se == pytest.approx(statistics.stdev(losses) / math.sqrt(len(losses)),
                                            rel=1e-3)
     assert evaluate(tiny_lora.model, examples[:1], task, tokenizer).loss_se is None
+    assert result.losses == pytest.approx(losses, rel=1e-4)  # in the examples' order
+
+
+def test_loss_drop_has_the_paired_standard_error(tiny_lora, tokenizer):
+    rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(9)]
+    task = data.Task("g", "generation", "", (), tuple(rows))
+    examples = data.tokenize(rows, task, tokenizer, max_length=64)
+    before = evaluate(tiny_lora.model, examples, task, tokenizer, batch_size=4)
+    randomize_lora_b(tiny_lora, 5)
+    after = evaluate(tiny_lora.model, examples, task, tokenizer, batch_size=4)
+    diffs = [b - a for b, a in zip(before.losses, after.losses, strict=True)]
+    drop, se = loss_drop(before, after)
+    assert drop == pytest.approx(statistics.mean(diffs), rel=1e-4)
+    assert se == pytest.approx(statistics.stdev(diffs) / math.sqrt(len(diffs)), rel=1e-6)
+    assert loss_drop(before, dataclasses.replace(after, losses=()))[1] is None
+    assert "losses" not in after.published() and after.published()["loss_se"] == after.loss_se
 
 
 def test_majority_share_is_the_most_common_labels_fraction():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,6 +28,26 @@ class EvalResult:
     label_loss: float | None = None
     # the standard error of ``loss`` over the examples (sample sd / sqrt(n); None for one)
     loss_se: float | None = None
+    # each example's answer loss, in the order of the examples: for the paired error of a
+    # change between two evaluations of the same set (``loss_drop``); never published
+    losses: tuple[float, ...] = field(default=(), repr=False, compare=False)
+
+    def published(self) -> dict:
+        """The metrics as summary.json and ``privlora eval`` print them: all but ``losses``."""
+        return {k: v for k, v in asdict(self).items() if k != "losses"}
+
+
+def loss_drop(before: EvalResult, after: EvalResult) -> tuple[float, float | None]:
+    """Return how far the answer loss fell from ``before`` to ``after`` (two evaluations of the
+    same examples) and its standard error from the per-example differences, which is far
+    smaller than either loss's own error when the examples' losses go together; None without
+    per-example losses for both or with fewer than two examples."""
+    drop = before.loss - after.loss
+    pairs = list(zip(before.losses, after.losses, strict=False))
+    if len(pairs) < 2 or len(before.losses) != len(after.losses):
+        return drop, None
+    diffs = torch.tensor([b - a for b, a in pairs], dtype=torch.float64)
+    return drop, (diffs.std() / math.sqrt(len(pairs))).item()
 
 
 def macro_f1(gold: Sequence[int], predicted: Sequence[int], num_labels: int) -> float:
@@ -117,16 +137,18 @@ def evaluate(model, examples: list[Example], task: Task, tokenizer: PreTrainedTo
         else:
             scores = label_scores(model, [examples[i].prompt for i in picked], label_ids, pad)
         predicted[picked] = scores.argmax(dim=1).cpu()
-    per_example = torch.cat(losses)
+    per_example = torch.empty(len(examples))
+    per_example[order] = torch.cat(losses).float().cpu()
     loss = per_example.mean().item()
     loss_se = (per_example.std() / math.sqrt(len(examples))).item() if len(examples) > 1 else None
     perplexity = math.exp(min(loss, 50.0))
+    each = tuple(per_example.tolist())
     if not label_ids:
-        return EvalResult(None, loss, perplexity, len(examples), loss_se=loss_se)
+        return EvalResult(None, loss, perplexity, len(examples), loss_se=loss_se, losses=each)
     accuracy = int((predicted == gold).sum()) / len(examples)
     f1 = macro_f1(gold.tolist(), predicted.tolist(), len(task.labels))
     label_loss = torch.cat(label_losses).mean().item() if label_losses else None
-    return EvalResult(accuracy, loss, perplexity, len(examples), f1, label_loss, loss_se)
+    return EvalResult(accuracy, loss, perplexity, len(examples), f1, label_loss, loss_se, each)
 
 
 def label_log_probs_at_start(logits: torch.Tensor, batch: Batch,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict
 from pathlib import Path
 
 from privlora import bounded_json, data, import_peft_without_bitsandbytes, quiet
@@ -49,7 +48,7 @@ def evaluate_adapter(adapter_dir: Path, data_path: str | None, model_name: str |
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     examples = data.tokenize(list(rows), task, tokenizer, meta["max_length"])
     result = evaluate(model, examples, task, tokenizer)
-    return {"data": source, **asdict(result)}
+    return {"data": source, **result.published()}
 
 
 def _checked_rows(path: Path, task: data.Task, config: DataConfig) -> list[dict]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from privlora.evaluate import EvalResult
+from privlora.evaluate import EvalResult, loss_drop
 from privlora.privacy.plan import PrivacyPlan
 from privlora.privacy.signal import NoiseToSignal
 
@@ -232,8 +232,12 @@ class Summary:
             "labels": list(self.labels),
             "model": self.model,
             "majority_class_accuracy": self.majority,
-            "zero_shot": asdict(self.zero_shot),
-            "final": asdict(self.final),
+            "zero_shot": self.zero_shot.published(),
+            "final": self.final.published(),
+            # the fall in answer loss and its paired standard error (None after a resume from a
+            # checkpoint written before per-example losses were kept)
+            "loss_drop": dict(zip(("value", "se"), loss_drop(self.zero_shot, self.final),
+                                  strict=True)),
             "trained_loss": self.trained_loss,
             "rounds": self.rounds,
             "aggregation": self.rule,
