@@ -324,3 +324,16 @@ def test_a_label_loss_run_reports_the_loss_it_trained(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["label_loss"] is not None for r in rows)
     assert (tmp_path / "r" / "report.png").stat().st_size > 0
+
+
+def test_a_run_reports_the_fall_in_loss_with_its_paired_error(tmp_path):
+    result = runner.invoke(app, ["run", *TINY, "--out", str(tmp_path / "r")],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    drop = summary["loss_drop"]
+    assert drop["value"] == pytest.approx(summary["zero_shot"]["loss"] - summary["final"]["loss"],
+                                          rel=1e-4, abs=1e-6)
+    assert drop["se"] > 0 and summary["final"]["loss_se"] > 0
+    assert "losses" not in summary["final"]  # per-example losses stay in memory
+    assert f"(fall +/- {drop['se']:.3f}, 1 standard error)" in result.output

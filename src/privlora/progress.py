@@ -97,7 +97,9 @@ def print_summary(summary: dict, out_dir: Path) -> None:
         table.add_row("eval loss of the whole answer (not trained)",
                       f"{z['loss']:.3f} -> {f['loss']:.3f}")
     else:
-        table.add_row("eval loss (zero-shot -> final)", f"{z['loss']:.3f} -> {f['loss']:.3f}")
+        drop = (summary.get("loss_drop") or {}).get("se")
+        table.add_row("eval loss (zero-shot -> final)", f"{z['loss']:.3f} -> {f['loss']:.3f}"
+                      + ("" if drop is None else f" (fall +/- {drop:.3f}, 1 standard error)"))
     if summary["privacy"]:
         p = summary["privacy"]
         table.add_row("privacy mode", f"{p['mode']} ({p['neighbouring']})")
