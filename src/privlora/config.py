@@ -92,9 +92,11 @@ class FederationConfig:
     # a round goes on while at least this many of its clients' updates are accepted (fewer
     # clients selected: all of them); a site that drops out or sends a refused update is left out
     min_clients: int = 1
-    # stop after this many consecutive rounds whose global update is indistinguishable from noise
-    # (its agreement with the round before, cos x sqrt(d), under 2: privacy/signal.py); it reads
-    # only the released, already-noised updates, so stopping costs no privacy. 0 = never stop
+    # stop after this many consecutive rounds whose model, on the server's eval set, beats its
+    # floor (zero-shot, or always the most common label) by no more than 2 standard errors
+    # (evaluate.progress_margin; every round is then evaluated); it reads only the released,
+    # already-noised model and the server's own eval set, so stopping costs no privacy. With DP,
+    # a run the plan forecasts too noisy to learn is refused before any spend. 0 = never stop
     stop_on_noise: int = 0
     # deployment (Flower): seconds the server waits for a round's replies, and for the sites to
     # connect at the start

@@ -37,6 +37,32 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if k != "losses"}
 
 
+# a model that beats its floor on the server's eval set by no more than this many standard
+# errors has shown no progress (federation.stop_on_noise)
+PROGRESS_MARGIN = 2.0
+
+
+def progress_margin(zero_shot: EvalResult, result: EvalResult, majority: float | None) -> float:
+    """Return by how many standard errors ``result`` beats its floor on the same eval set.
+
+    Classification: accuracy over the floor, the larger of zero-shot and always answering the
+    most common label, in binomial standard errors of a model that scores the floor (a model
+    that only learned the label prior has not progressed). Generation: the fall in answer loss
+    from zero-shot over its paired standard error (``loss_drop``), else over the two losses'
+    errors combined; inf where no error is known and the loss fell (nothing to stop on).
+    """
+    if result.accuracy is not None and zero_shot.accuracy is not None:
+        floor = max(zero_shot.accuracy, majority or 0.0)
+        gain, se = result.accuracy - floor, math.sqrt(floor * (1 - floor) / result.examples)
+    else:
+        gain, se = loss_drop(zero_shot, result)
+        if se is None and zero_shot.loss_se is not None and result.loss_se is not None:
+            se = math.hypot(zero_shot.loss_se, result.loss_se)
+    if not se:
+        return math.inf if gain > 0 else 0.0
+    return gain / se
+
+
 def loss_drop(before: EvalResult, after: EvalResult) -> tuple[float, float | None]:
     """Return how far the answer loss fell from ``before`` to ``after`` (two evaluations of the
     same examples) and its standard error from the per-example differences, which is far

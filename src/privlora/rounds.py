@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import torch
 from privlora import data, protocol, records, uplink
 from privlora.config import RunConfig, config_from_toml, load_config, refuse_changes, to_toml
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
-from privlora.evaluate import EvalResult, evaluate, majority_share
+from privlora.evaluate import PROGRESS_MARGIN, EvalResult, evaluate, majority_share, progress_margin
 from privlora.lm import OffsetModel
 from privlora.lora import (
     Adapter,
@@ -32,7 +33,6 @@ from privlora.lora import (
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan
-from privlora.privacy.signal import NOISE_AGREEMENT
 from privlora.privacy.signal import agreement as update_agreement
 from privlora.quantization import codec, correction
 from privlora.run_dir import (
@@ -100,7 +100,7 @@ class Start:
     last: EvalResult | None = None
     noise_multiplier: float | None = None  # the run's sigma, as calibrated at its start
     seconds: float | None = None  # wall time so far (kept only without DP)
-    quiet: int = 0  # consecutive rounds whose update agreed with the one before like noise
+    quiet: int = 0  # consecutive rounds that did not beat their floor (``progress_margin``)
     before: Adapter | None = None  # the global adapter after ``round - 1`` (None: the init)
 
     @classmethod
@@ -185,6 +185,7 @@ def run_rounds(state: ServerState, transport: Transport, out: Path | str, progre
             progress.resumed(start.round)
     served = None  # the adapter the server serves, fitted when a round is evaluated
     quiet, patience = start.quiet, config.federation.stop_on_noise
+    majority = majority_share([e.label for e in server.eval_examples])
     previous = None  # the last round's global update (a resumed run's, from its checkpoints)
     if start.files is not None and start.adapter is not None:
         previous = _flat_update(start.before or state.init, start.adapter)
@@ -211,20 +212,24 @@ def run_rounds(state: ServerState, transport: Transport, out: Path | str, progre
         global_adapter, diagnostics = protocol.aggregate(
             server.rule, plan, global_adapter, list(uplinks.values()),
             seeded_generator(seed, round_, "server", "noise"))
-        update = _flat_update(before, global_adapter)
+        update = _flat_update(before, global_adapter)  # a diagnostic, published per round
         agreement = None if previous is None else update_agreement(previous, update)
         previous = update
-        quiet = quiet + 1 if agreement is not None and agreement < NOISE_AGREEMENT else 0
-        stop = bool(patience) and quiet >= patience
-        if stop:
-            local_log.warning("server: round %d: the global update has agreed with the round "
-                              "before no more than noise for %d rounds (federation.stop_on_noise)"
-                              "; stopping here", round_, quiet)
+        # stopping on no progress needs every round evaluated (the server's own eval set and
+        # the released model: no privacy cost)
         due = round_ % config.federation.eval_every == 0 or round_ == config.federation.rounds \
-            or stop
+            or bool(patience)
         if due:
             served = _served_adapter(state, global_adapter, round_)
             result = _evaluate(state, served)
+        margin = progress_margin(zero_shot, result, majority) if patience else math.inf
+        quiet = quiet + 1 if margin <= PROGRESS_MARGIN else 0
+        stop = bool(patience) and quiet >= patience
+        if stop:
+            local_log.warning("server: round %d: the model has beaten its floor (zero-shot or "
+                              "the majority label) on the eval set by no more than %.0f standard "
+                              "errors for %d rounds (federation.stop_on_noise); stopping here",
+                              round_, PROGRESS_MARGIN, quiet)
         files.log_round(_record(
             state, round_, result if due else None, ledger, uplinks=uplinks, traffic=traffic,
             rejected=refused, seconds=time.time() - t0, diagnostics=diagnostics,

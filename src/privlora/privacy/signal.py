@@ -30,9 +30,6 @@ import torch
 # Fitted to those runs (docs/privacy.md): 0.25 until FiQA's auto run at 0.249 learned nothing
 LEARNS = 0.2
 NO_LEARNING = 1.0
-# a round's global update whose agreement with the round before is under this many standard
-# deviations of pure noise counts as noise (federation.stop_on_noise)
-NOISE_AGREEMENT = 2.0
 
 
 @dataclass(frozen=True)
