@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives the "
                         "median and the min-max over them")
     parser.add_argument("--quick", action="store_true", help="tiny random model: a smoke run")
-    parser.add_argument("--report", action="store_true", help="only print the table")
+    parser.add_argument("--report", action="store_true", help="only print the table (only the --cells given, if any)")
     parser.add_argument("--plan", action="store_true", help="print each cell's resolved recipe "
                         "(privacy.recipe = 'auto' with its reasons) and run nothing")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -237,7 +237,8 @@ def main() -> None:
                 print(f"{cell} seed {seed}: acc {pct(row['accuracy'])} in {row['seconds']} s",
                       flush=True)
     generation = bool(rows) and rows[0]["accuracy"] is None  # Dolly: answer loss, perplexity
-    print(render_generation(rows) if generation else render(rows))
+    shown = args.cells.split(",") if args.report and args.cells else None  # a table's subset
+    print(render_generation(rows, shown) if generation else render(rows, shown))
     plot(rows, RESULTS / f"{name}.png", "loss" if generation else "accuracy")
 
 
@@ -334,7 +335,7 @@ def _kept(share: float | None, cell: str, twin: str | None) -> str:
     return f"{100 * share:.0f}%" + ("" if twin in (own, cell) else f" (of {twin})")
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], shown: list[str] | None = None) -> str:
     """The Markdown table: one line per cell, medians over seeds with min-max; "above floor" is
     the smallest over the seeds of (accuracy - floor) in standard errors (``floor_margin``)."""
     grouped = _cells(rows)
@@ -342,6 +343,8 @@ def render(rows: list[dict]) -> str:
                 statistics.median(r["majority_accuracy"] for r in rows)) if rows else 0.0
     lines = []
     for cell, group in grouped.items():
+        if shown is not None and cell not in shown:
+            continue  # twins and the floor still come from every row
         twin = _twin(cell, grouped)
         top = statistics.median(r["accuracy"] for r in grouped[twin]) if twin else None
         acc = statistics.median(r["accuracy"] for r in group)
@@ -373,13 +376,15 @@ def loss_margin(row: dict) -> float | None:
     return None if None in errors else drop / math.hypot(*errors)
 
 
-def render_generation(rows: list[dict]) -> str:
+def render_generation(rows: list[dict], shown: list[str] | None = None) -> str:
     """The Markdown table of a generation task: answer loss and perplexity per cell; gain kept
     = (zero-shot loss - loss) / (zero-shot loss - the non-private twin's loss); "below
     zero-shot" is the smallest over the seeds of ``loss_margin``."""
     grouped = _cells(rows)
     lines = []
     for cell, group in grouped.items():
+        if shown is not None and cell not in shown:
+            continue  # twins and the floor still come from every row
         twin = _twin(cell, grouped)
         top = statistics.median(r["loss"] for r in grouped[twin]) if twin else None
         loss = statistics.median(r["loss"] for r in group)
