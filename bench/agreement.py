@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from _common import save, table
+
+from privlora.evaluate import floor_margin
 
 
 def learned(summary: dict) -> tuple[float, bool]:
     """The final accuracy's margin over the floor in standard errors, and whether it is > 2."""
     final, zero = summary["final"], summary["zero_shot"]
     floor = max(zero["accuracy"], summary["majority_class_accuracy"])
-    margin = (final["accuracy"] - floor) / math.sqrt(floor * (1 - floor) / final["examples"])
+    margin = floor_margin(final["accuracy"], floor, final["examples"])
     return margin, margin > 2
 
 

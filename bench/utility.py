@@ -33,18 +33,22 @@ accuracy is the ``nodp`` cell with the same suffixes when there is one (``nodp+l
 ``sample-8+label``), else one with more (``nodp+auto+budget4096`` for ``sample-8+auto``), else
 with fewer, else ``nodp``; the table names it when it is not the cell's own. "Above floor"
 counts binomial standard errors (each seed; the smallest shown), "below zero-shot" (generation)
-the standard errors of the two losses combined; a "learns" call agrees only above 2.
+the paired standard errors of the per-example differences (older rows: the two losses' errors
+combined); a "learns" call agrees only above 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import statistics
 from pathlib import Path
 
 from _common import RESULTS, device_label, pct, run_config, save, saved, summary_row, table
+
+from privlora.evaluate import drop_error, floor_margin, margin
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -121,7 +125,7 @@ def declared_examples_per_client(config) -> int:
     from privlora.data import held_out_count
 
     d = config.data
-    rows = _lines(d.path) if d.path != "builtin" else d.builtin_examples
+    rows = _rows(d)
     if not d.eval_path:
         rows -= held_out_count(rows, d.eval_fraction, d.max_eval)
     per_client = rows // config.federation.num_clients
@@ -137,19 +141,19 @@ def eval_size(config) -> int:
     d = config.data
     if d.eval_path:
         return min(d.max_eval, _lines(d.eval_path))
-    rows = _lines(d.path) if d.path != "builtin" else d.builtin_examples
-    return held_out_count(rows, d.eval_fraction, d.max_eval)
+    return held_out_count(_rows(d), d.eval_fraction, d.max_eval)
 
 
+def _rows(data) -> int:
+    """The rows of ``data.path``: the generated built-in task's size, or the file's lines."""
+    return data.builtin_examples if data.path == "builtin" else _lines(data.path)
+
+
+@functools.cache
 def _lines(path: str) -> int:
+    """A JSONL file's non-empty lines, counted once per process (a table reads every row's)."""
     with open(path, encoding="utf-8") as lines:
         return sum(1 for line in lines if line.strip())
-
-
-def floor_margin(accuracy: float, floor: float, examples: int) -> float:
-    """How many standard errors ``accuracy`` on ``examples`` eval examples lies above ``floor``,
-    the error being that of a model that scores the floor: sqrt(floor (1 - floor) / examples)."""
-    return (accuracy - floor) / math.sqrt(floor * (1 - floor) / examples)
 
 
 def _margin(group: list[dict], floor: float) -> float | None:
@@ -367,13 +371,10 @@ def render(rows: list[dict], shown: list[str] | None = None) -> str:
 def loss_margin(row: dict) -> float | None:
     """How many standard errors a generation run's answer loss lies below its zero-shot loss:
     over the paired error of the per-example differences where the run recorded it
-    (summary.json's loss_drop), else over sqrt(se_zero^2 + se_final^2), which errs low (the
-    same examples' losses go together). None for rows recorded before either error was."""
-    drop = row["zero_shot_loss"] - row["loss"]
-    if row.get("loss_drop_se"):
-        return drop / row["loss_drop_se"]
-    errors = row.get("zero_shot_loss_se"), row.get("loss_se")
-    return None if None in errors else drop / math.hypot(*errors)
+    (summary.json's loss_drop), else over the two losses' errors combined, which makes the
+    margin err low (``privlora.evaluate.drop_error``). None for rows recorded before either."""
+    se = drop_error(row.get("loss_drop_se"), row.get("zero_shot_loss_se"), row.get("loss_se"))
+    return None if se is None else margin(row["zero_shot_loss"] - row["loss"], se)
 
 
 def render_generation(rows: list[dict], shown: list[str] | None = None) -> str:

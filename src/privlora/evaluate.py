@@ -46,21 +46,38 @@ def progress_margin(zero_shot: EvalResult, result: EvalResult, majority: float |
     """Return by how many standard errors ``result`` beats its floor on the same eval set.
 
     Classification: accuracy over the floor, the larger of zero-shot and always answering the
-    most common label, in binomial standard errors of a model that scores the floor (a model
-    that only learned the label prior has not progressed). Generation: the fall in answer loss
-    from zero-shot over its paired standard error (``loss_drop``), else over the two losses'
-    errors combined; inf where no error is known and the loss fell (nothing to stop on).
+    most common label (``floor_margin``: a model that only learned the label prior has not
+    progressed). Generation: the fall in answer loss from zero-shot over its paired standard
+    error (``loss_drop``), else over the two losses' errors combined (``drop_error``).
     """
     if result.accuracy is not None and zero_shot.accuracy is not None:
-        floor = max(zero_shot.accuracy, majority or 0.0)
-        gain, se = result.accuracy - floor, math.sqrt(floor * (1 - floor) / result.examples)
-    else:
-        gain, se = loss_drop(zero_shot, result)
-        if se is None and zero_shot.loss_se is not None and result.loss_se is not None:
-            se = math.hypot(zero_shot.loss_se, result.loss_se)
+        return floor_margin(result.accuracy, max(zero_shot.accuracy, majority or 0.0),
+                            result.examples)
+    drop, paired = loss_drop(zero_shot, result)
+    return margin(drop, drop_error(paired, zero_shot.loss_se, result.loss_se))
+
+
+def margin(gain: float, se: float | None) -> float:
+    """Return ``gain`` in standard errors; where the error is 0 or unknown, inf for a gain and
+    0 otherwise (nothing to judge it by)."""
     if not se:
         return math.inf if gain > 0 else 0.0
     return gain / se
+
+
+def floor_margin(accuracy: float, floor: float, examples: int) -> float:
+    """Return how many standard errors ``accuracy`` on ``examples`` lies above ``floor``, the
+    error being that of a model that scores the floor: sqrt(floor (1 - floor) / examples)."""
+    return margin(accuracy - floor, math.sqrt(floor * (1 - floor) / examples))
+
+
+def drop_error(paired: float | None, before: float | None, after: float | None) -> float | None:
+    """Return the standard error of a fall in loss: the paired one (``loss_drop``) where known,
+    else the two losses' own errors combined, sqrt(before^2 + after^2), which errs high (the
+    same examples' losses go together); None where neither is known."""
+    if paired is not None:
+        return paired
+    return None if before is None or after is None else math.hypot(before, after)
 
 
 def loss_drop(before: EvalResult, after: EvalResult) -> tuple[float, float | None]:
