@@ -25,7 +25,7 @@ from privlora.config import load_config
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
 from privlora.flower import client_app, server_app, wire
 from privlora.privacy.plan import NoPrivacy
-from privlora.protocol import Payload
+from privlora.protocol import RESERVED, Payload
 from privlora.quantization import codec
 from tests.builders import sent_payload
 
@@ -54,7 +54,8 @@ def tensors(draw) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(shape).copy())
 
 
-payloads = st.builds(Payload, st.dictionaries(text, tensors(), max_size=4),
+names = text.filter(lambda name: name != RESERVED)  # Payload refuses safetensors' header key
+payloads = st.builds(Payload, st.dictionaries(names, tensors(), max_size=4),
                      st.dictionaries(text, st.integers(-2**53, 2**53) | text
                                      | st.floats(allow_nan=False), max_size=3))
 
@@ -73,6 +74,16 @@ def test_a_payload_round_trips_bit_for_bit_on_either_wire(payload):
     got = wire.from_record(*wire.to_record(payload))
     assert same(got, payload) and list(got.tensors) == list(payload.tensors)
     assert same(Payload.from_bytes(payload.to_bytes()), payload)
+
+
+def test_no_tensor_takes_the_safetensors_header_key_on_either_wire():
+    with pytest.raises(ValueError, match="__metadata__"):
+        Payload({RESERVED: torch.zeros(2)})
+    record, text = wire.to_record(Payload({"x": torch.zeros(2)}))
+    described = json.loads(text)
+    described["index"][0]["name"] = RESERVED
+    with pytest.raises(InvalidUpdate, match="reserved"):
+        wire.from_record(record, json.dumps(described))
 
 
 def decodes_or_refuses(call) -> Payload | None:

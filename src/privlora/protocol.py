@@ -46,7 +46,8 @@ from privlora.rules import Rule, WithCentralDP
 # Messages that stay with the party that logs them: never written to the run directory.
 local_log = logging.getLogger("privlora.local")
 COUNTS = ("num_examples", "train_loss")  # what a non-private uplink carries beside its tensors
-FROZEN_A = "frozen_a_sha256"  # FFA downlinks: a digest of the A every party derives from the seed
+FROZEN_A = "frozen_a_sha256"
+RESERVED = "__metadata__"  # safetensors' header key: no tensor may take the name  # FFA downlinks: a digest of the A every party derives from the seed
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class Payload:
     tensors: Mapping[str, torch.Tensor]
     meta: Mapping[str, float | str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if RESERVED in self.tensors:
+            raise ValueError(f"a payload tensor may not be named {RESERVED!r}: safetensors keeps "
+                             "that key for its header; rename the tensor")
+
     def to_bytes(self) -> bytes:
         """Serialize as one safetensors buffer (names, shapes, dtypes, data; meta in the header)."""
         header = {k: json.dumps(v) for k, v in self.meta.items()}
@@ -72,7 +78,7 @@ class Payload:
         try:
             tensors = safetensors_load(data)
             size = int.from_bytes(data[:8], "little")
-            header = bounded_json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+            header = bounded_json.loads(data[8 : 8 + size]).get(RESERVED) or {}
             meta = {k: bounded_json.loads(v) for k, v in header.items()}
         except (SafetensorError, ValueError, UnicodeDecodeError) as err:
             raise InvalidUpdate(

@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord
 
 from privlora import bounded_json
 from privlora.errors import InvalidUpdate
-from privlora.protocol import Payload
+from privlora.protocol import RESERVED, Payload
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
@@ -63,6 +63,8 @@ def from_record(record: ArrayRecord, text: str) -> Payload:
     tensors, offset = {}, 0
     for entry in index if isinstance(index, list) else [None]:
         name, dtype, shape, at = _entry(entry)
+        if name == RESERVED:
+            raise InvalidUpdate(f"payload index names a tensor {RESERVED!r}, a reserved name")
         if name in tensors or at != offset:
             raise InvalidUpdate(f"payload index: {_short(name)} repeats or is not where the "
                                 "previous tensor ends")
