@@ -22,7 +22,9 @@ the rule and the partition, ``+label`` / ``+answer`` the training loss (``train.
 ``+auto`` replaces the task's recipe by what a new user would write (model, data, clients,
 epsilon, the declared examples per client) with ``privacy.recipe = "auto"``: ``nodp+auto``,
 ``sample-8+auto``, ``sample-2+auto``; ``+budgetN`` after it is that user setting
-``train.max_examples_processed = N`` (``sample-2+auto+budget16384``).
+``train.max_examples_processed = N`` (``sample-2+auto+budget16384``); ``nodp+auto+recipeE``
+is the recipe auto chooses for ``sample-E+auto`` (adapter, batch, steps, lr, loss) trained
+without clipping or noise: what DP itself costs, apart from the recipe it asks for.
 Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
 replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
@@ -85,6 +87,13 @@ def _switch(name: str) -> tuple[str, ...]:
     return SWITCHES[name]
 
 
+def _number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
     """The RunConfig of one cell: the task's config file, the cell's changes, the seed, then
     the ``--set`` overrides ``extra``."""
@@ -94,8 +103,16 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
     if "auto" in switches:
         budget = [f"train.max_examples_processed={s[6:]}" for s in switches
                   if s.startswith("budget") and s[6:].isdigit()]
-        if len(switches) != 1 + len(budget) or len(budget) > 1:
-            raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer)")
+        recipe = [s[6:] for s in switches if s.startswith("recipe") and _number(s[6:])]
+        if (len(switches) != 1 + len(budget) + len(recipe) or len(budget) > 1 or len(recipe) > 1
+                or (recipe and name != "nodp")):
+            raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer) "
+                             "and, in a nodp cell, one +recipeE (E an epsilon)")
+        if recipe:  # auto's sample-level recipe at epsilon E, run without clipping or noise
+            from privlora.privacy.recipe import resolve
+
+            private = auto_config(task, f"sample-{recipe[0]}", seed, quick, (*budget, *extra))
+            return without_privacy(resolve(private).config)
         return auto_config(task, name, seed, quick, (*budget, *extra))
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
     overrides += [o for s in switches for o in _switch(s)]

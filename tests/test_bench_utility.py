@@ -60,3 +60,16 @@ def test_twin_is_the_same_switches_then_more_then_fewer():
     assert utility._twin("sample-8+auto", grouped) == "nodp+auto+budget4096"
     assert utility._twin("sample-8+auto+budget16384", grouped) == "nodp"
     assert utility._twin("sample-8", {}) is None
+
+
+def test_recipe_cell_is_the_private_recipe_without_privacy():
+    from privlora.privacy.recipe import resolve
+
+    private = resolve(utility.cell_config("builtin", "sample-8+auto", 0, quick=True)).config
+    plain = utility.cell_config("builtin", "nodp+auto+recipe8", 0, quick=True)
+    assert private.privacy.mode == "sample" and plain.privacy.mode == "none"
+    assert (plain.lora, plain.train, plain.federation, plain.data) == (
+        private.lora, private.train, private.federation, private.data)
+    assert plain.lora.rank == 2  # auto's DP adapter, not its non-private one
+    with pytest.raises(SystemExit, match="recipeE"):
+        utility.cell_config("builtin", "sample-8+auto+recipe8", 0, quick=True)
