@@ -156,15 +156,24 @@ def summary_row(summary: dict, config_toml: str, seconds: float | None, out: Pat
     }
 
 
-def device_label(device: str) -> str:
-    """Name what ``model.device`` resolves to here: the GPU's name, or the CPU and its cores."""
+def device_label(device: str, dtype: str = "auto") -> str:
+    """Name what ``model.device`` and ``model.dtype`` resolve to here: the GPU's name, or the CPU
+    and its cores, and the dtype the model computes in (a CPU without native bf16 runs "auto"
+    in float32, several times slower than one with it, and not bit-identical)."""
     import os
 
     import torch
 
+    from privlora.models import train_dtype
+
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores)"
+        return f"{torch.cuda.get_device_name(0)}, {train_dtype(dtype, torch.device('cuda'))}"
+    return f"cpu ({os.cpu_count()} cores, {train_dtype(dtype, torch.device('cpu'))})"
+
+
+def devices(group: list[dict]) -> str:
+    """The devices a table cell's rows ran on, each once, in the rows' order."""
+    return "; ".join(dict.fromkeys(r.get("device", "cpu") for r in group))
 
 
 def pct(x: float | None) -> str:

@@ -48,7 +48,7 @@ import math
 import statistics
 from pathlib import Path
 
-from _common import RESULTS, device_label, pct, run_config, save, saved, summary_row, table
+from _common import RESULTS, device_label, devices, pct, run_config, save, saved, summary_row, table
 
 from privlora.evaluate import drop_error, floor_margin, margin
 
@@ -249,8 +249,8 @@ def main() -> None:
                     result = imported(args.from_run, config)
                 else:
                     result = run_config(config, out)
-                row = {"task": args.task, "cell": cell, "seed": seed,
-                       "device": device_label(config.model.device), **result}
+                row = {"task": args.task, "cell": cell, "seed": seed, **result,
+                       "device": device_label(config.model.device, config.model.dtype)}
                 # re-read first: another process may have added cells to the same table
                 rows = saved(name, "rows", [])
                 rows = [r for r in rows if (r["cell"], r["seed"]) != (cell, seed)] + [row]
@@ -376,7 +376,7 @@ def render(rows: list[dict], shown: list[str] | None = None) -> str:
                       _spread([r["accuracy"] for r in group]),
                       _spread([r.get("macro_f1") for r in group]),
                       "-" if margin is None else f"{margin:.1f}", _kept(share, cell, twin), call,
-                      _seconds(group), group[0].get("device", "cpu")])
+                      _seconds(group), devices(group)])
     header = (f"floor {pct(floor)} (max of zero-shot "
               f"{pct(statistics.median(r['zero_shot_accuracy'] for r in rows)) if rows else '-'} "
               f"and majority class)\n\n")
@@ -415,7 +415,7 @@ def render_generation(rows: list[dict], shown: list[str] | None = None) -> str:
                       f"{statistics.median(r['perplexity'] for r in group):.2f}",
                       "-" if margin is None else f"{margin:.1f}",
                       _kept(share, cell, twin), call, _seconds(group),
-                      group[0].get("device", "cpu")])
+                      devices(group)])
     start = statistics.median(r["zero_shot_loss"] for r in rows) if rows else math.nan
     header = (f"zero-shot answer loss {start:.3f} (perplexity {math.exp(start):.2f}; each cell's "
               "gain is measured from its own runs' zero-shot loss)\n\n")

@@ -73,3 +73,16 @@ def test_recipe_cell_is_the_private_recipe_without_privacy():
     assert plain.lora.rank == 2  # auto's DP adapter, not its non-private one
     with pytest.raises(SystemExit, match="recipeE"):
         utility.cell_config("builtin", "sample-8+auto+recipe8", 0, quick=True)
+
+
+def test_a_row_names_the_dtype_auto_resolved_to_and_a_cell_every_device():
+    import torch
+
+    from privlora.models import train_dtype
+
+    common = importlib.import_module("_common")
+    assert common.device_label("cpu", "auto").endswith(
+        f", {train_dtype('auto', torch.device('cpu'))})")
+    assert common.device_label("cpu", "float32").endswith(", float32)")
+    rows = [{"device": "a"}, {"device": "b"}, {"device": "a"}, {}]
+    assert common.devices(rows) == "a; b; cpu"

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,8 @@ def test_run_and_eval_round_trip(tiny_run):
     code, out, err = cli("eval", "--adapter", str(tiny_run / "adapter"))
     assert code == 0, err
     assert json.loads(out)["accuracy"] == summary["final"]["accuracy"]
+    config = tomllib.loads((tiny_run / "config.toml").read_text())
+    assert summary["model_dtype"] == config["model"]["dtype"]  # set explicitly: kept as set
 
 
 RUN_REFUSALS = [

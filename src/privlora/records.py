@@ -223,6 +223,7 @@ class Summary:
     trained_loss: str = "answer"  # train.loss: "answer" or "label" (which eval loss fell)
     rounds_planned: int | None = None  # federation.rounds, when federation.stop_on_noise is on
     model_privacy: Mapping[str, Any] | None = None  # ``model_privacy_summary`` (FedLPP)
+    model_dtype: str | None = None  # what the server's base computed in (model.dtype resolved)
 
     def published(self) -> dict[str, Any]:
         """Return summary.json: task, metrics before and after, privacy, communication,
@@ -231,6 +232,7 @@ class Summary:
             "task": self.task,
             "labels": list(self.labels),
             "model": self.model,
+            "model_dtype": self.model_dtype,
             "majority_class_accuracy": self.majority,
             "zero_shot": self.zero_shot.published(),
             "final": self.final.published(),

@@ -434,6 +434,7 @@ def _finish(state: ServerState, files: RunDir, adapter: Adapter, ledger: Privacy
     marked = [r["model_privacy"] for r in files.rows if "model_privacy" in r]
     summary = records.Summary(
         task=server.task.name, labels=server.task.labels, model=config.model.name,
+        model_dtype=str(next(state.central.model.parameters()).dtype).removeprefix("torch."),
         majority=majority_share([e.label for e in server.eval_examples]),
         zero_shot=zero_shot, final=final, rounds=rounds, rule=server.rule.name,
         privacy=privacy, communication=comm,
