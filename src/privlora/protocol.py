@@ -46,8 +46,8 @@ from privlora.rules import Rule, WithCentralDP
 # Messages that stay with the party that logs them: never written to the run directory.
 local_log = logging.getLogger("privlora.local")
 COUNTS = ("num_examples", "train_loss")  # what a non-private uplink carries beside its tensors
-FROZEN_A = "frozen_a_sha256"
-RESERVED = "__metadata__"  # safetensors' header key: no tensor may take the name  # FFA downlinks: a digest of the A every party derives from the seed
+FROZEN_A = "frozen_a_sha256"  # FFA downlinks: a digest of the A every party derives from the seed
+RESERVED = "__metadata__"  # safetensors' header key: no tensor may take the name
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class Payload:
 
     def __post_init__(self) -> None:
         if RESERVED in self.tensors:
-            raise ValueError(f"a payload tensor may not be named {RESERVED!r}: safetensors keeps "
-                             "that key for its header; rename the tensor")
+            raise ValueError(f"a payload tensor may not be named {RESERVED!r}, a reserved name: "
+                             "safetensors keeps that key for its header; rename the tensor")
 
     def to_bytes(self) -> bytes:
         """Serialize as one safetensors buffer (names, shapes, dtypes, data; meta in the header)."""

@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord
 
 from privlora import bounded_json
 from privlora.errors import InvalidUpdate
-from privlora.protocol import RESERVED, Payload
+from privlora.protocol import Payload
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
           "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
@@ -63,8 +63,6 @@ def from_record(record: ArrayRecord, text: str) -> Payload:
     tensors, offset = {}, 0
     for entry in index if isinstance(index, list) else [None]:
         name, dtype, shape, at = _entry(entry)
-        if name == RESERVED:
-            raise InvalidUpdate(f"payload index names a tensor {RESERVED!r}, a reserved name")
         if name in tensors or at != offset:
             raise InvalidUpdate(f"payload index: {_short(name)} repeats or is not where the "
                                 "previous tensor ends")
@@ -76,7 +74,10 @@ def from_record(record: ArrayRecord, text: str) -> Payload:
         offset += size
     if offset != buffer.size:
         raise InvalidUpdate(f"payload buffer has {buffer.size - offset} bytes no tensor covers")
-    return Payload(tensors, meta)
+    try:
+        return Payload(tensors, meta)
+    except ValueError as err:  # a name Payload refuses
+        raise InvalidUpdate(f"payload index: {err}") from None
 
 
 def _buffer(record: ArrayRecord) -> np.ndarray:
