@@ -24,7 +24,10 @@ epsilon, the declared examples per client) with ``privacy.recipe = "auto"``: ``n
 ``sample-8+auto``, ``sample-2+auto``; ``+budgetN`` after it is that user setting
 ``train.max_examples_processed = N`` (``sample-2+auto+budget16384``); ``nodp+auto+recipeE``
 is the recipe auto chooses for ``sample-E+auto`` (adapter, batch, steps, lr, loss) trained
-without clipping or noise: what DP itself costs, apart from the recipe it asks for.
+without clipping or noise: what DP itself costs, apart from the recipe it asks for; ``+rankN``
+in a private ``+auto`` cell (or after ``+recipeE``) is the user setting ``lora.rank = N`` and
+``lora.last_layers = 0``, auto choosing the rest (``sample-8+auto+rank4``: rank 4 on every
+layer, more released coordinates than auto's rank 2).
 Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
 replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
@@ -33,7 +36,7 @@ Gain kept = (accuracy - floor) / (non-private accuracy - floor), floor = the lar
 and the majority class: the share of what fine-tuning adds that survives DP. The non-private
 accuracy is the ``nodp`` cell with the same suffixes when there is one (``nodp+label`` for
 ``sample-8+label``), else one with more (``nodp+auto+budget4096`` for ``sample-8+auto``), else
-with fewer, else ``nodp``; the table names it when it is not the cell's own. "Above floor"
+with fewer, else ``nodp`` (``+rankN`` is not counted: auto's non-private run has its own rank); the table names it when it is not the cell's own. "Above floor"
 counts binomial standard errors (each seed; the smallest shown), "below zero-shot" (generation)
 the paired standard errors of the per-example differences (older rows: the two losses' errors
 combined); a "learns" call agrees only above 2.
@@ -94,6 +97,12 @@ def _number(text: str) -> bool:
         return False
 
 
+def _rank(switch: str) -> bool:
+    """Whether an +auto cell's switch is +rankN: the user setting lora.rank = N on every layer
+    (lora.last_layers = 0), auto choosing the rest: more released coordinates than auto's."""
+    return switch.startswith("rank") and switch[4:].isdigit() and int(switch[4:]) > 0
+
+
 def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
     """The RunConfig of one cell: the task's config file, the cell's changes, the seed, then
     the ``--set`` overrides ``extra``."""
@@ -104,16 +113,20 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
         budget = [f"train.max_examples_processed={s[6:]}" for s in switches
                   if s.startswith("budget") and s[6:].isdigit()]
         recipe = [s[6:] for s in switches if s.startswith("recipe") and _number(s[6:])]
-        if (len(switches) != 1 + len(budget) + len(recipe) or len(budget) > 1 or len(recipe) > 1
-                or (recipe and name != "nodp")):
-            raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer) "
-                             "and, in a nodp cell, one +recipeE (E an epsilon)")
+        rank = [o for s in switches if _rank(s) for o in (f"lora.rank={s[4:]}", "lora.last_layers=0")]
+        if (len(switches) != 1 + len(budget) + len(recipe) + len(rank) // 2 or len(budget) > 1
+                or len(recipe) > 1 or len(rank) > 2 or (recipe and name != "nodp")
+                or (rank and name == "nodp" and not recipe)):
+            raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer), "
+                             "one +rankN under DP, and, in a nodp cell, one +recipeE (E an "
+                             "epsilon)")
         if recipe:  # auto's sample-level recipe at epsilon E, run without clipping or noise
             from privlora.privacy.recipe import resolve
 
-            private = auto_config(task, f"sample-{recipe[0]}", seed, quick, (*budget, *extra))
+            private = auto_config(task, f"sample-{recipe[0]}", seed, quick,
+                                  (*budget, *rank, *extra))
             return without_privacy(resolve(private).config)
-        return auto_config(task, name, seed, quick, (*budget, *extra))
+        return auto_config(task, name, seed, quick, (*budget, *rank, *extra))
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
     overrides += [o for s in switches for o in _switch(s)]
     if name == "central":
@@ -317,7 +330,7 @@ def _twin(cell: str, grouped: dict[str, list[dict]]) -> str | None:
     for sample-8+auto: auto's non-private run at the private cells' default budget); else with
     the longest run of its first switches that has one (nodp+auto for
     sample-2+auto+budget16384); else "nodp"."""
-    switches = cell.split("+")[1:]
+    switches = [s for s in cell.split("+")[1:] if not ("auto" in cell and _rank(s))]
     own = "+".join(["nodp", *switches])
     if grouped.get(own):
         return own

@@ -60,6 +60,22 @@ def test_twin_is_the_same_switches_then_more_then_fewer():
     assert utility._twin("sample-8+auto", grouped) == "nodp+auto+budget4096"
     assert utility._twin("sample-8+auto+budget16384", grouped) == "nodp"
     assert utility._twin("sample-8", {}) is None
+    # +rankN changes the private adapter only: the non-private twin is the same
+    assert utility._twin("sample-8+auto+rank2", grouped) == "nodp+auto+budget4096"
+    assert (utility._twin("nodp+auto+recipe8+rank2", grouped)
+            == utility._twin("nodp+auto+recipe8", grouped))
+
+
+def test_rank_switch_sets_the_rank_on_every_layer_and_auto_keeps_it():
+    from privlora.privacy.recipe import resolve
+
+    for cell in ("sample-8+auto+rank3", "nodp+auto+recipe8+rank3"):
+        c = resolve(utility.cell_config("builtin", cell, 0, quick=True)).config
+        assert (c.lora.rank, c.lora.last_layers) == (3, 0), cell  # quick's 1 layer overridden
+        assert {"lora.rank", "lora.last_layers"} <= c.explicit, cell
+    for bad in ("nodp+auto+rank2", "sample-8+auto+rank2+rank3", "sample-8+auto+rank0"):
+        with pytest.raises(SystemExit, match="rankN"):
+            utility.cell_config("builtin", bad, 0, quick=True)
 
 
 def test_recipe_cell_is_the_private_recipe_without_privacy():
