@@ -17,7 +17,10 @@ FFA rank 2 on v_proj, Poisson batches of 36 of ~20,000 per client, label-only lo
   a marginal forecast: tried and measured worse (FPB, 4 clients x 510, epsilon 2, seed 0: the
   last 7 layers reached 65.5% at lr 0.034 and 64.5% at lr 0.016, the majority class, where
   every layer reached 87.5%; the forecast counts noise per coordinate, not what the adapted
-  layers can express);
+  layers can express). Nor more coordinates where the forecast has room: tried and measured no
+  better (SST-2 at epsilon 8, rank 4 on every layer, forecast 0.166: median 86.8% over 3 seeds
+  against rank 2's 85.9%, paired mean +0.5 points, SE ~0.8; without noise 85.8% against 87.0%;
+  built-in rank 7, 98.0% against 99.0%; bench/utility.py's +rankN cells);
 - sample mode, many examples per step (the search and its constants: ``recipe_steps.py``): 3
   rounds; per client ``TOTAL_STEPS`` steps in all (42 = the demo's, or 2x, 4x); for each, the largest expected batch the compute budget pays for
   (at most a quarter of the declared examples, ``BATCH_MAX``); sample rate = batch / declared
