@@ -36,10 +36,11 @@ Gain kept = (accuracy - floor) / (non-private accuracy - floor), floor = the lar
 and the majority class: the share of what fine-tuning adds that survives DP. The non-private
 accuracy is the ``nodp`` cell with the same suffixes when there is one (``nodp+label`` for
 ``sample-8+label``), else one with more (``nodp+auto+budget4096`` for ``sample-8+auto``), else
-with fewer, else ``nodp`` (``+rankN`` is not counted: auto's non-private run has its own rank); the table names it when it is not the cell's own. "Above floor"
-counts binomial standard errors (each seed; the smallest shown), "below zero-shot" (generation)
-the paired standard errors of the per-example differences (older rows: the two losses' errors
-combined); a "learns" call agrees only above 2.
+with fewer, else ``nodp`` (``+rankN`` is not counted: auto's non-private run has its own rank);
+the table names it when it is not the cell's own. "Above floor" counts binomial standard errors
+(each seed; the smallest shown), "below zero-shot" (generation) the paired standard errors of
+the per-example differences (older rows: the two losses' errors combined); a "learns" call
+agrees only above 2.
 """
 
 from __future__ import annotations
@@ -113,13 +114,14 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
         budget = [f"train.max_examples_processed={s[6:]}" for s in switches
                   if s.startswith("budget") and s[6:].isdigit()]
         recipe = [s[6:] for s in switches if s.startswith("recipe") and _number(s[6:])]
-        rank = [o for s in switches if _rank(s) for o in (f"lora.rank={s[4:]}", "lora.last_layers=0")]
-        if (len(switches) != 1 + len(budget) + len(recipe) + len(rank) // 2 or len(budget) > 1
-                or len(recipe) > 1 or len(rank) > 2 or (recipe and name != "nodp")
-                or (rank and name == "nodp" and not recipe)):
+        ranks = [s[4:] for s in switches if _rank(s)]
+        if (len(switches) != 1 + len(budget) + len(recipe) + len(ranks) or len(budget) > 1
+                or len(recipe) > 1 or len(ranks) > 1 or (recipe and name != "nodp")
+                or (ranks and name == "nodp" and not recipe)):
             raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer), "
                              "one +rankN under DP, and, in a nodp cell, one +recipeE (E an "
                              "epsilon)")
+        rank = [f"lora.rank={ranks[0]}", "lora.last_layers=0"] if ranks else []
         if recipe:  # auto's sample-level recipe at epsilon E, run without clipping or noise
             from privlora.privacy.recipe import resolve
 
@@ -330,7 +332,7 @@ def _twin(cell: str, grouped: dict[str, list[dict]]) -> str | None:
     for sample-8+auto: auto's non-private run at the private cells' default budget); else with
     the longest run of its first switches that has one (nodp+auto for
     sample-2+auto+budget16384); else "nodp"."""
-    switches = [s for s in cell.split("+")[1:] if not ("auto" in cell and _rank(s))]
+    switches = [s for s in cell.split("+")[1:] if not _rank(s)]  # only +auto cells have it
     own = "+".join(["nodp", *switches])
     if grouped.get(own):
         return own
