@@ -27,7 +27,10 @@ is the recipe auto chooses for ``sample-E+auto`` (adapter, batch, steps, lr, los
 without clipping or noise: what DP itself costs, apart from the recipe it asks for; ``+rankN``
 in a private ``+auto`` cell (or after ``+recipeE``) is the user setting ``lora.rank = N`` and
 ``lora.last_layers = 0``, auto choosing the rest (``sample-8+auto+rank4``: rank 4 on every
-layer, more released coordinates than auto's rank 2).
+layer, more released coordinates than auto's rank 2); ``+KEY=VALUE`` in an ``+auto`` cell is
+the user setting that config key, auto choosing the rest
+(``nodp+auto+recipe8+federation.aggregation=fedavg+lora.last_layers=0``: auto's epsilon-8 recipe
+with A trained on every layer, without noise; a value may not hold ``+`` or ``,``).
 Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
 replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
@@ -36,7 +39,8 @@ Gain kept = (accuracy - floor) / (non-private accuracy - floor), floor = the lar
 and the majority class: the share of what fine-tuning adds that survives DP. The non-private
 accuracy is the ``nodp`` cell with the same suffixes when there is one (``nodp+label`` for
 ``sample-8+label``), else one with more (``nodp+auto+budget4096`` for ``sample-8+auto``), else
-with fewer, else ``nodp`` (``+rankN`` is not counted: auto's non-private run has its own rank);
+with fewer, else ``nodp`` (``+rankN`` and ``+KEY=VALUE`` are not counted: they are the user's
+changes to one recipe, measured against that recipe's twin);
 the table names it when it is not the cell's own. "Above floor" counts binomial standard errors
 (each seed; the smallest shown), "below zero-shot" (generation) the paired standard errors of
 the per-example differences (older rows: the two losses' errors combined); a "learns" call
@@ -104,6 +108,12 @@ def _rank(switch: str) -> bool:
     return switch.startswith("rank") and switch[4:].isdigit() and int(switch[4:]) > 0
 
 
+def _user_set(switch: str) -> bool:
+    """Whether a switch names the user's own choice in an +auto cell: +rankN, or +KEY=VALUE
+    (``+federation.aggregation=fedavg``: the user set that key, auto chose the rest)."""
+    return _rank(switch) or "=" in switch
+
+
 def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
     """The RunConfig of one cell: the task's config file, the cell's changes, the seed, then
     the ``--set`` overrides ``extra``."""
@@ -115,13 +125,15 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
                   if s.startswith("budget") and s[6:].isdigit()]
         recipe = [s[6:] for s in switches if s.startswith("recipe") and _number(s[6:])]
         ranks = [s[4:] for s in switches if _rank(s)]
-        if (len(switches) != 1 + len(budget) + len(recipe) + len(ranks) or len(budget) > 1
+        keys = [s for s in switches if "=" in s]  # KEY=VALUE: set by the user, before --set
+        if (len(switches) != 1 + len(budget) + len(recipe) + len(ranks) + len(keys)
+                or len(budget) > 1
                 or len(recipe) > 1 or len(ranks) > 1 or (recipe and name != "nodp")
                 or (ranks and name == "nodp" and not recipe)):
             raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer), "
-                             "one +rankN under DP, and, in a nodp cell, one +recipeE (E an "
-                             "epsilon)")
-        rank = [f"lora.rank={ranks[0]}", "lora.last_layers=0"] if ranks else []
+                             "one +rankN under DP, in a nodp cell one +recipeE (E an "
+                             "epsilon), and +KEY=VALUE settings")
+        rank = [f"lora.rank={ranks[0]}", "lora.last_layers=0", *keys] if ranks else keys
         if recipe:  # auto's sample-level recipe at epsilon E, run without clipping or noise
             from privlora.privacy.recipe import resolve
 
@@ -332,7 +344,7 @@ def _twin(cell: str, grouped: dict[str, list[dict]]) -> str | None:
     for sample-8+auto: auto's non-private run at the private cells' default budget); else with
     the longest run of its first switches that has one (nodp+auto for
     sample-2+auto+budget16384); else "nodp"."""
-    switches = [s for s in cell.split("+")[1:] if not _rank(s)]  # only +auto cells have it
+    switches = [s for s in cell.split("+")[1:] if not _user_set(s)]  # only +auto cells have it
     own = "+".join(["nodp", *switches])
     if grouped.get(own):
         return own

@@ -64,6 +64,11 @@ def test_twin_is_the_same_switches_then_more_then_fewer():
     assert utility._twin("sample-8+auto+rank2", grouped) == "nodp+auto+budget4096"
     assert (utility._twin("nodp+auto+recipe8+rank2", grouped)
             == utility._twin("nodp+auto+recipe8", grouped))
+    # so does a key the user set: measured against the recipe it changes
+    recipe = {**grouped, "nodp+auto+recipe8": [{}]}
+    assert (utility._twin("nodp+auto+recipe8+federation.aggregation=fedavg", recipe)
+            == "nodp+auto+recipe8")
+    assert utility._twin("sample-8+auto+train.lr=0.01", grouped) == "nodp+auto+budget4096"
 
 
 def test_rank_switch_sets_the_rank_on_every_layer_and_auto_keeps_it():
@@ -76,6 +81,22 @@ def test_rank_switch_sets_the_rank_on_every_layer_and_auto_keeps_it():
     for bad in ("nodp+auto+rank2", "sample-8+auto+rank2+rank3", "sample-8+auto+rank0"):
         with pytest.raises(SystemExit, match="rankN"):
             utility.cell_config("builtin", bad, 0, quick=True)
+
+
+def test_key_switch_is_the_users_setting_and_auto_chooses_the_rest():
+    from privlora.privacy.recipe import resolve
+
+    cell = "nodp+auto+recipe8+federation.aggregation=fedavg+lora.last_layers=0"
+    c = utility.cell_config("builtin", cell, 0, quick=True)
+    base = utility.cell_config("builtin", "nodp+auto+recipe8", 0, quick=True)
+    assert (c.federation.aggregation, c.lora.last_layers) == ("fedavg", 0)
+    assert (base.federation.aggregation, base.lora.last_layers) == ("ffa", 1)
+    assert (c.train, c.lora.rank) == (base.train, base.lora.rank)  # the rest: auto's, unchanged
+    private = resolve(utility.cell_config("builtin", "sample-8+auto+train.lr=0.005", 0,
+                                          quick=True)).config
+    assert private.train.lr == 0.005 and "train.lr" in private.explicit
+    with pytest.raises(ValueError):  # a key the config does not have: the config's own error
+        utility.cell_config("builtin", "sample-8+auto+train.nope=1", 0, quick=True)
 
 
 def test_recipe_cell_is_the_private_recipe_without_privacy():
