@@ -30,7 +30,8 @@ in a private ``+auto`` cell (or after ``+recipeE``) is the user setting ``lora.r
 layer, more released coordinates than auto's rank 2); ``+KEY=VALUE`` in an ``+auto`` cell is
 the user setting that config key, auto choosing the rest
 (``nodp+auto+recipe8+federation.aggregation=fedavg+lora.last_layers=0``: auto's epsilon-8 recipe
-with A trained on every layer, without noise; a value may not hold ``+`` or ``,``).
+with A trained on every layer, without noise; a value may not hold ``+``, and a comma
+only inside a list's brackets).
 Rows accumulate in bench/results/utility_<task>.json (a rerun of a cell with the same seed
 replaces it); the Markdown table and a plot of accuracy against epsilon
 (bench/results/utility_<task>.png) are remade from all rows each time.
@@ -53,6 +54,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -112,6 +114,12 @@ def _user_set(switch: str) -> bool:
     """Whether a switch names the user's own choice in an +auto cell: +rankN, or +KEY=VALUE
     (``+federation.aggregation=fedavg``: the user set that key, auto chose the rest)."""
     return _rank(switch) or "=" in switch
+
+
+def split_cells(text: str) -> list[str]:
+    """The comma-separated cells of ``--cells``; a comma inside brackets belongs to a list value
+    (``sample-8+auto+lora.target_modules=["q_proj","v_proj"]``)."""
+    return re.split(r",(?![^\[]*\])", text)
 
 
 def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, ...] = ()):
@@ -255,7 +263,7 @@ def main() -> None:
                         "config must be that cell's, data paths resolved) instead of running it")
     args = parser.parse_args()
     name = f"utility_{args.task}" + ("_quick" if args.quick else "")
-    cells = (args.cells or DEFAULT_CELLS).split(",")
+    cells = split_cells(args.cells or DEFAULT_CELLS)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.plan:
         from privlora.privacy.recipe import resolve
@@ -285,7 +293,7 @@ def main() -> None:
                 print(f"{cell} seed {seed}: acc {pct(row['accuracy'])} in {row['seconds']} s",
                       flush=True)
     generation = bool(rows) and rows[0]["accuracy"] is None  # Dolly: answer loss, perplexity
-    shown = args.cells.split(",") if args.report and args.cells else None  # a table's subset
+    shown = split_cells(args.cells) if args.report and args.cells else None  # a table's subset
     print(render_generation(rows, shown) if generation else render(rows, shown))
     plot(rows, RESULTS / f"{name}.png", "loss" if generation else "accuracy")
 

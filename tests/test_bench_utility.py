@@ -99,6 +99,15 @@ def test_key_switch_is_the_users_setting_and_auto_chooses_the_rest():
         utility.cell_config("builtin", "sample-8+auto+train.nope=1", 0, quick=True)
 
 
+def test_cells_split_on_commas_outside_a_list_value():
+    cells = 'nodp,sample-8+auto+lora.target_modules=["q_proj","v_proj"]+lora.last_layers=0,sample-2'
+    assert utility.split_cells(cells) == [
+        "nodp", 'sample-8+auto+lora.target_modules=["q_proj","v_proj"]+lora.last_layers=0',
+        "sample-2"]
+    c = utility.cell_config("builtin", utility.split_cells(cells)[1], 0, quick=True)
+    assert c.lora.target_modules == ("q_proj", "v_proj")
+
+
 def test_recipe_cell_is_the_private_recipe_without_privacy():
     from privlora.privacy.recipe import resolve
 
