@@ -141,14 +141,14 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
             raise SystemExit(f"{cell}: +auto combines only with one +budgetN (N an integer), "
                              "one +rankN under DP, in a nodp cell one +recipeE (E an "
                              "epsilon), and +KEY=VALUE settings")
-        rank = [f"lora.rank={ranks[0]}", "lora.last_layers=0", *keys] if ranks else keys
+        users = [*([f"lora.rank={ranks[0]}", "lora.last_layers=0"] if ranks else []), *keys]
         if recipe:  # auto's sample-level recipe at epsilon E, run without clipping or noise
             from privlora.privacy.recipe import resolve
 
             private = auto_config(task, f"sample-{recipe[0]}", seed, quick,
-                                  (*budget, *rank, *extra))
+                                  (*budget, *users, *extra))
             return without_privacy(resolve(private).config)
-        return auto_config(task, name, seed, quick, (*budget, *rank, *extra))
+        return auto_config(task, name, seed, quick, (*budget, *users, *extra))
     overrides = [f"seed={seed}", *(QUICK if quick else [])]
     overrides += [o for s in switches for o in _switch(s)]
     if name == "central":
