@@ -110,10 +110,15 @@ def _rank(switch: str) -> bool:
     return switch.startswith("rank") and switch[4:].isdigit() and int(switch[4:]) > 0
 
 
+def _key_value(switch: str) -> bool:
+    """Whether an +auto cell's switch is +KEY=VALUE (``+federation.aggregation=fedavg``): the
+    user set that config key, auto chose the rest."""
+    return "=" in switch
+
+
 def _user_set(switch: str) -> bool:
-    """Whether a switch names the user's own choice in an +auto cell: +rankN, or +KEY=VALUE
-    (``+federation.aggregation=fedavg``: the user set that key, auto chose the rest)."""
-    return _rank(switch) or "=" in switch
+    """Whether a switch names the user's own choice in an +auto cell: +rankN or +KEY=VALUE."""
+    return _rank(switch) or _key_value(switch)
 
 
 def split_cells(text: str) -> list[str]:
@@ -133,7 +138,7 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
                   if s.startswith("budget") and s[6:].isdigit()]
         recipe = [s[6:] for s in switches if s.startswith("recipe") and _number(s[6:])]
         ranks = [s[4:] for s in switches if _rank(s)]
-        keys = [s for s in switches if "=" in s]  # KEY=VALUE: set by the user, before --set
+        keys = [s for s in switches if _key_value(s)]  # applied before --set
         if (len(switches) != 1 + len(budget) + len(recipe) + len(ranks) + len(keys)
                 or len(budget) > 1
                 or len(recipe) > 1 or len(ranks) > 1 or (recipe and name != "nodp")
