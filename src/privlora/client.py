@@ -37,6 +37,7 @@ from privlora.lora import (
     trained_parameters,
     write_adapter,
 )
+from privlora.lr_schedule import scheduled_lr
 from privlora.models import compute_threads, gradient_checkpointing, wants_checkpointing
 from privlora.privacy.audit import GradientCanaries, ReleaseCanaries
 from privlora.privacy.central import CentralDP
@@ -61,6 +62,8 @@ class LocalSpec:
     batch_size: int
     lr: float
     optimizer: str = "adamw"
+    lr_schedule: str = "constant"  # train.lr_schedule, over the run's total_steps local steps
+    total_steps: int = 1  # federation.rounds x local_steps: the schedule's length
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
     train_a: bool = True  # False for FFA-LoRA: A stays frozen and is never sent
@@ -119,6 +122,8 @@ def spec_for(config: RunConfig, rule: Rule, plan: PrivacyPlan, rank: int | None,
     client's quantized base under ``quantization.base_noise = "bin"``)."""
     t = config.train
     return LocalSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
+                     lr_schedule=t.lr_schedule,
+                     total_steps=config.federation.rounds * t.local_steps,
                      optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay,
                      train_a=rule.trains_a,
                      rank=rank, sample_dp=plan.training_mechanism(),
@@ -150,7 +155,8 @@ def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol
         result = local_update(handles, start, site.examples, site.spec,
                               seeded_generator(seed, round_, site.client_id, "batches"),
                               seeded_generator(seed, round_, site.client_id, "noise"), pad_id,
-                              on_step, seeded_generator(seed, round_, site.client_id, "bins"))
+                              on_step, seeded_generator(seed, round_, site.client_id, "bins"),
+                              first_step=(round_ - 1) * site.spec.steps)
     if any(result.local_log.values()):
         local_log.warning("client %d round %d: %s", site.client_id, round_, result.local_log)
     return codec.pack_update(protocol.Payload(result.delta, result.meta), site.spec.uplink_bits,
@@ -160,8 +166,11 @@ def run_round(handles: LoraHandles, init: Adapter, site: Site, payload: protocol
 def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], spec: LocalSpec,
                  batch_rng: torch.Generator, noise_rng: torch.Generator, pad_id: int,
                  on_step: Callable[[int], None] | None = None,
-                 bins_rng: torch.Generator | None = None) -> LocalResult:
+                 bins_rng: torch.Generator | None = None, first_step: int = 0) -> LocalResult:
     """Train from ``start`` for ``spec.steps`` steps; return the update to send.
+
+    ``first_step`` is the index of this round's first step among the run's local steps
+    (``(round - 1) x steps``), where ``spec.lr_schedule`` reads its rate.
 
     ``on_step(tokens)`` is called after each step (a progress display). With
     ``spec.base_noise`` each step trains on a fresh draw of the quantized base within its bins
@@ -179,7 +188,9 @@ def local_update(handles: LoraHandles, start: Adapter, examples: list[Example], 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             gradient_checkpointing(handles.model, checkpointing), _on_grid(spec.base_noise):
         torch.manual_seed(int(torch.randint(2**62, (1,), generator=batch_rng)))
-        for _ in range(spec.steps):
+        for step_index in range(first_step, first_step + spec.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(spec.lr, spec.lr_schedule, step_index, spec.total_steps)
             if spec.base_noise is not None:
                 if bins_rng is None:
                     raise ValueError("spec.base_noise needs bins_rng")

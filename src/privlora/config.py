@@ -109,6 +109,10 @@ class TrainConfig:
     local_steps: int = 12
     batch_size: int = 8
     lr: float = 3e-3
+    # "constant": train.lr at every local step. "cosine": decays it over the run's
+    # federation.rounds x local_steps local steps, lr x (1 + cos(pi x t / T)) / 2 at step t of T,
+    # the same at every client (lr_schedule.py). Public, so no privacy cost
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.0  # SGD's heavy-ball momentum (reset each round, like Adam's moments)
     weight_decay: float = 0.0
