@@ -116,6 +116,12 @@ def _key_value(switch: str) -> bool:
     return "=" in switch
 
 
+def _recipe(switch: str) -> bool:
+    """Whether a nodp+auto cell's switch is +recipeE: auto's recipe for epsilon E, trained
+    without clipping or noise."""
+    return switch.startswith("recipe") and _number(switch[6:])
+
+
 def _user_set(switch: str) -> bool:
     """Whether a switch names the user's own choice in an +auto cell: +rankN or +KEY=VALUE."""
     return _rank(switch) or _key_value(switch)
@@ -136,7 +142,7 @@ def cell_config(task: str, cell: str, seed: int, quick: bool, extra: tuple[str, 
     if "auto" in switches:
         budget = [f"train.max_examples_processed={s[6:]}" for s in switches
                   if s.startswith("budget") and s[6:].isdigit()]
-        recipe = [s[6:] for s in switches if s.startswith("recipe") and _number(s[6:])]
+        recipe = [s[6:] for s in switches if _recipe(s)]
         ranks = [s[4:] for s in switches if _rank(s)]
         keys = [s for s in switches if _key_value(s)]  # applied before --set
         if (len(switches) != 1 + len(budget) + len(recipe) + len(ranks) + len(keys)
@@ -356,12 +362,22 @@ def _twin(cell: str, grouped: dict[str, list[dict]]) -> str | None:
     sample-8+label) when there is one; else one that adds switches after them (nodp+auto+budget4096
     for sample-8+auto: auto's non-private run at the private cells' default budget); else with
     the longest run of its first switches that has one (nodp+auto for
-    sample-2+auto+budget16384); else "nodp"."""
+    sample-2+auto+budget16384); else "nodp". A noise-free recipe (nodp+auto+recipe8) is measured
+    against the twin of the private cell it copies, a probe that changes it (+KEY=VALUE) against
+    the recipe."""
     switches = [s for s in cell.split("+")[1:] if not _user_set(s)]  # only +auto cells have it
     own = "+".join(["nodp", *switches])
+    recipe = [s for s in switches if _recipe(s)]
+    if recipe:
+        if own != cell and grouped.get(own):
+            return own  # a probe (+KEY=VALUE, +rankN): against the recipe it changes
+        # the noise-free recipe itself: against the non-private run it falls short of
+        switches = [s for s in switches if s not in recipe]
+        own = "+".join(["nodp", *switches])
     if grouped.get(own):
         return own
-    longer = sorted(c for c in grouped if c.startswith(own + "+"))
+    longer = sorted(c for c in grouped if c.startswith(own + "+")
+                    and not any(_recipe(s) for s in c.split("+")))
     if longer:
         return longer[0]
     for kept in range(len(switches) - 1, -1, -1):

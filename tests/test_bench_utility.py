@@ -69,6 +69,9 @@ def test_twin_is_the_same_switches_then_more_then_fewer():
     assert (utility._twin("nodp+auto+recipe8+federation.aggregation=fedavg", recipe)
             == "nodp+auto+recipe8")
     assert utility._twin("sample-8+auto+train.lr=0.01", grouped) == "nodp+auto+budget4096"
+    # the noise-free recipe itself is measured against the non-private run, never itself
+    assert utility._twin("nodp+auto+recipe8", recipe) == "nodp+auto+budget4096"
+    assert utility._twin("nodp+auto+recipe8", {**recipe, "nodp+auto": [{}]}) == "nodp+auto"
 
 
 def test_rank_switch_sets_the_rank_on_every_layer_and_auto_keeps_it():
