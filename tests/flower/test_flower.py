@@ -37,15 +37,16 @@ def _final_adapter(run: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(("secure", "settings"), [
-    (False, ("federation.num_clients=2", "train.threads=1")),
+    (False, ("federation.num_clients=2", "train.threads=1", "train.lr_schedule=cosine")),
     (True, (*CLIENT_DP, "train.threads=1", "quantization.base=q8_0",
             "quantization.uplink_bits=8", "train.loss=label"))],
-    ids=["insecure-no-dp", "tls-node-auth-client-dp-a-q8_0-bundle-and-the-label-loss"])
+    ids=["insecure-no-dp-cosine", "tls-node-auth-client-dp-a-q8_0-bundle-and-the-label-loss"])
 def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, secure, settings):
     """2 sites, 2 rounds, the same config and seed: every round's global adapter and the final
     PEFT adapter equal the in-process simulation's bit for bit (train.threads pins each local
     update's CPU threads in both runtimes; the sites' SuperNodes get fewer cores than the
-    simulation has). Without DP; and in the secure federation with client-level DP and
+    simulation has). Without DP, with the cosine learning-rate schedule (each site places its
+    steps by the round number the server sends); and in the secure federation with client-level DP and
     reproducible noise (the ledger equal too), composed with FedLPP: each site trains on the
     q8_0 bundle named in its node-config (checked against the server's digest) and rounds its
     uplink to 8 bits; and its sites train the label-only loss (train.loss = "label") exactly as
