@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from privlora import client
+from privlora import client, protocol
+from privlora.config import ConfigError, refuse_changes
 from privlora.lr_schedule import scheduled_lr
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.simulation import prepare
@@ -65,3 +66,40 @@ def test_a_step_takes_the_scheduled_rate(tiny_config):
     for name in deltas["constant"]:
         torch.testing.assert_close(deltas["cosine"][name], 0.5 * deltas["constant"][name],
                                    rtol=1e-5, atol=1e-8)
+
+
+def test_each_round_places_its_steps_in_the_run(tiny_config, monkeypatch):
+    # run_round hands local_update the index of the round's first step: round 2 of 2-step rounds
+    # takes the run's steps 2 and 3 (of 6)
+    sim = prepare(tiny_config("train.lr_schedule=cosine", "federation.rounds=3",
+                              "train.local_steps=2"))
+    seen = []
+
+    def spy(lr, schedule, step, total):
+        seen.append((schedule, step, total))
+        return scheduled_lr(lr, schedule, step, total)
+
+    monkeypatch.setattr(client, "scheduled_lr", spy)
+    site = sim.sites[0]
+    down = protocol.downlink(sim.server.rule, sim.init, sim.server.ranks[site.client_id])
+    client.run_round(sim.handles, sim.init, site, down, sim.config.seed, 2,
+                     sim.tokenizer.pad_token_id)
+    assert seen == [("cosine", 2, 6), ("cosine", 3, 6)]
+
+
+def test_cosine_without_the_runs_length_is_refused(tiny_config):
+    sim = prepare(tiny_config())
+    spec = dataclasses.replace(sim.sites[0].spec, lr_schedule="cosine", total_steps=0)
+    with pytest.raises(ValueError, match="total >= 1"):
+        client.local_update(sim.handles, sim.init, sim.sites[0].examples, spec,
+                            seeded_generator(0, "b"), seeded_generator(0, "n"),
+                            sim.tokenizer.pad_token_id)
+
+
+def test_a_resume_may_not_change_the_rounds_a_schedule_spans(tiny_config):
+    saved = tiny_config("train.lr_schedule=cosine", "federation.rounds=3")
+    refuse_changes(saved, saved)
+    with pytest.raises(ConfigError, match=r"federation.rounds = 4 differs .*train.lr_schedule"):
+        refuse_changes(saved, tiny_config("train.lr_schedule=cosine", "federation.rounds=4"))
+    constant = tiny_config("federation.rounds=3")
+    refuse_changes(constant, tiny_config("federation.rounds=4"))  # a constant rate may

@@ -63,7 +63,7 @@ class LocalSpec:
     lr: float
     optimizer: str = "adamw"
     lr_schedule: str = "constant"  # train.lr_schedule, over the run's total_steps local steps
-    total_steps: int = 1  # federation.rounds x local_steps: the schedule's length
+    total_steps: int = 0  # federation.rounds x local_steps: the schedule's length (0: unset)
     momentum: float = 0.0  # SGD only
     weight_decay: float = 0.0
     train_a: bool = True  # False for FFA-LoRA: A stays frozen and is never sent

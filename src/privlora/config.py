@@ -621,6 +621,13 @@ def refuse_changes(saved: RunConfig, new: RunConfig) -> None:
                     "keeps every setting that shapes what is trained, released or accounted. "
                     f"Drop that override (only {sorted(RESUMABLE)} may change)"
                 )
+    if saved.train.lr_schedule != "constant" and saved.federation.rounds != new.federation.rounds:
+        raise ConfigError(
+            f"--resume: federation.rounds = {new.federation.rounds} differs from the run's "
+            f"{saved.federation.rounds}, and train.lr_schedule = {saved.train.lr_schedule!r} "
+            "spreads its decay over the rounds the run started with: changing them would make "
+            "the remaining rounds take rates neither plan gives. Resume with "
+            f"federation.rounds = {saved.federation.rounds}")
 
 
 def without_privacy(config: RunConfig) -> RunConfig:

@@ -16,8 +16,8 @@ def scheduled_lr(lr: float, schedule: str, step: int, total: int) -> float:
 
     "constant": ``lr`` at every step. "cosine": ``lr x (1 + cos(pi x step / total)) / 2``, from
     ``lr`` at the first step down towards zero at the last (half of ``lr`` halfway); a step
-    beyond ``total`` (a resumed run given more rounds than it was planned with) stays at the
-    last step's rate rather than climbing back.
+    beyond ``total`` stays at the last step's rate rather than climbing back (a resume may not
+    change the rounds of a scheduled run: ``config.refuse_changes``).
     """
     if schedule == "constant":
         return lr

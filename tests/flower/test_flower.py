@@ -46,11 +46,11 @@ def test_deployment_matches_the_simulation(tmp_path, tiny_config, read_metrics, 
     PEFT adapter equal the in-process simulation's bit for bit (train.threads pins each local
     update's CPU threads in both runtimes; the sites' SuperNodes get fewer cores than the
     simulation has). Without DP, with the cosine learning-rate schedule (each site places its
-    steps by the round number the server sends); and in the secure federation with client-level DP and
-    reproducible noise (the ledger equal too), composed with FedLPP: each site trains on the
-    q8_0 bundle named in its node-config (checked against the server's digest) and rounds its
-    uplink to 8 bits; and its sites train the label-only loss (train.loss = "label") exactly as
-    simulated clients do."""
+    steps by the round number the server sends); and in the secure federation with
+    client-level DP and reproducible noise (the ledger equal too), composed with FedLPP: each
+    site trains on the q8_0 bundle named in its node-config (checked against the server's
+    digest) and rounds its uplink to 8 bits; and its sites train the label-only loss
+    (train.loss = "label") exactly as simulated clients do."""
     config = tiny_config(*settings)
     held: list[LocalFederation] = []
     deployed = run_local(config, tmp_path / "flower", secure=secure, on_start=held.append)
