@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # beside the repository
+FPB = DATA / "financial_phrasebank"
 
 
 PACKAGES = ("torch", "transformers", "peft", "dp-accounting", "flwr", "gguf", "privlora")
@@ -199,3 +201,12 @@ def majority_accuracy(row: dict) -> float | None:
     task = data.load_task(config.data, config.seed)
     _, eval_rows = data.split(task, config.data.eval_fraction, config.data.max_eval, config.seed)
     return majority_share([r.get("label") for r in eval_rows])
+
+
+def fpb_unseen_rows() -> list[dict]:
+    """FPB's 75%-agreement sentences that are not in the all-agree file (by text): 1,189 rows
+    that no run on the all-agree file trains or evaluates on (annotators agreed less on them)."""
+    from privlora.data import read_jsonl
+
+    seen = {r["text"] for r in read_jsonl(FPB / "fpb_sentences_allagree.jsonl")}
+    return [r for r in read_jsonl(FPB / "fpb_sentences_75agree.jsonl") if r["text"] not in seen]

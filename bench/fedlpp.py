@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import RESULTS, pct, save, saved, table
+from _common import DATA, RESULTS, pct, save, saved, table
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GENERAL = DATA / "dolly15k" / "dolly15k.jsonl"
 # Public text in the task's domain for transfer = "distill" (another public dataset)
 PUBLIC = {"fpb": DATA / "fiqa_sentiment" / "fiqa_post_3class.jsonl"}

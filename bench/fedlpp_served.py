@@ -25,21 +25,11 @@ import dataclasses
 import time
 from pathlib import Path
 
-from _common import RESULTS, pct, provenance, save, saved, table
+from _common import DATA, RESULTS, fpb_unseen_rows, pct, provenance, save, saved, table
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-FPB = DATA / "financial_phrasebank"
 PUBLIC = DATA / "fiqa_sentiment" / "fiqa_post_3class.jsonl"
 RUNS = RESULTS / "runs" / "fedlpp_fpb"
 MODELS = ("unquantized", "adapter", "client_visible", "distill")
-
-
-def extra_rows() -> list[dict]:
-    """FPB's 75%-agreement sentences that are not in the all-agree file (by text)."""
-    from privlora.data import read_jsonl
-
-    seen = {r["text"] for r in read_jsonl(FPB / "fpb_sentences_allagree.jsonl")}
-    return [r for r in read_jsonl(FPB / "fpb_sentences_75agree.jsonl") if r["text"] not in seen]
 
 
 def measure(scheme: str, rounds: int, seed: int) -> dict:
@@ -59,7 +49,7 @@ def measure(scheme: str, rounds: int, seed: int) -> dict:
     config = dataclasses.replace(config, quantization=q)
     task, _, eval_rows = load_rows(config)
     state = prepare_server(config, task, eval_rows, None)
-    extra = data.tokenize(extra_rows(), task, state.tokenizer, config.data.max_length)
+    extra = data.tokenize(fpb_unseen_rows(), task, state.tokenizer, config.data.max_length)
 
     def adapter_of(path: Path):
         return unflatten(load_file(str(path / "checkpoints" / f"round_{rounds:03d}"

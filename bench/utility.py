@@ -62,8 +62,6 @@ from _common import RESULTS, device_label, devices, pct, run_config, save, saved
 
 from privlora.evaluate import drop_error, floor_margin, margin
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 # The DP recipe per task is a config file (README, "Private training that learns"): many examples
 # per step, few released coordinates (FFA, rank 2), Adam at a DP learning rate.
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
