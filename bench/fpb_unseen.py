@@ -77,11 +77,12 @@ def render(rows: list[dict], floor: dict) -> str:
         kept = "-" if twin is None else pct((p - floor["floor"]) /
                                             (twin["accuracy"] - floor["floor"]))
         lines.append([r["cell"], r["seed"], pct(p), f"{100 * math.sqrt(p * (1 - p) / n):.1f}",
-                      kept, pct(r["held_out_accuracy"])])
+                      kept, pct(r["held_out_accuracy"]), pct(r["macro_f1"])])
     head = (f"{floor['examples']:,} unseen sentences: majority {pct(floor['majority'])}, "
             f"zero-shot {pct(floor['zero_shot'])}; floor {pct(floor['floor'])}\n\n")
     return head + table(["cell", "seed", "accuracy (unseen)", "SE (points)",
-                         f"gain kept (of the seed's {TWIN})", "accuracy (the run's 200)"], lines)
+                         f"gain kept (of the seed's {TWIN})", "accuracy (the run's 200)",
+                         "macro-F1 (unseen)"], lines)
 
 
 def main() -> None:

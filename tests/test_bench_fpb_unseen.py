@@ -26,7 +26,7 @@ def test_unseen_rows_are_not_in_the_file_the_runs_split():
 
 def _row(cell, seed, accuracy):
     return {"cell": cell, "seed": seed, "accuracy": accuracy, "examples": 1000,
-            "held_out_accuracy": 0.5}
+            "held_out_accuracy": 0.5, "macro_f1": 0.4}
 
 
 def test_share_is_against_the_same_seeds_twin_above_the_floor():

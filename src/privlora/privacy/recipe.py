@@ -23,7 +23,8 @@ FFA rank 2 on v_proj, Poisson batches of 36 of ~20,000 per client, label-only lo
   built-in rank 7, 98.0% against 99.0%; bench/utility.py's +rankN cells). FFA also keeps the
   private learning rate trainable: SST-2's epsilon-8 recipe with A trained too (FedAvg, every
   layer, Adam 0.0163, no noise) stayed at the majority label, 50.9%, where FFA reached 87.0%;
-  2x the steps at half the batch (87.5%) and q_proj too (85.8%) did no better without noise
+  2x the steps at half the batch (87.5%) and q_proj too (85.8%) did no better without noise,
+  nor half the learning rate at epsilon 8 (85.6% and 87.2% against 85.9% and 85.3%, seeds 0-1)
   (bench/utility.py's +KEY=VALUE cells);
 - sample mode, many examples per step (the search and its constants: ``recipe_steps.py``): 3
   rounds; per client ``TOTAL_STEPS`` steps in all (42 = the demo's, or 2x, 4x); for each, the largest expected batch the compute budget pays for
