@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from privlora.lora import lora_linears, set_trainable
+from privlora.models import gradient_checkpointing
 from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
 from tests.builders import randomize_lora_b
@@ -152,3 +156,33 @@ def test_entering_with_frozen_factors_fails_loudly(tiny_lora):
         pass
     with PerExampleGrads(tiny_lora, train_a=False):  # B only: fine
         pass
+
+
+def _live_activations(width: int) -> int:
+    """How many (batch, tokens, width) tensors Python can still reach."""
+    gc.collect()
+    return sum(1 for obj in gc.get_objects()
+               if isinstance(obj, torch.Tensor) and obj.dim() == 3 and obj.shape[-1] == width)
+
+
+def test_under_checkpointing_the_hooks_keep_no_activation_alive(tiny_lora):
+    """Why: gradient checkpointing drops a layer's activations after its forward; the
+    per-example hooks must not hold the adapted layers' inputs until the backward either, or a
+    DP step needs twice the activation memory of a non-private one (bench/model_size.py)."""
+    randomize_lora_b(tiny_lora, torch.Generator().manual_seed(3), 0.5)  # else A's gradient is 0
+    set_trainable(tiny_lora, train_a=True)
+    model = tiny_lora.model
+    model.train(True)  # transformers checkpoints in training mode only
+    ids = torch.randint(3, model.config.vocab_size, (4, 16),
+                        generator=torch.Generator().manual_seed(0))
+    width = model.config.hidden_size
+    alive = {}
+    for tracked in (False, True):
+        with gradient_checkpointing(model, True), \
+                PerExampleGrads(tiny_lora) if tracked else contextlib.nullcontext() as tracker:
+            loss = model(input_ids=ids).logits.sum()
+            alive[tracked] = _live_activations(width)
+            loss.backward()
+            if tracked:
+                assert all(torch.count_nonzero(g) > 0 for g in tracker.collect().values())
+    assert alive[True] == alive[False]

@@ -3,8 +3,15 @@
 A Linear y = x W^T used at every position t has dL/dW = sum_t g_t x_t^T, where g = dL/dy. When
 the loss is a SUM of per-example losses, example b's gradient is sum_t g_{b,t} x_{b,t}^T
 (Goodfellow, 2015, "Efficient per-example gradient computations"; the same trick as Opacus's
-grad samplers). Forward hooks keep each LoRA Linear's input; a tensor hook on its output receives
-g during backward and contracts the two right away, so no loop over examples is needed.
+grad samplers). A forward hook passes each LoRA Linear's output through an identity autograd
+function that saves the Linear's input; its backward receives g and contracts the two right away,
+so no loop over examples is needed.
+
+Why a saved tensor and not a closure: under gradient checkpointing (non-reentrant), tensors saved
+for backward inside a checkpointed layer are dropped after the forward and recomputed in the
+backward, so the input costs memory only while its layer is in the backward. Held in a Python
+closure instead, every adapted layer's input stayed alive from the forward to the backward: a DP
+step with checkpointing then needed about twice the memory of a non-private one (bench/model_size.py).
 """
 
 from __future__ import annotations
@@ -86,17 +93,16 @@ class PerExampleGrads:
         self._grads = {}
         return grads
 
-    def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
             if not output.requires_grad:  # e.g. an evaluation forward under torch.no_grad
-                return
-            activation = inputs[0].detach()
-            output.register_hook(self._backward_hook(name, activation))
+                return None
+            return _OnOutputGrad.apply(output, inputs[0].detach(), self._accumulator(name))
 
         return hook
 
-    def _backward_hook(self, name: str, activation: Tensor) -> Callable[[Tensor], None]:
-        def hook(grad_output: Tensor) -> None:
+    def _accumulator(self, name: str) -> Callable[[Tensor, Tensor], None]:
+        def accumulate(activation: Tensor, grad_output: Tensor) -> None:
             batch = activation.shape[0]
             x = activation.float().reshape(batch, -1, activation.shape[-1])  # (B, T, in)
             g = grad_output.float().reshape(batch, -1, grad_output.shape[-1])  # (B, T, out)
@@ -114,4 +120,23 @@ class PerExampleGrads:
             else:
                 self._grads[name] = previous + per_example
 
-        return hook
+        return accumulate
+
+
+class _OnOutputGrad(torch.autograd.Function):
+    """Identity on a Linear's output whose backward hands (the Linear's input, the output's
+    gradient) to a callback. The input is saved with ``save_for_backward``, so gradient
+    checkpointing drops and recomputes it like any other activation of its layer."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, activation: Tensor,
+                callback: Callable[[Tensor, Tensor], None]) -> Tensor:
+        ctx.save_for_backward(activation)
+        ctx.callback = callback
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (activation,) = ctx.saved_tensors
+        ctx.callback(activation, grad_output)
+        return grad_output, None, None
