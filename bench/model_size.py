@@ -1,21 +1,30 @@
-"""Memory of one local step against model size: DP (per-example clipping) or not, with and
-without gradient checkpointing (train.gradient_checkpointing).
+"""Memory and speed of one local step against model size, private (per-example clipping) or not.
 
-Each cell runs in its own process: a random Llama of a real model's shape (built from a config:
-nothing is downloaded), LoRA rank 8 on q_proj and v_proj, one local step of ``--batch``
-examples of ``--tokens`` tokens through privlora's own client code (client.local_update), in
-``--dtype``. Memory is the process's peak resident set during the step minus its resident set
-before it (Linux: /proc/self/clear_refs resets the peak): what the step adds to the weights.
+For each size: a random Llama of a public model's shape (from its config numbers: nothing is
+downloaded), LoRA rank 8 on q_proj and v_proj, and local steps of ``--batch`` examples of
+``--tokens`` tokens through privlora's own client code (client.local_update), non-private or DP
+(sample-level: per-example gradients, joint clipping, noise).
 
-    .venv/bin/python bench/memory.py                        # the default grid
-    .venv/bin/python bench/memory.py --sizes 135M --batch 4   # a quick look
-    .venv/bin/python bench/memory.py --report
+Memory: one step in a fresh process for each mode, its peak resident set (Linux: VmHWM, reset by
+/proc/self/clear_refs after the model is built) above the weights'; later steps in a process
+reuse what the first one allocated, so only a first step shows it. Time: both modes alternately
+in a third process, a warm-up pair, then ``--repeats`` timed pairs, the order swapped each pair so
+that a drift in the machine's speed falls on both; a mode's time is the median of its timed
+steps, the DP/plain ratio the median of the pairs' own ratios.
+``--checkpointing`` is train.gradient_checkpointing ("auto": on from models.CHECKPOINT_ABOVE
+parameters, as in a run). A size whose process the kernel kills (out of memory) is recorded as
+not fitting; ``--repeats 0`` measures memory only.
+
+    .venv/bin/python bench/model_size.py                          # the default grid
+    .venv/bin/python bench/model_size.py --sizes 135M --repeats 1   # a quick look
+    .venv/bin/python bench/model_size.py --report
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -24,15 +33,24 @@ from pathlib import Path
 from _common import save, saved, table
 
 # Shapes of public models (their configs' numbers; the weights here are random)
+SMOL = {"vocab_size": 49152, "tie_word_embeddings": True}
+LLAMA3 = {"vocab_size": 128256, "num_key_value_heads": 8}
 SHAPES = {
-    "135M": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                 "num_attention_heads": 9, "num_key_value_heads": 3},  # SmolLM2-135M
-    "360M": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-                 "num_attention_heads": 15, "num_key_value_heads": 5},  # SmolLM2-360M
-    "1.7B": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-                 "num_attention_heads": 32, "num_key_value_heads": 32},  # SmolLM2-1.7B
+    "135M": {**SMOL, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+             "num_attention_heads": 9, "num_key_value_heads": 3},  # SmolLM2-135M
+    "360M": {**SMOL, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+             "num_attention_heads": 15, "num_key_value_heads": 5},  # SmolLM2-360M
+    "1.7B": {**SMOL, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+             "num_attention_heads": 32, "num_key_value_heads": 32},  # SmolLM2-1.7B
+    "1B": {**LLAMA3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "tie_word_embeddings": True},  # Llama-3.2-1B
+    "3B": {**LLAMA3, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+           "num_attention_heads": 24, "tie_word_embeddings": True},  # Llama-3.2-3B
+    "8B": {**LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "tie_word_embeddings": False},  # Llama-3.1-8B
 }
-VOCAB = 49152
+GB = 2**30
+FITS_GB = 24  # the CPU machine the issue names (CI's: 24 GiB)
 
 
 def _rss(field: str) -> int:
@@ -42,9 +60,14 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def one_cell(size: str, private: bool, checkpointing: bool, batch: int, tokens: int,
-             dtype: str) -> dict:
-    """Run one step in this process; return its memory and time."""
+def step_order(pair: int) -> tuple[bool, bool]:
+    """Which step of a pair runs first: the non-private one on even pairs, the DP one on odd."""
+    return (False, True) if pair % 2 == 0 else (True, False)
+
+
+def build(size: str, batch: int, tokens: int, dtype: str, checkpointing: str):
+    """The random model of ``size`` with LoRA attached, ``batch`` random examples and a step
+    function ``step(private)`` running one local step through the client's code."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,77 +75,209 @@ def one_cell(size: str, private: bool, checkpointing: bool, batch: int, tokens: 
     from privlora.config import LoraSection
     from privlora.data import Example
     from privlora.lora import attach, read_adapter, spec_of
+    from privlora.models import torch_dtype, wants_checkpointing
     from privlora.privacy.client_dp import SampleDP
     from privlora.privacy.mechanisms import seeded_generator
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=2048,
-                         tie_word_embeddings=True, **SHAPES[size])
-    torch.set_default_dtype(getattr(torch, dtype))  # built in dtype: no float32 copy first
+    config = LlamaConfig(max_position_embeddings=2048, **SHAPES[size])
+    torch.set_default_dtype(torch_dtype(dtype))  # built in dtype: no float32 copy first
     model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)  # LoRA factors are float32, as in a run
     model.requires_grad_(False)
-    parameters = sum(p.numel() for p in model.parameters())
+    checkpointed = wants_checkpointing(checkpointing, model)
     handles = attach(model, spec_of(LoraSection(rank=8, target_modules=("q_proj", "v_proj")),
                                     model), seed=0)
     g = torch.Generator().manual_seed(1)
-    examples = [Example(tuple(torch.randint(3, VOCAB, (tokens - 2,), generator=g).tolist()),
-                        (5, 2), None) for _ in range(batch)]
+    examples = [Example(tuple(torch.randint(3, config.vocab_size, (tokens - 2,),
+                                            generator=g).tolist()), (5, 2), None)
+                for _ in range(batch)]
     dp = SampleDP(clip=1.0, noise_multiplier=1.0, sample_rate=1.0, divisor=batch, secure=False)
-    spec = client.LocalSpec(steps=1, batch_size=batch, lr=1e-3, train_a=True,
-                            sample_dp=dp if private else None, microbatch=batch,
-                            send_counts=not private,
-                            gradient_checkpointing="on" if checkpointing else "off")
-    before = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    specs = {private: client.LocalSpec(steps=1, batch_size=batch, lr=1e-3, train_a=True,
+                                       sample_dp=dp if private else None, microbatch=batch,
+                                       send_counts=not private,
+                                       gradient_checkpointing="on" if checkpointed else "off")
+             for private in (False, True)}
+
+    def step(private: bool) -> float:
+        started = time.perf_counter()
+        client.local_update(handles, read_adapter(handles), examples, specs[private],
+                            seeded_generator(0, "b"), seeded_generator(0, "n"), pad_id=2)
+        return time.perf_counter() - started
+
+    info = {"size": size, "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpointing": checkpointed, "checkpointing_setting": checkpointing,
+            "batch": batch, "tokens": tokens, "dtype": dtype, "threads": torch.get_num_threads()}
+    return info, step
+
+
+def step_memory(size: str, private: bool, batch: int, tokens: int, dtype: str,
+                checkpointing: str) -> dict:
+    """One step, the first in this process: its peak resident set above the weights'."""
+    info, step = build(size, batch, tokens, dtype, checkpointing)
+    weights = _rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the RSS
+    step(private)
+    peak = _rss("VmHWM")
+    return {**info, "private": private, "weights_rss_gb": weights / GB,
+            "step_peak_gb": (peak - weights) / GB, "process_peak_gb": peak / GB}
+
+
+def step_times(size: str, batch: int, tokens: int, dtype: str, checkpointing: str,
+               repeats: int) -> dict[str, list[float]]:
+    """Non-private and DP steps alternately in this process: a warm-up pair, then ``repeats``
+    timed pairs; the seconds of every step, warm-up first."""
+    _, step = build(size, batch, tokens, dtype, checkpointing)
+    seconds: dict[str, list[float]] = {"plain": [], "dp": []}
+    for pair in range(repeats + 1):
+        for private in step_order(pair):
+            seconds["dp" if private else "plain"].append(step(private))
+    return seconds
+
+
+def timed(row: dict) -> bool:
+    """Whether the row's time is a median of warm steps (rows carried over from bench/memory.py
+    timed one cold step beside other jobs, so their time is not shown)."""
+    return row.get("repeats", 0) > 0
+
+
+def row_key(row: dict) -> tuple:
+    """What a new measurement replaces: the same size, mode, batch, tokens, dtype and setting."""
+    return (row["size"], row["private"], row["batch"], row["tokens"], row["dtype"],
+            row["checkpointing_setting"])
+
+
+def pair_ratio(dp: list[float], plain: list[float]) -> float:
+    """The median over the timed pairs of DP seconds / non-private seconds (the first pair
+    warmed up): each pair ran back to back, so a slower or busier machine slows both."""
+    return statistics.median(d / p for d, p in zip(dp[1:], plain[1:], strict=True))
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """DP against non-private for each measured (size, batch, tokens, dtype, checkpointing):
+    the process's peak memory, the step's own memory and the step time (``pair_ratio``)."""
+    out = []
+    for dp in (r for r in rows if r["private"] and "error" not in r):
+        key = {k: dp[k] for k in ("size", "batch", "tokens", "dtype", "checkpointing")}
+        plain = next((r for r in rows if not r["private"] and "error" not in r
+                      and all(r[k] == v for k, v in key.items())), None)
+        if plain is not None:
+            out.append({**key, "process_peak": dp["process_peak_gb"] / plain["process_peak_gb"],
+                        "step_memory": dp["step_peak_gb"] / plain["step_peak_gb"],
+                        "time": pair_ratio(dp["seconds_each"], plain["seconds_each"])
+                        if timed(dp) and timed(plain) else None})
+    return out
+
+
+def largest_fitting(rows: list[dict], private: bool, memory_gb: float) -> str:
+    """The largest measured size whose process peak stayed within ``memory_gb``, or "none"."""
+    fitting = [r for r in rows if r["private"] == private and "error" not in r
+               and r["process_peak_gb"] <= memory_gb]
+    return max(fitting, key=lambda r: r["parameters"])["size"] if fitting else "none"
+
+
+def render(rows: list[dict]) -> str:
+    rows = sorted(rows, key=lambda r: (-r["batch"], r["dtype"], r.get("parameters", 0),
+                                       str(r.get("checkpointing")), r["private"]))
+    measured = [r for r in rows if "error" not in r]
+    lines = [[r["size"], f"{r['parameters'] / 1e6:,.0f}M", "yes" if r["private"] else "no",
+              "on" if r["checkpointing"] else "off", f"{r['batch']} x {r['tokens']}", r["dtype"],
+              f"{r['weights_rss_gb']:.2f}", f"{r['step_peak_gb']:.2f}",
+              f"{r['process_peak_gb']:.2f}", f"{r['seconds']:.1f}" if timed(r) else "-",
+              f"{r['tokens_per_s']:.0f}" if timed(r) else "-"] for r in measured]
+    text = table(["model shape", "parameters", "DP", "checkpointing", "batch x tokens", "dtype",
+                  "weights RSS (GB)", "step adds (GB)", "process peak (GB)", "step (s)",
+                  "tokens/s"], lines)
+    text += "\n\n" + table(
+        ["model shape", "batch x tokens", "dtype", "checkpointing", "DP/plain process peak",
+         "DP/plain step memory", "DP/plain step time"],
+        [[q["size"], f"{q['batch']} x {q['tokens']}", q["dtype"],
+          "on" if q["checkpointing"] else "off", f"{q['process_peak']:.2f}",
+          f"{q['step_memory']:.2f}", "-" if q["time"] is None else f"{q['time']:.2f}"]
+         for q in ratios(rows)])
+    for dtype in sorted({r["dtype"] for r in measured}):
+        of = [r for r in rows if r["dtype"] == dtype]
+        text += (f"\n\nLargest measured shape whose process peak fits {FITS_GB} GB, {dtype}: "
+                 f"no DP {largest_fitting(of, False, FITS_GB)}, "
+                 f"DP {largest_fitting(of, True, FITS_GB)}")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        text += "\n\n" + "\n".join(f"{r['size']} ({r['dtype']}, {r['batch']} x {r['tokens']}): "
+                                   f"{r['error']}" for r in failed)
+    return text
+
+
+def child(arguments: list[str]) -> dict | str:
+    """Run this script on ``arguments`` in a fresh process; its JSON, or why it gave none (a
+    process the kernel killed did not fit in memory; any other failure stops the benchmark)."""
     started = time.perf_counter()
-    client.local_update(handles, read_adapter(handles), examples, spec,
-                        seeded_generator(0, "b"), seeded_generator(0, "n"), pad_id=2)
-    seconds = time.perf_counter() - started
-    return {"size": size, "parameters": parameters, "private": private,
-            "checkpointing": checkpointing, "batch": batch, "tokens": tokens, "dtype": dtype,
-            "weights_rss_gb": before / 2**30, "step_peak_gb": (_rss("VmHWM") - before) / 2**30,
-            "seconds": seconds, "threads": torch.get_num_threads()}
+    out = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True,
+                         check=False)
+    if out.returncode == -9:
+        return f"killed after {time.perf_counter() - started:.0f} s (out of memory)"
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(arguments)}: exit {out.returncode}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="135M,360M,1.7B")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--sizes", default="135M,360M,1B,3B,8B", help=", ".join(SHAPES))
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", help='"auto" as model.dtype resolves it')
+    parser.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs after the warm-up")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--report", action="store_true")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)  # size,private,checkpointing: internal
+    parser.add_argument("--size", help=argparse.SUPPRESS)  # internal: a child's size
+    parser.add_argument("--memory", choices=("plain", "dp"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.cell:
-        size, private, checkpointing = args.cell.split(",")
-        print(json.dumps(one_cell(size, private == "1", checkpointing == "1", args.batch,
-                                  args.tokens, args.dtype)))
+    if args.size:  # a child process: one measurement, printed as JSON
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        if args.memory:
+            result = step_memory(args.size, args.memory == "dp", args.batch, args.tokens,
+                                 args.dtype, args.checkpointing)
+        else:
+            result = step_times(args.size, args.batch, args.tokens, args.dtype,
+                                args.checkpointing, args.repeats)
+        print(json.dumps(result))
         return
-    rows = saved("memory", "rows", [])
-    if not args.report:
-        for size in args.sizes.split(","):
-            for private in (False, True):
-                for checkpointing in (False, True):
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--cell",
-                         f"{size},{int(private)},{int(checkpointing)}", "--batch",
-                         str(args.batch), "--tokens", str(args.tokens), "--dtype", args.dtype],
-                        capture_output=True, text=True, check=True)
-                    row = json.loads(out.stdout.strip().splitlines()[-1])
-                    key = (size, private, checkpointing, args.batch, args.tokens, args.dtype)
-                    rows = [r for r in rows if (r["size"], r["private"], r["checkpointing"],
-                                                r["batch"], r["tokens"], r["dtype"]) != key]
-                    rows.append(row)
-                    save("memory", {"rows": rows})
-                    print(f"{size} private={private} checkpointing={checkpointing}: "
-                          f"{row['step_peak_gb']:.2f} GB in {row['seconds']:.1f} s", flush=True)
-    print(table(["model shape", "parameters", "DP", "checkpointing", "batch x tokens", "dtype",
-                 "weights RSS (GB)", "step adds (GB)", "step (s)"],
-                [[r["size"], f"{r['parameters'] / 1e6:.0f}M", "yes" if r["private"] else "no",
-                  "on" if r["checkpointing"] else "off", f"{r['batch']} x {r['tokens']}",
-                  r["dtype"], f"{r['weights_rss_gb']:.2f}", f"{r['step_peak_gb']:.2f}",
-                  f"{r['seconds']:.1f}"] for r in rows]))
+    import torch
+
+    from privlora.models import train_dtype
+
+    dtype = train_dtype(args.dtype, torch.device("cpu"))
+    rows = saved("model_size", "rows", [])
+    for size in [] if args.report else args.sizes.split(","):
+        started = time.perf_counter()
+        common = ["--batch", str(args.batch), "--tokens", str(args.tokens), "--dtype", dtype,
+                  "--checkpointing", args.checkpointing, "--repeats", str(args.repeats),
+                  "--threads", str(args.threads)]
+        new = []
+        for private in (False, True):  # memory: one step, each in a fresh process
+            out = child(["--size", size, "--memory", "dp" if private else "plain", *common])
+            new.append(out if isinstance(out, dict) else
+                       {"size": size, "private": private, "batch": args.batch,
+                        "tokens": args.tokens, "dtype": dtype,
+                        "checkpointing_setting": args.checkpointing, "error": out})
+        if args.repeats and all("error" not in r for r in new):
+            seconds = child(["--size", size, *common])
+            if isinstance(seconds, str):
+                sys.exit(f"{size}: the timing process failed after the memory ones passed: "
+                         f"{seconds}")
+            for r in new:
+                each = seconds["dp" if r["private"] else "plain"]
+                median = statistics.median(each[1:])  # the first pair warmed up
+                r.update(seconds=median, seconds_each=each, repeats=args.repeats,
+                         tokens_per_s=args.batch * args.tokens / median)
+        keys = {row_key(r) for r in new}
+        rows = [r for r in rows if row_key(r) not in keys] + new
+        save("model_size", {"rows": rows})
+        print(f"{size}: done in {time.perf_counter() - started:.0f} s", flush=True)
+    print(render(rows))
 
 
 if __name__ == "__main__":

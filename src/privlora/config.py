@@ -135,7 +135,7 @@ class TrainConfig:
     # Recompute each decoder layer's activations in the backward instead of keeping them
     # (transformers' gradient checkpointing, non-reentrant): the same gradients for about a
     # third more compute, and activation memory of one layer instead of all. "auto" = on for
-    # models of at least models.CHECKPOINT_ABOVE parameters (bench/memory.py measures why)
+    # models of at least models.CHECKPOINT_ABOVE parameters (bench/model_size.py measures why)
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     # privacy.recipe = "auto": the compute budget, in examples processed over the whole run by
     # all clients (rounds x clients per round x local steps x batch). 0 = auto's default:

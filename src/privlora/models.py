@@ -136,7 +136,7 @@ def attention_for(device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
-# train.gradient_checkpointing = "auto" turns it on from this many parameters (bench/memory.py)
+# train.gradient_checkpointing = "auto" turns it on from this many parameters (bench/model_size.py)
 CHECKPOINT_ABOVE = 1_000_000_000
 
 
