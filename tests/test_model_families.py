@@ -7,6 +7,7 @@ and the per-example gradients equal a brute-force loop of one backward per examp
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -150,6 +151,34 @@ def test_private_round_saves_an_adapter_stock_peft_reloads(family, model_dir, tm
         answer = lm.answer_logits(ours.model, batch)  # the training path: decoder, then head
     torch.testing.assert_close(mine, full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(answer, full[batch.target_mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "released"), [("qwen2", ["v_proj"]), ("gpt2", ["c_attn"])])
+def test_the_cli_runs_the_auto_private_recipe_with_no_modules_named(family, released, model_dir,
+                                                                     tmp_path):
+    """What a new user of another family writes: the model directory, epsilon 8 and the declared
+    data size; auto picks the recipe, the family its modules (the value projection where it has
+    one, GPT-2's fused c_attn otherwise)."""
+    from typer.testing import CliRunner
+
+    from privlora.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(model_dir(family)), "--set", "model.dtype=float32",
+        "--set", "data.builtin_examples=120", "--set", "data.max_eval=8",
+        "--set", "federation.rounds=1", "--set", "train.local_steps=2",
+        "--set", "privacy.recipe=auto", "--set", "privacy.mode=sample",
+        "--set", "privacy.target_epsilon=8", "--set", "privacy.delta=1e-3",
+        "--set", "data.examples_per_client=24", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "recipe: auto" in result.output
+    saved = load_config(out / "config.toml")
+    assert saved.federation.aggregation == "ffa" and saved.lora.rank == 2
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == released
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert privacy["mode"] == "sample" and 0 < privacy["epsilon_pld"] <= 8.0
 
 
 @pytest.mark.parametrize("mode", ["client", "local"])
