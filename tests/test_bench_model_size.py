@@ -67,3 +67,16 @@ def test_the_largest_size_that_fits_ignores_failures():
     assert model_size.largest_fitting(rows, True, 24.0) == "3B"
     assert model_size.largest_fitting(rows, True, 10.0) == "1B"
     assert model_size.largest_fitting(rows, True, 1.0) == "none"
+
+
+def test_a_child_the_kernel_killed_counts_as_not_fitting_and_other_failures_stop(monkeypatch):
+    import subprocess
+
+    def finished(code):
+        return lambda *a, **k: subprocess.CompletedProcess(a, code, stdout="", stderr="boom")
+
+    monkeypatch.setattr(model_size.subprocess, "run", finished(-9))
+    assert "out of memory" in model_size.child(["--size", "8B"])
+    monkeypatch.setattr(model_size.subprocess, "run", finished(1))
+    with pytest.raises(SystemExit, match="boom"):
+        model_size.child(["--size", "8B"])
