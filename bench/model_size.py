@@ -245,13 +245,16 @@ def main() -> None:
                                 args.checkpointing, args.repeats)
         print(json.dumps(result))
         return
+    rows = saved("model_size", "rows", [])
+    if args.report:
+        print(render(rows))
+        return
     import torch
 
     from privlora.models import train_dtype
 
     dtype = train_dtype(args.dtype, torch.device("cpu"))
-    rows = saved("model_size", "rows", [])
-    for size in [] if args.report else args.sizes.split(","):
+    for size in args.sizes.split(","):
         started = time.perf_counter()
         common = ["--batch", str(args.batch), "--tokens", str(args.tokens), "--dtype", dtype,
                   "--checkpointing", args.checkpointing, "--repeats", str(args.repeats),
