@@ -77,6 +77,7 @@ def build(size: str, batch: int, tokens: int, dtype: str, checkpointing: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from privlora import client
+    from privlora.architectures import parameter_count
     from privlora.config import LoraSection
     from privlora.data import Example
     from privlora.lora import attach, read_adapter, spec_of
@@ -114,7 +115,7 @@ def build(size: str, batch: int, tokens: int, dtype: str, checkpointing: str):
                             seeded_generator(0, "b"), seeded_generator(0, "n"), pad_id=2)
         return time.perf_counter() - started
 
-    info = {"size": size, "parameters": sum(p.numel() for p in model.parameters()),
+    info = {"size": size, "parameters": parameter_count(model),
             "checkpointing": checkpointed, "checkpointing_setting": checkpointing,
             "batch": batch, "tokens": tokens, "dtype": weights_dtype(model),
             "threads": torch.get_num_threads()}

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from privlora import lm, models
-from privlora.architectures import DEFAULT_TARGETS, default_targets
+from privlora.architectures import DEFAULT_TARGETS, default_targets, parameter_count
 from privlora.communication import full_finetune_bytes
 from privlora.config import LoraSection, load_config
 from privlora.data import Example, collate
@@ -292,6 +292,8 @@ def test_an_nf4_base_stores_its_layers_in_4_bits_and_lora_wraps_them(family, mod
     assert not isinstance(nf4.get_output_embeddings(), bnb.nn.Linear4bit)  # the head: full
     # what full fine-tuning would move is the full model's size, not its 4-bit codes'
     assert full_finetune_bytes(nf4) == full_finetune_bytes(full)
+    # and its size (train.gradient_checkpointing = "auto" reads it) is the full model's count
+    assert parameter_count(nf4) == parameter_count(full) > sum(p.numel() for p in nf4.parameters())
     handles = attach(nf4, spec_of(LoraSection(rank=2), nf4), seed=0)
     wrapped = [m for m in handles.model.modules() if isinstance(m, LoraLayer)]
     assert len(wrapped) == len(handles.layers) > 0

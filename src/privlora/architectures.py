@@ -8,6 +8,7 @@ family has no separate ones. Families not listed take PEFT's own default for the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -152,5 +153,15 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
         modules[leaf] = (fan_in, fan_out, count + 1)
     config = model.config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
-    return ModelFacts(sum(p.numel() for p in model.parameters()), int(layers), modules,
+    return ModelFacts(parameter_count(model), int(layers), modules,
                       default_targets(config.model_type))
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Count the model's parameters, an NF4 weight (``model.dtype = "nf4"``) by its full shape:
+    bitsandbytes stores it as packed 4-bit codes, half as many elements as weights."""
+    total = 0
+    for param in model.parameters():
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)
+        total += param.numel() if shape is None else math.prod(shape)
+    return total

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from privlora.architectures import check_causal_lm
+from privlora.architectures import check_causal_lm, parameter_count
 from privlora.errors import ConfigError
 
 BUILTIN = "builtin"
@@ -183,7 +183,7 @@ CHECKPOINT_ABOVE = 1_000_000_000
 def wants_checkpointing(setting: str, model: torch.nn.Module) -> bool:
     """Return whether ``train.gradient_checkpointing`` = ``setting`` is on for ``model``."""
     if setting == "auto":
-        return sum(p.numel() for p in model.parameters()) >= CHECKPOINT_ABOVE
+        return parameter_count(model) >= CHECKPOINT_ABOVE
     return setting == "on"
 
 
