@@ -7,6 +7,8 @@ and the per-example gradients equal a brute-force loop of one backward per examp
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import json
 import math
@@ -323,6 +325,34 @@ def test_nf4_computes_in_bf16_where_auto_would_and_a_private_round_runs(device, 
     adapter = unflatten(last_checkpoint(tmp_path / "run").tensors)
     assert all(torch.isfinite(f.B).all() for f in adapter.values())
     assert any(f.B.abs().sum() > 0 for f in adapter.values())
+
+
+def test_on_an_nf4_base_checkpointing_drops_what_the_hooks_see():
+    """The DP hooks keep no activation alive under checkpointing on 4-bit layers either (the
+    float32 case: tests/privacy/test_per_example.py)."""
+    model = load_model("tiny-random", "nf4", "cpu")
+    handles = attach(model, spec_of(LoraSection(rank=2), model), seed=0)
+    randomize_lora_b(handles, torch.Generator().manual_seed(3), 0.5)  # else A's gradient is 0
+    set_trainable(handles, train_a=True)
+    handles.model.train(True)  # transformers checkpoints in training mode only
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    width = model.config.hidden_size
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor)
+                   and obj.dim() == 3 and obj.shape[-1] == width)
+
+    alive = {}
+    for tracked in (False, True):
+        with gradient_checkpointing(handles.model, True), \
+                PerExampleGrads(handles) if tracked else contextlib.nullcontext() as tracker:
+            loss = handles.model(input_ids=ids).logits.sum()
+            alive[tracked] = live()
+            loss.backward()
+            if tracked:
+                assert all(torch.count_nonzero(g) > 0 for g in tracker.collect().values())
+    assert alive[True] == alive[False] > 0
 
 
 def test_nf4_refuses_fedlpp_and_a_missing_bitsandbytes(monkeypatch):
