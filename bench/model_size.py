@@ -74,7 +74,6 @@ def build(size: str, batch: int, tokens: int, dtype: str, checkpointing: str):
     """The random model of ``size`` with LoRA attached, ``batch`` random examples and a step
     function ``step(private)`` running one local step through the client's code."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from privlora import client
     from privlora.architectures import parameter_count
@@ -87,13 +86,9 @@ def build(size: str, batch: int, tokens: int, dtype: str, checkpointing: str):
 
     if dtype == NF4:  # as a user loads it: from a directory, quantized as it is read
         model = load_model(str(shape_dir(size)), NF4, "cpu")
-        config = model.config
     else:
-        torch.manual_seed(0)
-        config = LlamaConfig(max_position_embeddings=2048, **SHAPES[size])
-        torch.set_default_dtype(torch_dtype(dtype))  # built in dtype: no float32 copy first
-        model = LlamaForCausalLM(config)
-        torch.set_default_dtype(torch.float32)  # LoRA factors are float32, as in a run
+        model = random_model(size, torch_dtype(dtype))
+    config = model.config
     model.requires_grad_(False)
     checkpointed = wants_checkpointing(checkpointing, model)
     handles = attach(model, spec_of(LoraSection(rank=8, target_modules=("q_proj", "v_proj")),
@@ -127,20 +122,27 @@ def shape_dir(size: str) -> Path:
     return SHAPES_DIR / size
 
 
-def save_shape(size: str) -> None:
-    """Save a random model of ``size`` in bf16 as an HF directory (once: kept for later runs)."""
+def random_model(size: str, dtype):
+    """A Llama of ``size``'s shape with random weights, built in ``dtype`` (a torch dtype): no
+    float32 copy first. The default dtype is float32 again afterwards (LoRA factors are float32,
+    as in a run)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (shape_dir(size) / "config.json").is_file():
-        return
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=2048, **SHAPES[size]))
+        return LlamaForCausalLM(LlamaConfig(max_position_embeddings=2048, **SHAPES[size]))
     finally:
         torch.set_default_dtype(torch.float32)
-    model.save_pretrained(shape_dir(size))
+
+
+def save_shape(size: str) -> None:
+    """Save a random model of ``size`` in bf16 as an HF directory (once: kept for later runs)."""
+    import torch
+
+    if not (shape_dir(size) / "config.json").is_file():
+        random_model(size, torch.bfloat16).save_pretrained(shape_dir(size))
 
 
 def step_memory(size: str, private: bool, batch: int, tokens: int, dtype: str,

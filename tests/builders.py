@@ -70,3 +70,12 @@ def tiny_llama(tokenizer) -> torch.nn.Module:
 def with_lora(model: torch.nn.Module):
     """``model`` wrapped with LoRA r=4 on q_proj and v_proj (seed 0)."""
     return attach(model, LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "v_proj")), seed=0)
+
+
+def live_activations(width: int) -> int:
+    """How many (batch, tokens, width) tensors Python can still reach (after a collection)."""
+    import gc
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects()
+               if isinstance(obj, torch.Tensor) and obj.dim() == 3 and obj.shape[-1] == width)

@@ -8,7 +8,6 @@ and the per-example gradients equal a brute-force loop of one backward per examp
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.util
 import json
 import math
@@ -47,7 +46,7 @@ from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
 from privlora.run_dir import last_checkpoint
 from privlora.simulation import run
-from tests.builders import randomize_lora_b
+from tests.builders import live_activations, randomize_lora_b
 
 # Shared by every family: 2 layers, 4 heads (2 key-value heads where the family has them),
 # the built-in tokenizer's vocabulary and token ids
@@ -337,18 +336,12 @@ def test_on_an_nf4_base_checkpointing_drops_what_the_hooks_see():
     handles.model.train(True)  # transformers checkpoints in training mode only
     ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
     width = model.config.hidden_size
-
-    def live() -> int:
-        gc.collect()
-        return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor)
-                   and obj.dim() == 3 and obj.shape[-1] == width)
-
     alive = {}
     for tracked in (False, True):
         with gradient_checkpointing(handles.model, True), \
                 PerExampleGrads(handles) if tracked else contextlib.nullcontext() as tracker:
             loss = handles.model(input_ids=ids).logits.sum()
-            alive[tracked] = live()
+            alive[tracked] = live_activations(width)
             loss.backward()
             if tracked:
                 assert all(torch.count_nonzero(g) > 0 for g in tracker.collect().values())

@@ -157,11 +157,12 @@ def facts_of(model: torch.nn.Module) -> ModelFacts:
                       default_targets(config.model_type))
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The shape of the weight a parameter holds: an NF4 weight (``model.dtype = "nf4"``) is
+    stored as packed 4-bit codes, half as many elements, with its own shape in its quant_state."""
+    return getattr(getattr(param, "quant_state", None), "shape", None) or param.shape
+
+
 def parameter_count(model: torch.nn.Module) -> int:
-    """Count the model's parameters, an NF4 weight (``model.dtype = "nf4"``) by its full shape:
-    bitsandbytes stores it as packed 4-bit codes, half as many elements as weights."""
-    total = 0
-    for param in model.parameters():
-        shape = getattr(getattr(param, "quant_state", None), "shape", None)
-        total += param.numel() if shape is None else math.prod(shape)
-    return total
+    """Count the model's parameters, an NF4 weight by its full shape (``full_shape``)."""
+    return sum(math.prod(full_shape(param)) for param in model.parameters())

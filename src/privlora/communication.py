@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save as safetensors_save
 
+from privlora.architectures import full_shape
+
 
 def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Return the size in bytes of ``tensors`` serialized as one safetensors payload."""
@@ -23,8 +25,7 @@ def full_finetune_bytes(model: torch.nn.Module) -> int:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        # an NF4 weight (model.dtype = "nf4") holds packed 4-bit codes: count the full tensor
-        shape = getattr(getattr(param, "quant_state", None), "shape", None)
-        full = param.detach() if shape is None else torch.zeros(shape)
+        shape = full_shape(param)  # an NF4 weight holds packed codes: count the full tensor
+        full = param.detach() if shape == param.shape else torch.zeros(shape)
         total += payload_bytes({name: full.float().cpu()})
     return total

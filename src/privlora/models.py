@@ -115,14 +115,12 @@ def load_model(name: str = BUILTIN, dtype: str = "auto", device: str = "cpu") ->
     attention = attention_for(where)
     if dtype == NF4:
         model = _load_nf4(name, where, attention)
-    elif name == TINY_RANDOM:
-        model = tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN)), attention=attention)
     else:
-        source = local_source(name)
-        check_causal_lm(_from_pretrained(AutoConfig, source, name), name)
-        model = _from_pretrained(AutoModelForCausalLM, source, name,
-                                 dtype=torch.float32, attn_implementation=attention)
-    if dtype != NF4:
+        if name == TINY_RANDOM:
+            model = tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN)), attention=attention)
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, _causal_lm_source(name), name,
+                                     dtype=torch.float32, attn_implementation=attention)
         model = model.to(device=where, dtype=torch_dtype(train_dtype(dtype, where)))
     model.requires_grad_(False)
     model.eval()
@@ -130,6 +128,14 @@ def load_model(name: str = BUILTIN, dtype: str = "auto", device: str = "cpu") ->
 
     check_answer_path(model, name)
     return model
+
+
+def _causal_lm_source(name: str) -> str:
+    """The directory or hub id to load ``name`` from, once its config says it is a decoder-only
+    causal LM (else a ConfigError naming its model_type)."""
+    source = local_source(name)
+    check_causal_lm(_from_pretrained(AutoConfig, source, name), name)
+    return source
 
 
 def _load_nf4(name: str, where: torch.device, attention: str) -> PreTrainedModel:
@@ -152,8 +158,7 @@ def _load_nf4(name: str, where: torch.device, attention: str) -> PreTrainedModel
             tiny_random_llama(vocab_size=len(load_tokenizer(BUILTIN))).save_pretrained(scratch)
             source = scratch
         else:
-            source = local_source(name)
-            check_causal_lm(_from_pretrained(AutoConfig, source, name), name)
+            source = _causal_lm_source(name)
         return _from_pretrained(AutoModelForCausalLM, source, name, dtype=compute,
                                 quantization_config=nf4, device_map={"": where},
                                 attn_implementation=attention)

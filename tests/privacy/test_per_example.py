@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from privlora.lora import lora_linears, set_trainable
 from privlora.models import gradient_checkpointing
 from privlora.privacy.mechanisms import clip_per_example, joint_l2_norm
 from privlora.privacy.per_example import PerExampleGrads
-from tests.builders import randomize_lora_b
+from tests.builders import live_activations, randomize_lora_b
 
 LENGTHS = [9, 5, 12, 7]  # different lengths, so the batch is right-padded
 N_TARGETS = 3  # the loss covers each example's last N_TARGETS tokens
@@ -158,13 +157,6 @@ def test_entering_with_frozen_factors_fails_loudly(tiny_lora):
         pass
 
 
-def _live_activations(width: int) -> int:
-    """How many (batch, tokens, width) tensors Python can still reach."""
-    gc.collect()
-    return sum(1 for obj in gc.get_objects()
-               if isinstance(obj, torch.Tensor) and obj.dim() == 3 and obj.shape[-1] == width)
-
-
 def test_under_checkpointing_the_hooks_keep_no_activation_alive(tiny_lora):
     """Why: gradient checkpointing drops a layer's activations after its forward; the
     per-example hooks must not hold the adapted layers' inputs until the backward either, or a
@@ -181,7 +173,7 @@ def test_under_checkpointing_the_hooks_keep_no_activation_alive(tiny_lora):
         with gradient_checkpointing(model, True), \
                 PerExampleGrads(tiny_lora) if tracked else contextlib.nullcontext() as tracker:
             loss = model(input_ids=ids).logits.sum()
-            alive[tracked] = _live_activations(width)
+            alive[tracked] = live_activations(width)
             loss.backward()
             if tracked:
                 assert all(torch.count_nonzero(g) > 0 for g in tracker.collect().values())
